@@ -1,0 +1,227 @@
+"""The I2E converter: static images -> 8-step binary event streams.
+
+Algorithm (Ma et al., AAAI 2026), for images [B, 3, H, W] in [0, 1]:
+
+1. intensity V = max over the colour channels                        [B, 1, H, W]
+2. pad V by one pixel (replicate by default)                         [B, 1, H+2, W+2]
+3. timestep t uses direction group ``order[t]``; a vector [a, b] of that group gives the
+   response R_t(y, x) = Vpad[cell b] - Vpad[cell a] on the 3x3 grid around (y, x)
+4. threshold per image: thr = ratio * (max(V) - min(V))  ("dynamic" threshold)
+5. ON = R_t >= thr, OFF = -R_t >= thr                                 [T=8, B, 2, H, W]
+
+Evaluation mode uses the canonical (first) vector of each group and is bit-identical to the
+official converter, which runs one float32 ``conv2d`` with eight {-1, 0, +1} kernels: each
+output there is the single-rounded float32 difference of two pixels, exactly what the slicing
+below computes. Training mode draws one vector per group *per sample* (the official code
+draws once per batch; per sample is a superset and a stronger augmentation).
+
+Edge case kept from the official code on purpose: a flat image has range 0, so thr = 0 and,
+because the comparison is ``>=``, every pixel fires in both channels at every timestep.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DIRECTION_GROUPS", "ORDER_PRESETS", "I2E", "resolve_order", "cell_offset"]
+
+# Cells of the 3x3 grid are numbered 1..9 row-major (1 = top-left, 5 = centre, 9 = bottom-right).
+# A vector [a, b] has -1 at cell a and +1 at cell b. The first vector of each group is canonical.
+DIRECTION_GROUPS: tuple[tuple[tuple[int, int], ...], ...] = (
+    ((5, 6), (1, 2), (2, 3), (4, 5), (7, 8), (8, 9)),  # g0 horizontal
+    ((5, 2), (4, 1), (6, 3), (7, 4), (8, 5), (9, 6)),  # g1 vertical
+    ((5, 3), (4, 2), (7, 5), (8, 6)),  # g2 diagonal
+    ((5, 1), (6, 2), (8, 4), (9, 5)),  # g3 diagonal
+    ((9, 4), (6, 1)),  # g4 knight move
+    ((4, 3), (7, 6)),  # g5 knight move
+    ((3, 8), (2, 7)),  # g6 knight move
+    ((8, 1), (9, 2)),  # g7 knight move
+)
+
+# Timestep t uses group ORDER_PRESETS[p][t]. Preset 4 is the paper's default (best).
+ORDER_PRESETS: tuple[tuple[int, ...], ...] = (
+    (0, 1, 2, 3, 4, 5, 6, 7),
+    (0, 1, 4, 5, 6, 7, 2, 3),
+    (2, 3, 0, 1, 4, 5, 6, 7),
+    (2, 3, 4, 5, 6, 7, 0, 1),
+    (4, 5, 6, 7, 0, 1, 2, 3),
+    (4, 5, 6, 7, 2, 3, 0, 1),
+)
+
+_PAD_MODES = {"replicate": "replicate", "reflect": "reflect", "circular": "circular", "zeros": "constant"}
+_MAX_GROUP = max(len(g) for g in DIRECTION_GROUPS)
+
+
+def cell_offset(cell: int) -> tuple[int, int]:
+    """(row, column) of a 3x3 grid cell numbered 1..9 row-major."""
+    if not 1 <= cell <= 9:
+        raise ValueError(f"grid cell must be in 1..9, got {cell}")
+    return (cell - 1) // 3, (cell - 1) % 3
+
+
+def resolve_order(order: int | Sequence[int]) -> tuple[int, ...]:
+    """An order preset number (0..5) or an explicit list of 8 group indices -> 8 group indices."""
+    if isinstance(order, bool):
+        raise ValueError(f"order must be a preset 0..5 or a list of 8 group indices, got {order!r}")
+    if isinstance(order, int):
+        if not 0 <= order < len(ORDER_PRESETS):
+            raise ValueError(f"order preset must be in 0..{len(ORDER_PRESETS) - 1}, got {order}")
+        return ORDER_PRESETS[order]
+    groups = tuple(int(g) for g in order)
+    if len(groups) != 8 or any(not 0 <= g < len(DIRECTION_GROUPS) for g in groups):
+        raise ValueError(f"order must list 8 group indices in 0..7, got {list(order)}")
+    return groups
+
+
+class I2E(nn.Module):
+    """Image-to-event converter.
+
+    Args:
+        ratio: threshold as a fraction of each image's intensity range (dynamic threshold), or
+            the absolute threshold on the [0, 1] intensity scale when ``threshold="fixed"``.
+        order: order preset 0..5 or an explicit list of 8 direction-group indices.
+        padding_mode: "replicate" (official), "zeros", "reflect" or "circular".
+        dtype: output dtype: torch.float32 (default), torch.bool or torch.uint8 for cheap storage.
+        threshold: "dynamic" (paper) or "fixed" (the paper's ablation baseline).
+        random_directions: in training mode, draw a random vector from each group (paper's
+            augmentation); False keeps the canonical vectors in training too (ablation).
+
+    ``forward(images)`` takes [B, 3, H, W] (or [B, 1, H, W] grayscale) float in [0, 1] or uint8
+    in [0, 255] and returns binary events [T=8, B, 2, H, W] of ``dtype`` (channel 0 = ON).
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.07,
+        order: int | Sequence[int] = 4,
+        padding_mode: str = "replicate",
+        dtype: torch.dtype | str = torch.float32,
+        threshold: str = "dynamic",
+        random_directions: bool = True,
+    ) -> None:
+        super().__init__()
+        if not ratio >= 0:
+            raise ValueError(f"ratio must be >= 0, got {ratio}")
+        if padding_mode not in _PAD_MODES:
+            raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
+        if threshold not in ("dynamic", "fixed"):
+            raise ValueError(f"threshold must be 'dynamic' or 'fixed', got {threshold!r}")
+        self.ratio = float(ratio)
+        self.order = resolve_order(order)
+        self.padding_mode = padding_mode
+        self.dtype = _as_dtype(dtype)
+        self.threshold = threshold
+        self.random_directions = bool(random_directions)
+        # Flat offsets into the 3x3 grid (row * 3 + col), per group, padded to the longest group.
+        # vec_a/vec_b: [8 groups, 6] cell indices 0..8; group_sizes: [8].
+        a = torch.zeros(len(DIRECTION_GROUPS), _MAX_GROUP, dtype=torch.long)
+        b = torch.zeros_like(a)
+        for g, group in enumerate(DIRECTION_GROUPS):
+            for i, (ca, cb) in enumerate(group):
+                a[g, i], b[g, i] = ca - 1, cb - 1
+        self.register_buffer("vec_a", a, persistent=False)
+        self.register_buffer("vec_b", b, persistent=False)
+        self.register_buffer(
+            "group_sizes", torch.tensor([len(g) for g in DIRECTION_GROUPS]), persistent=False
+        )
+
+    @property
+    def timesteps(self) -> int:
+        return len(self.order)
+
+    def extra_repr(self) -> str:
+        return (
+            f"ratio={self.ratio}, order={list(self.order)}, padding_mode={self.padding_mode!r}, "
+            f"dtype={self.dtype}, threshold={self.threshold!r}, random_directions={self.random_directions}"
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def intensity(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] float in [0,1] or uint8 -> V [B, H, W] float32 (max over channels)."""
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"I2E expects images [B, 3, H, W] (or [B, 1, H, W] grayscale), got shape {tuple(images.shape)}"
+            )
+        if images.dtype == torch.uint8:
+            # max commutes with the monotone uint8 -> [0, 1] scaling, so take it on bytes first.
+            return images.amax(dim=1).to(torch.float32).div_(255.0)
+        if not images.is_floating_point():
+            raise TypeError(f"I2E expects float images in [0, 1] or uint8 images, got dtype {images.dtype}")
+        return images.amax(dim=1).to(torch.float32)
+
+    def thresholds(self, v: torch.Tensor) -> torch.Tensor:
+        """V [B, H, W] -> per-image threshold [B] (float32)."""
+        if self.threshold == "fixed":
+            return torch.full((v.shape[0],), self.ratio, dtype=v.dtype, device=v.device)
+        flat = v.flatten(1)
+        return (flat.amax(dim=1) - flat.amin(dim=1)) * self.ratio
+
+    def directions(self, batch: int, device: torch.device, generator: torch.Generator | None = None):
+        """Cell indices (a, b) per timestep and sample: two LongTensors [T, B] (values 0..8).
+
+        Canonical vectors in eval mode (or with random_directions=False); otherwise one random
+        vector of group order[t] per (t, sample).
+        """
+        groups = torch.tensor(self.order, device=device)  # [T]
+        vec_a, vec_b = self.vec_a.to(device), self.vec_b.to(device)
+        if self.training and self.random_directions:
+            sizes = self.group_sizes.to(device)[groups]  # [T]
+            u = torch.rand(len(groups), batch, device=device, generator=generator)
+            idx = (u * sizes[:, None]).long().clamp_max_(sizes[:, None] - 1)  # [T, B]
+        else:
+            idx = torch.zeros(len(groups), batch, dtype=torch.long, device=device)
+        return vec_a[groups[:, None], idx], vec_b[groups[:, None], idx]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        v = self.intensity(images)  # [B, H, W]
+        bsz, h, w = v.shape
+        thr = self.thresholds(v)  # [B]
+        mode = _PAD_MODES[self.padding_mode]
+        vpad = F.pad(v.unsqueeze(1), (1, 1, 1, 1), mode=mode).squeeze(1)  # [B, H+2, W+2]
+        if self.training and self.random_directions:
+            resp = self._random_responses(vpad, h, w, generator)  # [T, B, H, W]
+        else:
+            resp = self._canonical_responses(vpad, h, w)  # [T, B, H, W]
+        thr = thr.view(1, bsz, 1, 1)
+        out = torch.empty((resp.shape[0], bsz, 2, h, w), dtype=self.dtype, device=v.device)
+        # ON: R >= thr; OFF: -R >= thr (negation is exact, so this equals R <= -thr).
+        out[:, :, 0] = resp >= thr
+        out[:, :, 1] = resp <= -thr
+        return out
+
+    def _shifted(self, vpad: torch.Tensor, cell: int, h: int, w: int) -> torch.Tensor:
+        r, c = divmod(cell, 3)
+        return vpad[:, r : r + h, c : c + w]
+
+    def _canonical_responses(self, vpad: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        resp = torch.empty((len(self.order), vpad.shape[0], h, w), dtype=vpad.dtype, device=vpad.device)
+        for t, g in enumerate(self.order):
+            ca, cb = DIRECTION_GROUPS[g][0]
+            torch.sub(self._shifted(vpad, cb - 1, h, w), self._shifted(vpad, ca - 1, h, w), out=resp[t])
+        return resp
+
+    def _random_responses(self, vpad: torch.Tensor, h: int, w: int, generator) -> torch.Tensor:
+        bsz = vpad.shape[0]
+        a, b = self.directions(bsz, vpad.device, generator)  # [T, B]
+        # All nine shifted views once: [9, B, H, W]; gather the two cells each (t, sample) needs.
+        views = torch.stack([self._shifted(vpad, k, h, w) for k in range(9)])
+        batch_idx = torch.arange(bsz, device=vpad.device).expand_as(a)
+        return views[b, batch_idx] - views[a, batch_idx]
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        out = dtype
+    else:
+        name = str(dtype).removeprefix("torch.")
+        out = getattr(torch, name, None)
+        if not isinstance(out, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+    if out not in (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"I2E output dtype must be bool, uint8 or a float type, got {out}")
+    return out
