@@ -1,0 +1,6 @@
+"""Data: the catalog of released configs, DataModules, augmentation and dataset builders."""
+
+from i2e_train.data.catalog import CATALOG, DatasetInfo, get_info, list_datasets
+from i2e_train.data.i2e_dataset import DatasetUnavailableError, I2EDataModule
+
+__all__ = ["CATALOG", "DatasetInfo", "get_info", "list_datasets", "I2EDataModule", "DatasetUnavailableError"]
