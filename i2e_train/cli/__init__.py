@@ -1,0 +1,1 @@
+"""Thin Hydra entry points: parse the config, instantiate, call."""

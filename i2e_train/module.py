@@ -1,0 +1,124 @@
+"""SNNClassifier: the LightningModule that trains and evaluates any registered SNN.
+
+Batches arrive as (events [T, B, C, H, W] float, labels [B] int64): the DataModule has
+already unpacked (or converted) them on the device in ``on_after_batch_transfer``. The
+network returns logits [B, classes] averaged over T and resets its neurons itself.
+
+Loss: cross entropy with label smoothing on the training loss only (validation loss is plain
+cross entropy, as in the official scripts). Metrics: top-1 / top-5 accuracy (torchmetrics,
+synchronised across DDP ranks) and the validation confusion matrix.
+Optimiser and schedule: partials of timm's factories (``create_optimizer_v2`` excludes biases
+and norm weights from weight decay; ``CosineLRScheduler`` stepped per epoch, which is why
+``lr_scheduler_step`` is overridden).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+__all__ = ["SNNClassifier"]
+
+
+class SNNClassifier(LightningModule):
+    """Classification of event streams with a spiking network.
+
+    Args:
+        model: the network, events [T, B, C, H, W] -> logits [B, num_classes].
+        num_classes: number of classes (for metrics).
+        optimizer: callable(model) -> torch optimiser (e.g. a partial of timm's create_optimizer_v2).
+        scheduler: callable(optimizer) -> timm scheduler (or torch LR scheduler), or None.
+        label_smoothing: label smoothing of the training loss.
+        run_config: the resolved run config, stored in every checkpoint as ``i2e_config`` so that
+            a checkpoint alone says how to rebuild its model and data.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        label_smoothing: float = 0.1,
+        run_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = int(num_classes)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.label_smoothing = float(label_smoothing)
+        self.run_config = run_config
+        top5 = min(5, self.num_classes)
+        self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro")
+        self.val_confusion = MulticlassConfusionMatrix(self.num_classes)
+        self.last_confusion: torch.Tensor | None = None  # [classes, classes], rows = true class
+
+    def forward(self, events: torch.Tensor) -> torch.Tensor:
+        return self.model(events)  # [T, B, C, H, W] -> [B, classes]
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        events, labels = batch
+        logits = self(events)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        self.train_top1(logits, labels)
+        bs = labels.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        events, labels = batch
+        logits = self(events)
+        loss = F.cross_entropy(logits, labels)
+        bs = labels.shape[0]
+        self.val_top1(logits, labels)
+        self.val_top5(logits, labels)
+        self.val_confusion.update(logits, labels)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=bs)
+        self.log("val/top1", self.val_top1, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("val/top5", self.val_top5, on_epoch=True, batch_size=bs)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_confusion = self.val_confusion.compute().cpu()
+        self.val_confusion.reset()
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("SNNClassifier needs an optimizer factory to train (config group 'optim')")
+        optimizer = self.optimizer_factory(self.model)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # timm schedulers take the index of the epoch about to start; Lightning calls this at
+        # the end of epoch `current_epoch`, before the counter moves on.
+        if hasattr(scheduler, "step_update") and hasattr(scheduler, "t_in_epochs"):
+            scheduler.step(epoch=self.current_epoch + 1, metric=metric)
+        elif metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["i2e_config"] = self.run_config
+        checkpoint["num_classes"] = self.num_classes

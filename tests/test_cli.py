@@ -1,0 +1,123 @@
+"""Config composition, the demo end to end (train -> checkpoint -> eval) and the wheel's configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from i2e_train import config_dir
+from i2e_train.cli._hydra import compose
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+
+
+def test_default_train_config_is_the_demo():
+    cfg = compose("train")
+    assert cfg.data.name == "I2E-Digits" and cfg.model.name == "ms_resnet_tiny"
+    assert cfg.model.num_classes == cfg.data.num_classes == cfg.module.num_classes == 10
+    assert cfg.scheduler.t_initial == cfg.trainer.max_epochs
+    assert cfg.optim._partial_ and cfg.scheduler._partial_
+
+
+@pytest.mark.parametrize("name", ["train", "eval"])
+def test_every_model_config_composes(name):
+    for model in sorted(p.stem for p in (config_dir() / "model").glob("*.yaml")):
+        cfg = compose(name, [f"model={model}"])
+        assert cfg.model.name == model
+
+
+def test_unknown_config_name_is_named():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="no_such_model"):
+        compose("train", ["model=no_such_model"])
+
+
+def _run(args, cwd, timeout=600):
+    env = dict(os.environ, I2E_ROOT=str(cwd), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_demo_fast_dev_run(tmp_path):
+    _run(["i2e_train.cli.train", "debug=fast", "~logger"], tmp_path)
+    assert (tmp_path / "data" / "i2e-digits" / "I2E-Digits" / "train-00000-of-00001.parquet").is_file()
+
+
+@pytest.mark.slow
+def test_train_checkpoint_then_eval_reproduces_validation_top1(tmp_path):
+    _run(["i2e_train.cli.train", "trainer.max_epochs=1", "+trainer.limit_train_batches=15"], tmp_path)
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    trained = json.loads((run / "metrics.json").read_text())
+    ckpt = Path(trained["best_checkpoint"])
+    assert ckpt.is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    _run(["i2e_train.cli.eval", "ckpt_path=latest"], tmp_path)
+    (erun,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
+    evaluated = json.loads((erun / "metrics.json").read_text())
+    assert evaluated["val/top1"] == pytest.approx(trained["best"]["val/top1"], abs=1e-6)
+    assert evaluated["checkpoint"] == str(ckpt) or Path(evaluated["checkpoint"]).resolve() == ckpt.resolve()
+    cm = json.loads((erun / "confusion_matrix.json").read_text())
+    assert sum(map(sum, cm)) == 360
+    assert (erun / "confusion_matrix.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_wheel_ships_configs_and_composes_outside_the_repo(tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(REPO)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = dist.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "i2e_train/configs/train.yaml" in names and "i2e_train/configs/model/ms_resnet18.yaml" in names
+    # A fresh venv that sees the dependencies (not the repo) and gets only the wheel.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    Path(site, "deps.pth").write_text("\n".join(deps) + "\n")  # a .pth line adds a path, not its .pth files
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
+                   timeout=300)
+    code = (
+        "import i2e_train, pathlib; from i2e_train.cli._hydra import compose; "
+        "d = i2e_train.config_dir(); assert 'site-packages' in str(d), d; "
+        "assert str(d).startswith(%r), d; "
+        "cfg = compose('train', ['model=ms_resnet18']); print(cfg.model.name, cfg.data.name)" % str(venv)
+    )
+    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ms_resnet18", "I2E-Digits"]
+
+
+def test_every_data_config_matches_the_catalog():
+    from hydra.utils import instantiate
+
+    from i2e_train.data.catalog import CATALOG
+
+    names = set()
+    for data in sorted(p.stem for p in (config_dir() / "data").glob("*.yaml")):
+        cfg = compose("train", [f"data={data}", "paths.output_dir=unused"])
+        if not cfg.data._target_.endswith("I2EDataModule"):
+            continue
+        dm = instantiate(cfg.data)  # the constructor checks classes / resolution / T against the catalog
+        assert dm.info.ratio is not None and dm.num_classes == cfg.model.num_classes
+        names.add(dm.info.name)
+    assert {n for n, i in CATALOG.items() if i.kind != "dvs"} <= names
