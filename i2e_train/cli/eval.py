@@ -74,7 +74,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     log.info("evaluating %s", source)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    report = load_checkpoint(model, source)
+    report = load_checkpoint(model, source, cache_dir=cfg.paths.checkpoint_dir)
     log.info("loaded: %s", report)
     module = instantiate(cfg.module, model=model)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
@@ -93,11 +93,39 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return result
 
 
+# Data config (configs/data/<name>.yaml) on which each released model is evaluated: models fed
+# by the converter are evaluated on the released I2E validation data (converted in eval mode).
+RELEASED_DATA = {"I2E-CIFAR10": "i2e_cifar10", "I2E-CIFAR100": "i2e_cifar100",
+                 "I2E-ImageNet": "i2e_imagenet", "CIFAR10-DVS": "cifar10dvs"}
+
+
+def released_overrides(source: str, overrides: Sequence[str]) -> list[str]:
+    """`model=` and `data=` for a released weight, unless chosen on the command line."""
+    from i2e_train.models.pretrained import find_released
+
+    info = find_released(source)
+    if info is None:
+        return []
+    chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    extra = []
+    if "model" not in chosen:
+        extra.append(f"model={info.model}")
+    if "data" not in chosen:
+        extra.append(f"data={RELEASED_DATA[info.dataset]}")
+    return extra
+
+
 @entry_point("eval")
 def main(cfg: DictConfig) -> float:
+    import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    result = evaluate(cfg, overrides=list(HydraConfig.get().overrides.task))
+    overrides = list(HydraConfig.get().overrides.task)
+    if str(cfg.ckpt_path).startswith("released:"):
+        extra = released_overrides(str(cfg.ckpt_path), overrides)
+        if extra:
+            cfg = hydra.compose(config_name="eval", overrides=overrides + extra)
+    result = evaluate(cfg, overrides=overrides)
     return result["val/top1"]
 
 

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from i2e_train.cli._hydra import entry_point
+from i2e_train.pipeline import state_digest
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ def build_module(cfg: DictConfig, with_optim: bool = True):
 
     model = instantiate(cfg.model)
     if cfg.get("init_from"):
-        report = load_checkpoint(model, cfg.init_from, replace_head=bool(cfg.get("replace_head", False)))
+        report = load_checkpoint(model, cfg.init_from, replace_head=bool(cfg.get("replace_head", False)),
+                                 cache_dir=cfg.paths.checkpoint_dir)
         log.info("initial weights: %s", report)
     kwargs: dict[str, Any] = {}
     if with_optim:
@@ -60,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
+    init_digest = state_digest(module.model.state_dict())  # proves which weights a run started from
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not loggers:  # Lightning refuses an LR monitor without a logger; nothing to monitor into
@@ -70,7 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
-    result: dict[str, Any] = {"best_checkpoint": best, "fit": metrics}
+    result: dict[str, Any] = {"best_checkpoint": best, "fit": metrics, "init_digest": init_digest}
     if cfg.get("eval_after_fit") and best and not trainer.fast_dev_run:
         val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         result["best"] = {k: float(v) for k, v in val[0].items()}

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from i2e_train.codec import RecordError, packed_size, parse_record, record_prefix, unpack_events
 from i2e_train.data.augment import EventAugment
 from i2e_train.data.catalog import DatasetInfo, get_info
+from i2e_train.data.distributed import per_device_batch_size
 
 __all__ = ["I2EDataModule", "PackedI2EDataset", "StreamingI2EDataset", "LabelMap", "find_data_files",
            "stratified_split", "DatasetUnavailableError", "BadRecordCounter"]
@@ -307,7 +308,8 @@ class I2EDataModule(LightningDataModule):
             ``<data_dir>/i2e-digits``).
         data_dir: where hub downloads are cached and embedded data is built.
         streaming: read as a stream (no random access) instead of map-style.
-        batch_size, num_workers, pin_memory: the DataLoaders'.
+        batch_size: the GLOBAL batch; under DDP each process loads batch_size / world_size.
+        num_workers, pin_memory: the DataLoaders'.
         val_fraction, seed: the stratified split made for configs without a validation split.
         shuffle_buffer: streaming shuffle buffer (rows).
         dtype: dtype of the unpacked events ("float32", "bfloat16", "float16", "bool", ...).
@@ -481,7 +483,7 @@ class I2EDataModule(LightningDataModule):
         streaming = isinstance(ds, IterableDataset)
         return DataLoader(
             ds,
-            batch_size=self.batch_size,
+            batch_size=per_device_batch_size(self.batch_size, self.trainer),
             shuffle=train and not streaming,
             num_workers=self.num_workers,
             collate_fn=collate_packed,
