@@ -21,6 +21,7 @@ because the comparison is ``>=``, every pixel fires in both channels at every ti
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -178,40 +179,79 @@ class I2E(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """images [B, C, H, W] -> events [T, B, 2, H, W] of ``self.dtype``."""
+        return self._convert(images, generator, packed=False)
+
+    def forward_packed(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """images [B, C, H, W] -> packed events uint8 [B, ceil(T*2*H*W / 8)].
+
+        Row b equals ``np.packbits`` of sample b's (T, 2, H, W) events, i.e. the payload of its
+        record (see ``i2e_train.codec``), without materialising a dense event tensor.
+        """
+        if images.dim() == 4 and images.shape[-1] % 8 == 0 and sys.byteorder == "little":
+            return self._convert(images, generator, packed=True)
+        from i2e_train.codec import pack_events
+
+        dense = I2E._convert(self, images, generator, packed=False, dtype=torch.bool)
+        return pack_events(dense)
+
+    def _convert(self, images, generator, packed: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
         v = self.intensity(images)  # [B, H, W]
         bsz, h, w = v.shape
+        dev = v.device
         thr = self.thresholds(v)  # [B]
-        mode = _PAD_MODES[self.padding_mode]
-        vpad = F.pad(v.unsqueeze(1), (1, 1, 1, 1), mode=mode).squeeze(1)  # [B, H+2, W+2]
-        if self.training and self.random_directions:
-            resp = self._random_responses(vpad, h, w, generator)  # [T, B, H, W]
+        vpad = F.pad(v.unsqueeze(1), (1, 1, 1, 1), mode=_PAD_MODES[self.padding_mode]).squeeze(1)  # [B, H+2, W+2]
+        steps = len(self.order)
+        random = self.training and self.random_directions
+        cell_a, cell_b = self.directions(bsz, dev, generator) if random else (None, None)  # [T, B]
+        if packed:
+            out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8, device=dev)
         else:
-            resp = self._canonical_responses(vpad, h, w)  # [T, B, H, W]
-        thr = thr.view(1, bsz, 1, 1)
-        out = torch.empty((resp.shape[0], bsz, 2, h, w), dtype=self.dtype, device=v.device)
-        # ON: R >= thr; OFF: -R >= thr (negation is exact, so this equals R <= -thr).
-        out[:, :, 0] = resp >= thr
-        out[:, :, 1] = resp <= -thr
-        return out
+            out = torch.empty((steps, bsz, 2, h, w), dtype=dtype or self.dtype, device=dev)
+        # On CPU, work through the batch in cache-sized chunks; one chunk on accelerators.
+        chunk = bsz if dev.type != "cpu" else max(1, _CHUNK_PIXELS // (h * w))
+        for s in range(0, bsz, chunk):
+            e = min(bsz, s + chunk)
+            vp = vpad[s:e]
+            th = thr[s:e].view(-1, 1, 1)
+            neg_th = -th
+            diff = torch.empty((e - s, h, w), dtype=v.dtype, device=dev)
+            bits = torch.empty((e - s, h, w), dtype=torch.bool, device=dev) if packed else None
+            views = torch.stack([_shift(vp, k, h, w) for k in range(9)]) if random else None  # [9, n, H, W]
+            rows = torch.arange(e - s, device=dev) if random else None
+            for t, g in enumerate(self.order):
+                if random:  # R_t = V[cell b] - V[cell a], one (a, b) per sample
+                    torch.sub(views[cell_b[t, s:e], rows], views[cell_a[t, s:e], rows], out=diff)
+                else:
+                    ca, cb = DIRECTION_GROUPS[g][0]
+                    torch.sub(_shift(vp, cb - 1, h, w), _shift(vp, ca - 1, h, w), out=diff)
+                # ON: R >= thr; OFF: -R >= thr (negation is exact, so this equals R <= -thr).
+                for c, (compare, ref) in enumerate(((torch.ge, th), (torch.le, neg_th))):
+                    if packed:
+                        compare(diff, ref, out=bits)
+                        out[s:e, t, c] = _pack_rows(bits)
+                    else:
+                        compare(diff, ref, out=out[t, s:e, c])
+        return out.view(bsz, -1) if packed else out
 
-    def _shifted(self, vpad: torch.Tensor, cell: int, h: int, w: int) -> torch.Tensor:
-        r, c = divmod(cell, 3)
-        return vpad[:, r : r + h, c : c + w]
 
-    def _canonical_responses(self, vpad: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        resp = torch.empty((len(self.order), vpad.shape[0], h, w), dtype=vpad.dtype, device=vpad.device)
-        for t, g in enumerate(self.order):
-            ca, cb = DIRECTION_GROUPS[g][0]
-            torch.sub(self._shifted(vpad, cb - 1, h, w), self._shifted(vpad, ca - 1, h, w), out=resp[t])
-        return resp
+# Pixels per CPU chunk: keeps the difference map and its source rows in cache (~1 MiB float32).
+_CHUNK_PIXELS = 1 << 18
+# Multiplying 8 little-endian 0/1 bytes by this constant gathers them, first byte in the most
+# significant bit, into the top byte of the product (the partial products never overlap).
+_PACK_MAGIC = 0x8040201008040201 - (1 << 64)
 
-    def _random_responses(self, vpad: torch.Tensor, h: int, w: int, generator) -> torch.Tensor:
-        bsz = vpad.shape[0]
-        a, b = self.directions(bsz, vpad.device, generator)  # [T, B]
-        # All nine shifted views once: [9, B, H, W]; gather the two cells each (t, sample) needs.
-        views = torch.stack([self._shifted(vpad, k, h, w) for k in range(9)])
-        batch_idx = torch.arange(bsz, device=vpad.device).expand_as(a)
-        return views[b, batch_idx] - views[a, batch_idx]
+
+def _shift(vpad: torch.Tensor, cell: int, h: int, w: int) -> torch.Tensor:
+    """View of padded V [n, H+2, W+2] shifted to grid cell 0..8 -> [n, H, W]."""
+    r, c = divmod(cell, 3)
+    return vpad[:, r : r + h, c : c + w]
+
+
+def _pack_rows(bits: torch.Tensor) -> torch.Tensor:
+    """bool [..., W] (contiguous, W % 8 == 0) -> uint8 [..., W / 8], MSB first like np.packbits."""
+    words = bits.view(torch.uint8).view(torch.int64)  # 8 pixels per word (little-endian bytes)
+    return ((words * _PACK_MAGIC) >> 56).to(torch.uint8)
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

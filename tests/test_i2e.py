@@ -149,3 +149,23 @@ def test_bad_inputs_are_named():
         I2E()(torch.zeros(1, 3, 4, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="padding_mode"):
         I2E(padding_mode="mirror")
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("hw", [(24, 40), (16, 13)])  # W % 8 == 0 uses the word-packing path
+def test_packed_output_equals_packbits_of_dense(train, hw):
+    import numpy as np
+
+    img = torch.rand(19, 3, *hw)
+    conv = I2E(ratio=0.07, order=3).train(train)
+    dense = conv(img, generator=torch.Generator().manual_seed(5))
+    packed = conv.forward_packed(img, generator=torch.Generator().manual_seed(5))
+    assert packed.dtype == torch.uint8 and packed.shape == (19, (8 * 2 * hw[0] * hw[1] + 7) // 8)
+    for i in range(19):
+        assert np.array_equal(packed[i].numpy(), np.packbits(dense[:, i].bool().numpy().reshape(-1)))
+
+
+def test_chunked_cpu_path_covers_batches_larger_than_a_chunk():
+    img = torch.rand(70, 3, 64, 64)  # 64 images per chunk at 64x64
+    conv = I2E(ratio=0.1, order=5).eval()
+    assert torch.equal(conv(img), official_i2e(img, 0.1, 5))
