@@ -1,0 +1,528 @@
+"""ImageDataModule: static images -> on-device augmentation + I2E (the paper's online mode).
+
+Sources (``source``, kind auto-detected or given as ``source_type``):
+- a Hugging Face image dataset id (``uoft-cs/cifar10``, ``uoft-cs/cifar100``), cached under
+  ``<data_dir>/hf-cache``, or a local copy of one (a snapshot folder, parquet files, a
+  ``save_to_disk`` folder). Image column ``img``/``image`` and label column
+  ``label``/``labels``/``fine_label`` are found automatically (``image_column`` /
+  ``label_column`` override);
+- an ImageFolder tree: ``root/<split>/<class>/<image>`` (ImageNet: train/ and val/), or
+  ``root/<class>/<image>`` with a seeded stratified validation split (Caltech, Mini-ImageNet).
+Sources are read by the same code as ``i2e-convert`` (``i2e_train.convert``), so labels and
+errors agree between the online and the offline route.
+
+Labels: class names that are the numbers 0..K-1 (ClassLabel indices, digit folders) are the
+class index; other names (``n01440764``, ``cat``) are indexed in sorted order, as
+torchvision's ImageFolder does.
+
+Where the work happens:
+- DataLoader workers decode, convert to RGB and resize with PIL (bicubic), and hand uint8
+  tensors to the loader: batches are (images uint8 [B, 3, h, w], labels int64 [B]).
+- ``on_after_batch_transfer`` runs on the training device, batched, one random draw per
+  sample, then the I2E converter (training: train mode, random directions; validation: eval
+  mode, canonical directions): batches become (events [T, B, 2, H, W] float32, labels).
+
+Recipes (``train_aug`` x ``aug_family``; the official scripts'):
+- cifar, baseline1: workers give the source_size image (32x32); device: horizontal flip, then
+  bicubic resize to ``resolution`` (``interpolate(antialias=True)`` on float, clamped to [0, 1]).
+- cifar, baseline2: as baseline1 with, before the resize, pad ``crop_padding`` (edge mode)
+  + random crop back to source_size.
+- imagenet, baseline1: workers resize to ``resolution``; device: flip.
+- imagenet, baseline2: workers RandomResizedCrop to ``resolution`` (variable crop sizes, so on
+  PIL); device: flip.
+- none: the evaluation preprocessing, no image augmentation (the converter still draws random
+  directions in training unless ``encoder.random_directions=false``).
+Evaluation: workers resize to ``resolution`` with PIL exactly as the released datasets were
+made (``preprocess_image``), so eval events equal the released / ``i2e-convert`` records; with
+``test_resize`` (ImageNet: 256) they resize the shorter side to it and centre-crop instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from i2e_train.data.augment import random_crop, random_hflip
+from i2e_train.data.catalog import CATALOG, DatasetInfo
+from i2e_train.data.distributed import per_device_batch_size
+from i2e_train.data.i2e_dataset import DatasetUnavailableError, stratified_split
+from i2e_train.data.preprocess import preprocess_image, to_rgb
+from i2e_train.i2e import I2E
+
+__all__ = ["ImageDataModule", "ImageSet", "build_encoder", "class_targets", "TRAIN_AUGS", "AUG_FAMILIES"]
+
+log = logging.getLogger(__name__)
+
+TRAIN_AUGS = ("baseline1", "baseline2", "none")
+AUG_FAMILIES = ("cifar", "imagenet")
+_PAD_MODES = {"replicate": "replicate", "edge": "replicate", "constant": "constant", "zeros": "constant",
+              "reflect": "reflect", "circular": "circular"}
+_ENCODER_KEYS = ("ratio", "order", "padding_mode", "threshold", "random_directions", "dtype")
+_VAL_FOLDERS = ("val", "validation", "valid", "test")
+
+
+# --------------------------------------------------------------------------- helpers
+def _size(value: int | Sequence[int], what: str) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)):
+        out = (int(value), int(value))
+    else:
+        out = tuple(int(v) for v in value)
+        if len(out) == 1:
+            out = out * 2
+    if len(out) != 2 or min(out) < 1:
+        raise ValueError(f"{what} must be a positive size H or [H, W], got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def build_encoder(encoder: I2E | Mapping[str, Any] | None, default_ratio: float | None = None) -> I2E:
+    """An I2E instance from an instance, a dict/DictConfig of I2E kwargs, or None (defaults)."""
+    if isinstance(encoder, I2E):
+        return encoder
+    if encoder is None:
+        kwargs: dict[str, Any] = {}
+    else:
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(encoder, DictConfig):
+                encoder = OmegaConf.to_container(encoder, resolve=True)
+        except ImportError:  # pragma: no cover - omegaconf is a dependency
+            pass
+        if not isinstance(encoder, Mapping):
+            raise TypeError(f"encoder must be an I2E instance or a dict of I2E arguments, got {type(encoder).__name__}")
+        kwargs = {k: v for k, v in encoder.items() if k != "_target_"}
+        unknown = sorted(set(kwargs) - set(_ENCODER_KEYS))
+        if unknown:
+            raise ValueError(f"unknown encoder setting(s) {unknown}; expected some of {list(_ENCODER_KEYS)}")
+    if "ratio" not in kwargs and default_ratio is not None:
+        kwargs["ratio"] = default_ratio
+    return I2E(**kwargs)
+
+
+def class_targets(class_names: Sequence[str], num_classes: int, where: str) -> dict[str, int]:
+    """Class name -> target index. Names that are numbers below num_classes are the index;
+    other names are indexed in their (sorted) order, as torchvision's ImageFolder does."""
+    names = [str(n) for n in class_names]
+    if names and all(n.isdigit() for n in names) and all(int(n) < num_classes for n in names):
+        if len(names) != num_classes:
+            log.warning("%s: %d classes found, the config says num_classes=%d (numbered classes are kept as they are)",
+                        where, len(names), num_classes)
+        return {n: int(n) for n in names}
+    if len(names) != num_classes:
+        raise ValueError(
+            f"{where}: found {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}) "
+            f"but the data config says num_classes={num_classes}"
+        )
+    return {n: i for i, n in enumerate(names)}
+
+
+# --------------------------------------------------------------------------- worker transforms
+class _Resize:
+    """RGB + bicubic resize to (H, W) with PIL -> uint8 [3, H, W] (the released preprocessing)."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = tuple(size)
+
+    def __call__(self, img: Image.Image, where: str) -> torch.Tensor:
+        return preprocess_image(img, self.size, where)
+
+    def __repr__(self) -> str:
+        return f"Resize{self.size}"
+
+
+class _ResizeCenterCrop:
+    """RGB, shorter side -> ``resize`` (bicubic), centre crop (H, W) -> uint8 [3, H, W]."""
+
+    def __init__(self, resize: int, size: tuple[int, int]) -> None:
+        self.resize, self.size = int(resize), tuple(size)
+
+    def __call__(self, img: Image.Image, where: str) -> torch.Tensor:
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
+
+        img = to_rgb(img, where)
+        img = TF.resize(img, self.resize, interpolation=InterpolationMode.BICUBIC)
+        img = TF.center_crop(img, list(self.size))
+        return _to_uint8(img)
+
+    def __repr__(self) -> str:
+        return f"ResizeCenterCrop({self.resize}, {self.size})"
+
+
+class _RandomResizedCrop:
+    """RGB + torchvision RandomResizedCrop to (H, W), bicubic -> uint8 [3, H, W]."""
+
+    def __init__(self, size: tuple[int, int], scale: Sequence[float], ratio: Sequence[float]) -> None:
+        from torchvision import transforms
+        from torchvision.transforms import InterpolationMode
+
+        self.size = tuple(size)
+        self.op = transforms.RandomResizedCrop(self.size, scale=tuple(scale), ratio=tuple(ratio),
+                                               interpolation=InterpolationMode.BICUBIC)
+
+    def __call__(self, img: Image.Image, where: str) -> torch.Tensor:
+        return _to_uint8(self.op(to_rgb(img, where)))
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCrop({self.size}, scale={self.op.scale}, ratio={self.op.ratio})"
+
+
+def _to_uint8(img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # [3, H, W]
+
+
+# --------------------------------------------------------------------------- dataset
+class ImageSet(Dataset):
+    """Images of one split, decoded and resized in the DataLoader workers.
+
+    ``reader`` gives the raw image values (file paths, or ``datasets`` Image records) of
+    positions ``rows``; ``targets`` are their class indices. ``__getitems__`` returns a whole
+    batch: (uint8 [B, 3, h, w], int64 [B]). An unreadable image raises an error naming it.
+    """
+
+    def __init__(self, reader, rows: np.ndarray, targets: np.ndarray, transform, split: str) -> None:
+        self.reader, self.rows = reader, np.asarray(rows, dtype=np.int64)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        if len(self.rows) != len(self.targets):
+            raise ValueError(f"split {split!r}: {len(self.rows)} rows but {len(self.targets)} targets")
+        self.transform, self.split = transform, split
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        from i2e_train.convert import BadImageError, load_image
+
+        idx = np.asarray(indices, dtype=np.int64)
+        rows = self.rows[idx]
+        try:
+            values = self.reader.fetch(rows.tolist())
+        except Exception as exc:  # noqa: BLE001 - name the first row of the failing read
+            raise BadImageError(f"{self.reader.where(int(rows[0]))}: cannot read rows "
+                                f"({type(exc).__name__}: {exc})") from exc
+        images = []
+        for pos, value in zip(rows.tolist(), values):
+            where = self.reader.where(pos)
+            img = load_image(value, where)  # BadImageError names the file / row
+            try:
+                images.append(self.transform(img, where))
+            except BadImageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - resize/crop failures name the file too
+                raise BadImageError(f"{where}: cannot preprocess image ({type(exc).__name__}: {exc})") from exc
+        return torch.stack(images), torch.from_numpy(self.targets[idx].copy())
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        images, targets = self.__getitems__([index])
+        return images[0], int(targets[0])
+
+
+def collate_images(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch gathered by ``ImageSet.__getitems__`` passes through; single items are stacked."""
+    if isinstance(batch, tuple) and len(batch) == 2 and torch.is_tensor(batch[0]) and batch[0].dim() == 4:
+        return batch
+    return torch.stack([b[0] for b in batch]), torch.tensor([int(b[1]) for b in batch], dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------- the DataModule
+class ImageDataModule(LightningDataModule):
+    """Static images converted to I2E events on the training device (online mode).
+
+    Args:
+        name: a catalog config name (``I2E-CIFAR10``, ``I2E-CIFAR100``, ``I2E-ImageNet``, ...),
+            whose classes / resolution / T are checked against the given values, or a name of
+            your own (then num_classes and resolution are required).
+        source: hub dataset id, local copy of one, parquet file(s), or an ImageFolder root.
+        source_type: "auto" (detect), "hub", "parquet" or "imagefolder".
+        hf_config: the hub dataset's config name, if it has several.
+        data_dir: cache folder for hub downloads (``<data_dir>/hf-cache``).
+        num_classes, resolution ([H, W] of the events), timesteps (8, the converter's).
+        train_split: source split for training ("train").
+        val_split: source split for validation; "auto" = "test" for hub/parquet sources (CIFAR's
+            hub sets ship train/test), for an ImageFolder the first of val/validation/valid/test
+            that exists, else a stratified split; None = always a seeded stratified split of
+            train_split (``val_fraction``, ``seed``).
+        image_column, label_column: column names (auto-detected when None).
+        batch_size, num_workers, pin_memory, drop_last: the DataLoaders'.
+        train_aug: "baseline1", "baseline2" or "none"; aug_family: "cifar" or "imagenet"
+            (see the module docstring for the recipes).
+        source_size: (cifar) the size of the image that is padded/cropped before the resize (32).
+        crop_padding, pad_mode: (cifar, baseline2) padding before the random crop; pad_mode
+            "replicate" (= edge, official), "constant" (zeros) or "reflect".
+        hflip: horizontal flip probability in training (baseline1/2).
+        test_resize: evaluation resize of the shorter side before a centre crop to resolution
+            (ImageNet: 256); None = resize straight to resolution (the released data).
+        rrc_scale, rrc_ratio: (imagenet, baseline2) RandomResizedCrop scale and aspect ranges.
+        encoder: I2E settings (dict / DictConfig: ratio, order, padding_mode, threshold,
+            random_directions, dtype) or an I2E instance; ratio defaults to the catalog's.
+    """
+
+    def __init__(
+        self,
+        name: str = "I2E-CIFAR10",
+        source: str = "uoft-cs/cifar10",
+        source_type: str = "auto",
+        hf_config: str | None = None,
+        data_dir: str = "data",
+        num_classes: int | None = None,
+        resolution: int | Sequence[int] | None = None,
+        timesteps: int = 8,
+        train_split: str = "train",
+        val_split: str | None = "auto",
+        image_column: str | None = None,
+        label_column: str | None = None,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        drop_last: bool = False,
+        val_fraction: float = 0.1,
+        seed: int = 2024,
+        train_aug: str = "baseline2",
+        aug_family: str = "cifar",
+        source_size: int | Sequence[int] = 32,
+        crop_padding: int = 4,
+        pad_mode: str = "replicate",
+        hflip: float = 0.5,
+        test_resize: int | None = None,
+        rrc_scale: Sequence[float] = (0.08, 1.0),
+        rrc_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        encoder: I2E | Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if train_aug not in TRAIN_AUGS:
+            raise ValueError(f"train_aug must be one of {TRAIN_AUGS}, got {train_aug!r}")
+        if aug_family not in AUG_FAMILIES:
+            raise ValueError(f"aug_family must be one of {AUG_FAMILIES}, got {aug_family!r}")
+        if pad_mode not in _PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {sorted(_PAD_MODES)}, got {pad_mode!r}")
+        if not 0.0 <= float(hflip) <= 1.0 or int(crop_padding) < 0:
+            raise ValueError(f"hflip must be in [0, 1] and crop_padding >= 0, got {hflip}, {crop_padding}")
+        if source_type not in ("auto", "hub", "parquet", "imagefolder"):
+            raise ValueError(f"source_type must be auto, hub, parquet or imagefolder, got {source_type!r}")
+        if source is None or str(source) == "":
+            raise ValueError("source is required: a hub dataset id, a local copy of one, parquet files "
+                             "or an image folder")
+        self.info = self._resolve_info(name, num_classes, resolution, timesteps)
+        self.encoder = build_encoder(encoder, self.info.ratio)
+        if self.encoder.timesteps != self.info.timesteps:
+            raise ValueError(f"data config for {name}: timesteps={self.info.timesteps} but the I2E converter "
+                             f"makes {self.encoder.timesteps}")
+        if self.info.ratio is not None and abs(self.encoder.ratio - self.info.ratio) > 1e-12:
+            log.warning("%s: encoder ratio %g differs from the catalog's %g (the released data's)",
+                        name, self.encoder.ratio, self.info.ratio)
+        self.name, self.source, self.source_type, self.hf_config = name, str(source), source_type, hf_config
+        self.data_dir = Path(data_dir)
+        self.train_split, self.val_split = train_split, val_split
+        self.image_column, self.label_column = image_column, label_column
+        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
+        self.drop_last, self.val_fraction, self.seed = bool(drop_last), float(val_fraction), int(seed)
+        self.train_aug, self.aug_family = train_aug, aug_family
+        self.source_size = _size(source_size, "source_size")
+        self.crop_padding, self.pad_mode, self.hflip = int(crop_padding), _PAD_MODES[pad_mode], float(hflip)
+        self.test_resize = None if test_resize is None else int(test_resize)
+        self.rrc_scale, self.rrc_ratio = tuple(float(s) for s in rrc_scale), tuple(float(r) for r in rrc_ratio)
+        self.datasets: dict[str, ImageSet] = {}
+        self.class_names: list[str] = []
+
+    # ---- facts used by the rest of the pipeline
+    @staticmethod
+    def _resolve_info(name, num_classes, resolution, timesteps) -> DatasetInfo:
+        res = None if resolution is None else _size(resolution, "resolution")
+        info = CATALOG.get(name)
+        if info is None:
+            if num_classes is None or res is None:
+                raise KeyError(f"{name!r} is not a catalog config: give num_classes and resolution for data of "
+                               f"your own (catalog: {', '.join(n for n, i in CATALOG.items() if i.kind != 'dvs')})")
+            return DatasetInfo(name=name, source="local images", resolution=res, num_classes=int(num_classes),
+                               timesteps=int(timesteps or 8), ratio=None, kind="online", hub_repo=None)
+        if info.kind == "dvs":
+            raise ValueError(f"{name} is real DVS data: use CIFAR10DVSDataModule")
+        given = {"num_classes": num_classes, "resolution": res, "timesteps": timesteps}
+        for key, value in given.items():
+            if value is not None and value != getattr(info, key):
+                raise ValueError(f"data config for {name}: {key}={value!r} but the catalog says {getattr(info, key)!r}")
+        return info
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.info.shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return self.info.resolution
+
+    # ---- worker-side transforms
+    def _eval_transform(self):
+        if self.test_resize is not None:
+            return _ResizeCenterCrop(self.test_resize, self.resolution)
+        return _Resize(self.resolution)
+
+    def _train_transform(self):
+        if self.train_aug == "none":
+            return self._eval_transform()
+        if self.aug_family == "cifar":
+            return _Resize(self.source_size)
+        if self.train_aug == "baseline2":
+            return _RandomResizedCrop(self.resolution, self.rrc_scale, self.rrc_ratio)
+        return _Resize(self.resolution)
+
+    # ---- loading
+    def _kind(self) -> str:
+        from i2e_train.convert import ConvertError, _detect_kind
+
+        if self.source_type in ("imagefolder", "parquet") and not any(ch in self.source for ch in "*?["):
+            if not Path(self.source).exists():
+                layout = "parquet files"
+                if self.source_type == "imagefolder":
+                    layout = ("<source>/train/<class>/<image> and <source>/val/<class>/<image>, "
+                              "or <source>/<class>/<image> with val_split=null")
+                raise DatasetUnavailableError(f"{self.name}: source {self.source!r} does not exist "
+                                              f"(expected {layout}); set data.source to where the images are")
+        if self.source_type != "auto":
+            return self.source_type
+        try:
+            return _detect_kind(self.source)
+        except ConvertError as exc:
+            raise DatasetUnavailableError(f"{self.name}: {exc}") from None
+
+    def _resolved_val_split(self, kind: str) -> str | None:
+        if self.val_split != "auto":
+            return self.val_split
+        if kind != "imagefolder":
+            return "test"
+        root = Path(self.source)
+        for name in _VAL_FOLDERS:
+            if (root / name).is_dir() and (root / self.train_split).is_dir():
+                return name
+        return None
+
+    def _open(self, kind: str, wanted: "OrderedDict[str, str]"):
+        from i2e_train.convert import ConvertError, _open_source
+
+        cache = str(self.data_dir / "hf-cache")
+        try:
+            return _open_source(self.source, kind, wanted, self.hf_config, self.image_column, self.label_column,
+                                cache, None)
+        except ConvertError as exc:
+            if exc.__cause__ is None:  # bad content (columns, labels, empty): the message says what
+                raise
+            hint = ""
+            if not Path(self.source).exists():
+                hint = (f"\nTo use a local copy, download it where you have network:\n  hf download {self.source} "
+                        f"--repo-type dataset --local-dir <folder>\n"
+                        f"and point the data config at it: data.source=<folder>")
+            if "validation" in wanted:
+                hint += (f"\n(The validation split is {wanted['validation']!r}; for a source without one, "
+                         "data.val_split=null makes a seeded stratified split of the training split.)")
+            raise DatasetUnavailableError(f"{self.name}: {exc}{hint}") from exc
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        kind = self._kind()
+        val = self._resolved_val_split(kind)
+        wanted = OrderedDict([("train", self.train_split)])
+        if val is not None:
+            wanted["validation"] = val
+        src = self._open(kind, wanted)
+        self.class_names = list(src.class_names)
+        mapping = class_targets(self.class_names, self.num_classes, f"{self.name} ({self.source})")
+        per_split = {}
+        for sp in src.splits:
+            targets = np.asarray([mapping[c] for c in sp.classes], dtype=np.int64)
+            per_split[sp.name] = (sp, targets)
+        train_sp, train_targets = per_split["train"]
+        if val is None:
+            tr, va = stratified_split(train_targets, self.val_fraction, self.seed)
+            parts = {"train": (train_sp, tr), "validation": (train_sp, va)}
+            labels = {"train": f"{self.train_split}[train]", "validation": f"{self.train_split}[validation]"}
+            log.info("%s: no validation split; made a stratified one (%d / %d, seed %d)", self.name, len(tr), len(va),
+                     self.seed)
+        else:
+            parts = {k: (per_split[k][0], np.arange(per_split[k][0].count)) for k in ("train", "validation")}
+            labels = {"train": self.train_split, "validation": val}
+        for key, (sp, rows) in parts.items():
+            if len(rows) == 0:
+                raise DatasetUnavailableError(f"{self.name}: split {labels[key]!r} of {self.source} is empty")
+            targets = per_split[sp.name][1][rows]
+            transform = self._train_transform() if key == "train" else self._eval_transform()
+            self.datasets[key] = ImageSet(sp.reader, rows, targets, transform, labels[key])
+
+    # ---- loaders
+    def _loader(self, key: str, train: bool) -> DataLoader:
+        if not self.datasets:
+            self.setup()
+        return DataLoader(
+            self.datasets[key],
+            batch_size=per_device_batch_size(self.batch_size, self.trainer),
+            shuffle=train,
+            num_workers=self.num_workers,
+            collate_fn=collate_images,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=self.drop_last and train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("validation", False)
+
+    # ---- device side
+    def augment_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training augmentation on the device: uint8 [B, 3, h, w] -> [B, 3, H, W] (uint8 or float in [0, 1])."""
+        x = images
+        if self.train_aug == "none":
+            return x
+        if self.aug_family == "cifar" and self.train_aug == "baseline2" and self.crop_padding > 0:
+            x = random_crop(x, tuple(x.shape[-2:]), self.crop_padding, self.pad_mode, generator=generator)
+        if self.hflip > 0:  # flip commutes with the resize below; flipping the small image is cheaper
+            x = random_hflip(x, self.hflip, generator=generator)
+        if tuple(x.shape[-2:]) != self.resolution:
+            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+            x = F.interpolate(x, size=self.resolution, mode="bicubic", align_corners=False, antialias=True)
+            x = x.clamp_(0.0, 1.0)
+        return x
+
+    def to_events(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 images [B, 3, h, w] (on any device) -> events [T, B, 2, H, W] (converter's dtype).
+
+        ``train``: augment + converter in train mode (random directions); else the converter in
+        eval mode (canonical directions) on the worker-resized images.
+        """
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected images [B, 3, h, w], got shape {tuple(images.shape)}")
+        enc = self.encoder.to(images.device)  # buffers only: a no-op once it sits on the device
+        if train:
+            x = self.augment_images(images, generator)
+            enc.train()
+        else:
+            x = images
+            enc.eval()
+        if tuple(x.shape[-2:]) != self.resolution:
+            raise ValueError(f"images of size {tuple(x.shape[-2:])} reached the converter; the config's resolution "
+                             f"is {self.resolution}")
+        return enc(x, generator=generator)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        images, targets = batch
+        train = self.trainer is not None and self.trainer.training
+        return self.to_events(images, train), targets
