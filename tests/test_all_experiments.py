@@ -1,0 +1,80 @@
+"""`i2e-train -m 'experiment=glob(*)'` runs every experiment on tiny data made here.
+
+One multirun, the same overrides for every job: dataset locations (paths.*), a batch of 2, one
+training and one validation batch (debug=fast), CPU. The transfer rows start from released
+weights, which are stood in for by official-format files built from our own models.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from i2e_train.cli._hydra import group_options
+from i2e_train.models import create_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dvs import make_extract  # noqa: E402  (synthetic AEDAT recordings)
+
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _img(rng, size):
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+
+
+def hub_copy(root: Path, names: list[str], rng, label_column="label"):
+    import datasets
+
+    feats = datasets.Features({"img": datasets.Image(), label_column: datasets.ClassLabel(names=names)})
+    for split in ("train", "test"):
+        ds = datasets.Dataset.from_dict(
+            {"img": [_img(rng, 32) for _ in range(4)], label_column: [0, 1, 2, 3]}, features=feats)
+        root.mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
+
+
+def image_folder(root: Path, classes: int, rng):
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True)
+            _img(rng, 40).save(d / "0.png")
+
+
+def released(ckpt_dir: Path, name: str, model: str, classes: int):
+    net = create_model(model, num_classes=classes)
+    state = {"module." + k: v for k, v in net.state_dict().items()}
+    state["module.i2e.weight"] = torch.zeros(8, 1, 3, 3)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 1, "state_dict": state, "best_acc1": 0.0}, ckpt_dir / f"{name}.pth.tar")
+
+
+@pytest.mark.slow
+def test_every_experiment_runs_with_fast_dev_run(tmp_path):
+    rng = np.random.default_rng(0)
+    hub_copy(tmp_path / "cifar10", CIFAR10, rng)
+    hub_copy(tmp_path / "cifar100", [f"c{i:03d}" for i in range(100)], rng, label_column="fine_label")
+    image_folder(tmp_path / "imagenet", 1000, rng)
+    make_extract(tmp_path / "cifar10dvs", files_per_class=(10,) * 10)
+    released(tmp_path / "checkpoints", "imagenet_augmentation_18", "ms_resnet18", 1000)
+    released(tmp_path / "checkpoints", "cifar10_augmentation", "ms_resnet18", 10)
+    overrides = [
+        "experiment=glob(*)", "debug=fast", "~logger", "data.batch_size=2", "data.num_workers=0",
+        "trainer.accelerator=cpu", "trainer.devices=1", "++trainer.strategy=auto", "trainer.precision=32-true",
+        f"paths.cifar10={tmp_path / 'cifar10'}", f"paths.cifar100={tmp_path / 'cifar100'}",
+        f"paths.imagenet={tmp_path / 'imagenet'}", f"paths.cifar10dvs={tmp_path / 'cifar10dvs'}",
+    ]
+    env = dict(os.environ, I2E_ROOT=str(tmp_path), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "i2e_train.cli.train", "-m", *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    launched = [line for line in proc.stdout.splitlines() if "experiment=" in line and "#" in line]
+    assert len(launched) == len(group_options("experiment")) == 14, proc.stdout[-3000:]
