@@ -78,3 +78,30 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     launched = [line for line in proc.stdout.splitlines() if "experiment=" in line and "#" in line]
     assert len(launched) == len(group_options("experiment")) == 14, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_sim2real_pipeline_end_to_end_on_tiny_data(tmp_path):
+    """pipeline=sim2real: I2E-CIFAR10 Baseline-II pre-training, then CIFAR10-DVS fine-tuning from it."""
+    import json
+
+    from i2e_train.pipeline import state_digest
+
+    rng = np.random.default_rng(1)
+    hub_copy(tmp_path / "cifar10", CIFAR10, rng)
+    make_extract(tmp_path / "cifar10dvs", files_per_class=(10,) * 10)
+    common = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+              "data.batch_size=2", "data.num_workers=0", "trainer.precision=32-true", "~logger",
+              f"paths.cifar10={tmp_path / 'cifar10'}", f"paths.cifar10dvs={tmp_path / 'cifar10dvs'}"]
+    arg = "common_overrides=[" + ",".join(f"'{o}'" for o in common) + "]"
+    env = dict(os.environ, I2E_ROOT=str(tmp_path), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "i2e_train.cli.pipeline", "pipeline=sim2real", arg], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    manifest = json.loads((tmp_path / "logs" / "pipeline" / "sim2real" / "pipeline.json").read_text())
+    pre, fine = manifest["stages"]["pretrain"], manifest["stages"]["finetune"]
+    assert "experiment=cifar10/baseline2" in pre["overrides"] and "experiment=cifar10dvs/transfer2" in fine["overrides"]
+    assert fine["init_from"] == pre["best_checkpoint"]
+    ckpt = torch.load(pre["best_checkpoint"], map_location="cpu", weights_only=True)
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    assert fine["init_digest"] == state_digest(weights)
