@@ -14,8 +14,6 @@ reporting medians over the repeats:
         baseline: loader + permute to time-first (+ contiguous, what the first conv needs)
   (c) bytes per sample handed to the device (packed uint8 vs float32: 1/32)
 
-A third column (skip with --no-fast-gather) runs the zero-copy gather proposed for
-PackedI2EDataset.__getitems__ (benchmarks/fast_gather.py), same loader settings.
 
     python benchmarks/decode.py --rows 4096 --workers 2 --batch-size 128 --repeats 5
 """
@@ -37,7 +35,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from i2e_train.codec import packed_size, record_prefix, unpack_events
 from i2e_train.data import I2EDataModule
-from i2e_train.data.i2e_dataset import collate_packed
 from i2e_train.data.writer import shard_name, write_card, write_shard
 
 CONFIG = "I2E-CIFAR10"
@@ -103,7 +100,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
-    ap.add_argument("--no-fast-gather", action="store_true", help="skip the proposed zero-copy gather column")
     args = ap.parse_args(argv)
 
     import datasets
@@ -132,14 +128,6 @@ def main(argv=None) -> dict:
             return x.permute(1, 0, 2, 3, 4).contiguous()  # [B, T, C, H, W] -> [T, B, C, H, W]
 
         contenders = [("ours", ours, ours_model), ("base", base, base_model)]
-        if not args.no_fast_gather:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from fast_gather import FastPackedI2EDataset
-
-            fast = DataLoader(FastPackedI2EDataset.from_dataset(dm.datasets["train"]), batch_size=args.batch_size,
-                              shuffle=True, num_workers=args.workers, collate_fn=collate_packed,
-                              persistent_workers=args.workers > 0)
-            contenders.append(("fast", fast, ours_model))
         runs = {(m, k): [] for m in "ab" for k, _, _ in contenders}
         bytes_per = {}
         for name, loader, _ in contenders:  # warm-up: start the workers, fill caches
@@ -161,24 +149,17 @@ def main(argv=None) -> dict:
         "bytes_ours": bytes_per["ours"], "bytes_base": bytes_per["base"],
         "c_ratio": bytes_per["ours"] / bytes_per["base"],
     }
-    fast = "a_fast" in med
-    if fast:
-        res.update(a_ratio_fast=med["a_fast"] / med["a_base"], b_ratio_fast=med["b_fast"] / med["b_base"])
     print()
     print(f"I2E-CIFAR10-shaped data, {args.rows} rows {SHAPE}, {args.workers} workers, batch {args.batch_size}, "
           f"median of {args.repeats}")
     head = f"{'measure':<44}{'I2EDataModule':>15}{'card recipe':>13}{'ratio':>8}"
-    print(head + (f"{'fast gather*':>14}{'ratio':>8}" if fast else ""))
+    print(head)
     for m, label, fmt in (("a", "(a) samples/s out of the DataLoader", ".1f"),
                           ("b", "(b) samples/s model-ready [T,B,C,H,W] f32", ".2f")):
         line = f"{label:<44}{med[m + '_ours']:>15,.0f}{med[m + '_base']:>13,.0f}{res[m + '_ratio']:>7{fmt}}x"
-        if fast:
-            line += f"{med[m + '_fast']:>14,.0f}{res[m + '_ratio_fast']:>7{fmt}}x"
         print(line)
     print(f"{'(c) bytes/sample handed to the device':<44}{res['bytes_ours']:>15,}{res['bytes_base']:>13,}"
-          f"{'1/' + format(1 / res['c_ratio'], '.0f'):>8}" + (f"{res['bytes_ours']:>14,}{'1/32':>8}" if fast else ""))
-    if fast:
-        print("* fast gather: the zero-copy gather proposed for PackedI2EDataset.__getitems__ (benchmarks/fast_gather.py)")
+          f"{'1/' + format(1 / res['c_ratio'], '.0f'):>8}")
     targets = {"a": res["a_ratio"] >= 10, "b": res["b_ratio"] >= 1, "c": res["c_ratio"] == 1 / 32}
     print("targets (I2EDataModule): (a) >= 10x {}, (b) >= 1x {}, (c) = 1/32 {}".format(
         *("met" if targets[k] else "MISSED" for k in "abc")))

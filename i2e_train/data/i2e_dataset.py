@@ -107,7 +107,7 @@ def _decode_rows(
         try:
             if data is None:
                 raise RecordError(f"{where}: missing data")
-            if len(data) == plen + n and data[:plen] == prefix:
+            if len(data) == plen + n and bytes(data[:plen]) == prefix:
                 out[i] = np.frombuffer(data, dtype=np.uint8, count=n, offset=plen)
             else:
                 rec = parse_record(data, where)
@@ -131,28 +131,82 @@ def _decode_rows(
     return out, targets
 
 
+class ChunkedColumn:
+    """Random access to the rows of a chunked Arrow binary/string column, without copying.
+
+    ``Table.take`` on a chunked binary column concatenates its chunks first, i.e. copies the
+    whole column for every batch. This index views each chunk's offsets and data buffers as
+    numpy arrays (over the memory-mapped Arrow file) and slices rows out of them.
+    """
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        self.offsets: list[np.ndarray] = []
+        self.data: list[np.ndarray] = []
+        self.valid: list[np.ndarray | None] = []
+        lengths = []
+        for chunk in column.chunks:
+            wide = pa.types.is_large_binary(chunk.type) or pa.types.is_large_string(chunk.type)
+            odt = np.dtype(np.int64 if wide else np.int32)
+            _, offsets, data = chunk.buffers()
+            self.offsets.append(np.frombuffer(offsets, dtype=odt, count=len(chunk) + 1,
+                                              offset=chunk.offset * odt.itemsize))
+            self.data.append(np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8))
+            self.valid.append(chunk.is_valid().to_numpy(zero_copy_only=False) if chunk.null_count else None)
+            lengths.append(len(chunk))
+        self.starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+    def gather(self, rows: np.ndarray) -> list[np.ndarray | None]:
+        """Row values as uint8 views (None for nulls)."""
+        chunks = np.searchsorted(self.starts, rows, side="right") - 1
+        out: list[np.ndarray | None] = []
+        for c, local in zip(chunks.tolist(), (rows - self.starts[chunks]).tolist()):
+            valid = self.valid[c]
+            if valid is not None and not valid[local]:
+                out.append(None)
+            else:
+                off = self.offsets[c]
+                out.append(self.data[c][off[local] : off[local + 1]])
+        return out
+
+
 class PackedI2EDataset(Dataset):
     """Map-style view of one split: ``__getitems__`` gathers a whole batch from Arrow at once.
 
     ``table`` is the split's pyarrow table (columns file_path, label, data); ``rows`` the row
     indices that belong to this split (a seeded stratified subset for made-up splits).
     Items are (packed uint8 [N], target); batches (packed uint8 [B, N], targets [B]).
+    The column index is built lazily in each process (workers never receive numpy views).
     """
 
     def __init__(self, table: pa.Table, rows: np.ndarray, info: DatasetInfo, label_map: LabelMap,
                  split: str, on_bad_record: str = "raise", counter: BadRecordCounter | None = None) -> None:
         self.table, self.rows, self.info, self.label_map, self.split = table, np.asarray(rows), info, label_map, split
         self.on_bad_record, self.counter = on_bad_record, counter
+        self._columns: tuple[ChunkedColumn, ChunkedColumn, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_columns"] = None
+        return state
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _index(self) -> tuple[ChunkedColumn, ChunkedColumn, np.ndarray]:
+        if self._columns is None:
+            t = self.table
+            label = t.column("label")
+            labels = np.asarray(label.to_pylist(), dtype=object) if label.null_count else label.to_numpy()
+            self._columns = (ChunkedColumn(t.column("data")), ChunkedColumn(t.column("file_path")), labels)
+        return self._columns
+
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        data, paths, labels = self._index()
         rows = self.rows[np.asarray(indices, dtype=np.int64)]
-        sub = self.table.take(pa.array(rows))
+        fps = [None if p is None else p.tobytes().decode("utf-8") for p in paths.gather(rows)]
         packed, targets = _decode_rows(
-            sub.column("data").to_pylist(), sub.column("label").to_pylist(), sub.column("file_path").to_pylist(),
-            rows.tolist(), self.info, self.label_map, self.split, self.on_bad_record, self.counter,
+            data.gather(rows), labels[rows].tolist(), fps, rows.tolist(), self.info, self.label_map,
+            self.split, self.on_bad_record, self.counter,
         )
         return torch.from_numpy(packed), torch.from_numpy(targets)
 
