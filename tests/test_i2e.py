@@ -166,6 +166,6 @@ def test_packed_output_equals_packbits_of_dense(train, hw):
 
 
 def test_chunked_cpu_path_covers_batches_larger_than_a_chunk():
-    img = torch.rand(70, 3, 64, 64)  # 64 images per chunk at 64x64
+    img = torch.rand(1030, 3, 64, 64)  # 1024 images per chunk at 64x64
     conv = I2E(ratio=0.1, order=5).eval()
     assert torch.equal(conv(img), official_i2e(img, 0.1, 5))
