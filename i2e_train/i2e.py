@@ -90,6 +90,9 @@ class I2E(nn.Module):
         threshold: "dynamic" (paper) or "fixed" (the paper's ablation baseline).
         random_directions: in training mode, draw a random vector from each group (paper's
             augmentation); False keeps the canonical vectors in training too (ablation).
+        fused: compute the dense output with one ``torch.compile``d kernel (gather, difference,
+            both comparisons and the cast fused: one write of the output). None (default) =
+            on CUDA only; on CPU the eager path below is faster.
 
     ``forward(images)`` takes [B, 3, H, W] (or [B, 1, H, W] grayscale) float in [0, 1] or uint8
     in [0, 255] and returns binary events [T=8, B, 2, H, W] of ``dtype`` (channel 0 = ON).
@@ -103,6 +106,7 @@ class I2E(nn.Module):
         dtype: torch.dtype | str = torch.float32,
         threshold: str = "dynamic",
         random_directions: bool = True,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         if not ratio >= 0:
@@ -117,6 +121,7 @@ class I2E(nn.Module):
         self.dtype = _as_dtype(dtype)
         self.threshold = threshold
         self.random_directions = bool(random_directions)
+        self.fused = fused
         # Flat offsets into the 3x3 grid (row * 3 + col), per group, padded to the longest group.
         # vec_a/vec_b: [8 groups, 6] cell indices 0..8; group_sizes: [8].
         a = torch.zeros(len(DIRECTION_GROUPS), _MAX_GROUP, dtype=torch.long)
@@ -137,7 +142,8 @@ class I2E(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"ratio={self.ratio}, order={list(self.order)}, padding_mode={self.padding_mode!r}, "
-            f"dtype={self.dtype}, threshold={self.threshold!r}, random_directions={self.random_directions}"
+            f"dtype={self.dtype}, threshold={self.threshold!r}, random_directions={self.random_directions}, "
+            f"fused={self.fused}"
         )
 
     # ------------------------------------------------------------------ pieces
@@ -203,6 +209,9 @@ class I2E(nn.Module):
         vpad = F.pad(v.unsqueeze(1), (1, 1, 1, 1), mode=_PAD_MODES[self.padding_mode]).squeeze(1)  # [B, H+2, W+2]
         steps = len(self.order)
         random = self.training and self.random_directions
+        if not packed and (self.fused if self.fused is not None else dev.type == "cuda"):
+            cell_a, cell_b = self.directions(bsz, dev, generator)  # [T, B]
+            return _fused_events()(vpad, cell_a, cell_b, thr, h, w, dtype or self.dtype)
         cell_a, cell_b = self.directions(bsz, dev, generator) if random else (None, None)  # [T, B]
         if packed:
             out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8, device=dev)
@@ -247,6 +256,29 @@ def _shift(vpad: torch.Tensor, cell: int, h: int, w: int) -> torch.Tensor:
     """View of padded V [n, H+2, W+2] shifted to grid cell 0..8 -> [n, H, W]."""
     r, c = divmod(cell, 3)
     return vpad[:, r : r + h, c : c + w]
+
+
+def _events_reference(vpad: torch.Tensor, cell_a: torch.Tensor, cell_b: torch.Tensor, thr: torch.Tensor,
+                      h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """The whole conversion as one expression (compiled into a single kernel by ``_fused_events``).
+
+    vpad [B, H+2, W+2], cell_a/cell_b [T, B] (0..8), thr [B] -> events [T, B, 2, H, W] of dtype.
+    """
+    views = torch.stack([_shift(vpad, k, h, w) for k in range(9)])  # [9, B, H, W]
+    rows = torch.arange(vpad.shape[0], device=vpad.device)
+    resp = views[cell_b, rows] - views[cell_a, rows]  # [T, B, H, W], the exact float32 difference
+    t = thr.view(1, -1, 1, 1)
+    return torch.stack([resp >= t, resp <= -t], dim=2).to(dtype)
+
+
+_FUSED = None
+
+
+def _fused_events():
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = torch.compile(_events_reference, dynamic=None)
+    return _FUSED
 
 
 def _pack_rows(bits: torch.Tensor) -> torch.Tensor:

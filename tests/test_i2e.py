@@ -169,3 +169,28 @@ def test_chunked_cpu_path_covers_batches_larger_than_a_chunk():
     img = torch.rand(1030, 3, 64, 64)  # 1024 images per chunk at 64x64
     conv = I2E(ratio=0.1, order=5).eval()
     assert torch.equal(conv(img), official_i2e(img, 0.1, 5))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [False, True])
+def test_fused_compiled_path_equals_the_eager_path(train):
+    """The torch.compile kernel used on CUDA, checked here through inductor's CPU backend."""
+    img = torch.rand(6, 3, 20, 24)
+    eager = I2E(ratio=0.07, order=2, fused=False).train(train)
+    fused = I2E(ratio=0.07, order=2, fused=True, dtype=torch.bool).train(train)
+    a = eager(img, generator=torch.Generator().manual_seed(3))
+    b = fused(img, generator=torch.Generator().manual_seed(3))
+    assert b.dtype == torch.bool and torch.equal(a, b.float())
+    if not train:
+        assert torch.equal(b.float(), official_i2e(img, 0.07, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_conversion_equals_cpu(real_images):
+    for order in range(6):
+        cpu = I2E(ratio=0.12, order=order).eval()(real_images)
+        gpu = I2E(ratio=0.12, order=order).eval().cuda()(real_images.cuda())
+        assert torch.equal(cpu, gpu.cpu())
+        packed = I2E(ratio=0.12, order=order).eval().cuda().forward_packed(real_images.cuda())
+        assert torch.equal(packed.cpu(), I2E(ratio=0.12, order=order).eval().forward_packed(real_images))
