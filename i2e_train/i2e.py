@@ -158,7 +158,15 @@ class I2E(nn.Module):
             return images.amax(dim=1).to(torch.float32).div_(255.0)
         if not images.is_floating_point():
             raise TypeError(f"I2E expects float images in [0, 1] or uint8 images, got dtype {images.dtype}")
-        return images.amax(dim=1).to(torch.float32)
+        v = images.amax(dim=1).to(torch.float32)
+        finite = torch.isfinite(v).all()
+        message = f"I2E got float images holding NaN/Inf (shape {tuple(images.shape)}); expected [0, 1]"
+        if v.device.type == "cpu":
+            if not bool(finite):
+                raise ValueError(message)
+        else:  # checked on the device: no host synchronisation in the training loop
+            torch._assert_async(finite, message)
+        return v
 
     def thresholds(self, v: torch.Tensor) -> torch.Tensor:
         """V [B, H, W] -> per-image threshold [B] (float32)."""

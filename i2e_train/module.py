@@ -37,7 +37,8 @@ class SNNClassifier(LightningModule):
         run_config: the resolved run config, stored in every checkpoint as ``i2e_config`` so that
             a checkpoint alone says how to rebuild its model and data.
         channels_last: keep convolution weights (and so activations) in channels-last memory
-            format: faster convolutions on CPU (oneDNN) and tensor cores, identical results.
+            format, the fast layout for tensor cores. The float sums run in another order, so
+            membrane values differ in the last bits and spikes right at threshold may flip.
         compile: run the network through ``torch.compile`` (the parameters and state-dict keys
             stay those of the plain network).
     """
@@ -82,8 +83,10 @@ class SNNClassifier(LightningModule):
         return net(events)  # [T, B, C, H, W] -> [B, classes]
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         events, labels = batch
+        if labels.numel() == 0:  # every record of the batch was skipped (data.on_bad_record=skip)
+            return None
         logits = self(events)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         self.train_top1(logits, labels)
@@ -94,6 +97,8 @@ class SNNClassifier(LightningModule):
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         events, labels = batch
+        if labels.numel() == 0:  # every record of the batch was skipped (data.on_bad_record=skip)
+            return
         logits = self(events)
         loss = F.cross_entropy(logits, labels)
         bs = labels.shape[0]

@@ -1,4 +1,5 @@
-"""Pictures a person would rather look at than read: confusion matrix (more to come)."""
+"""Pictures a person would rather look at than read: confusion matrix, learning curves,
+firing rate per spiking layer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["plot_confusion"]
+__all__ = ["plot_confusion", "plot_learning_curves", "plot_spike_rates", "read_epoch_metrics"]
 
 
 def plot_confusion(matrix, path: str | Path, class_names: Sequence[str] | None = None,
@@ -38,6 +39,98 @@ def plot_confusion(matrix, path: str | Path, class_names: Sequence[str] | None =
     ax.set_ylabel("true")
     acc = np.trace(m) / max(m.sum(), 1)
     ax.set_title(f"{title} (top-1 {100 * acc:.2f}%)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def read_epoch_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
+    """Lightning CSVLogger ``metrics.csv`` -> {metric: {epoch: last value logged in that epoch}}."""
+    import csv
+
+    out: dict[str, dict[int, float]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            epoch = row.get("epoch")
+            if epoch in (None, ""):
+                continue
+            e = int(float(epoch))
+            for key, value in row.items():
+                if key in ("epoch", "step") or value in (None, ""):
+                    continue
+                try:
+                    out.setdefault(key, {})[e] = float(value)
+                except ValueError:
+                    continue
+    return out
+
+
+def plot_learning_curves(metrics_csv: str | Path, path: str | Path, title: str = "learning curves") -> Path:
+    """Train/validation loss and top-1 per epoch (from a CSVLogger ``metrics.csv``) as a PNG.
+
+    Train loss is the epoch mean (``train/loss_epoch``; ``train/loss`` when logged per epoch
+    only); top-1 values are shown in percent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import MaxNLocator
+
+    m = read_epoch_metrics(metrics_csv)
+    panels = [
+        ("loss", [("train", m.get("train/loss_epoch") or m.get("train/loss")), ("validation", m.get("val/loss"))], 1.0),
+        ("top-1 (%)", [("train", m.get("train/top1")), ("validation", m.get("val/top1"))], 100.0),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (ylabel, series, scale) in zip(axes, panels):
+        for label, values in series:
+            if values:
+                epochs = sorted(values)
+                ax.plot(epochs, [scale * values[e] for e in epochs], marker="o", markersize=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    best = m.get("val/top1")
+    suffix = f" (best val top-1 {100 * max(best.values()):.2f}%)" if best else ""
+    fig.suptitle(title + suffix)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_spike_rates(rates: dict[str, float], path: str | Path, mean_rate: float | None = None,
+                     title: str = "firing rate per layer") -> Path:
+    """Firing rate (fraction of neuron-timesteps that spike) of each spiking layer, in network
+    order, as a horizontal bar chart PNG; ``mean_rate`` is drawn as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rates)
+    values = [100.0 * float(rates[n]) for n in names]
+    height = min(2.0 + 0.25 * len(names), 40.0)
+    fig, ax = plt.subplots(figsize=(8, height))
+    ax.barh(range(len(names)), values, color="tab:orange")
+    ax.set_yticks(range(len(names)), names, fontsize=8 if len(names) <= 60 else 5)
+    ax.invert_yaxis()  # first layer on top
+    if mean_rate is not None:
+        ax.axvline(100.0 * mean_rate, color="black", linestyle="--", linewidth=1,
+                   label=f"mean {100.0 * mean_rate:.2f}%")
+        ax.legend(loc="lower right")
+    ax.set_xlabel("firing rate (% of neuron-timesteps)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

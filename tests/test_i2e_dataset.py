@@ -137,8 +137,9 @@ def test_corrupt_records_raise_with_split_row_and_path(tmp_path, bad, match):
     skip = I2EDataModule(name="I2E-MNIST", path=str(tmp_path), batch_size=3, num_workers=0,
                          data_dir=str(tmp_path), on_bad_record="skip")
     skip.setup()
-    packed, labels = next(iter(skip.val_dataloader()))
+    packed, labels, skipped = next(iter(skip.val_dataloader()))  # skip: the batch carries the skipped records
     assert labels.tolist() == [0, 1] and skip.bad_records.counts == {"validation": 1}
+    assert [split for split, _ in skipped] == ["validation"]
 
 
 def test_map_and_streaming_give_identical_samples(tmp_path):

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from i2e_train.cli._hydra import entry_point
 from i2e_train.pipeline import state_digest
+from i2e_train.recovery import recovery_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if not loggers:  # Lightning refuses an LR monitor without a logger; nothing to monitor into
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    callbacks = recovery_callbacks(out_dir) + callbacks  # exact resume (RNG), NaN/Inf stop, bad_records.json
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg))
 
@@ -89,7 +91,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @entry_point("train")
 def main(cfg: DictConfig) -> float | None:
-    result = train(cfg)
+    from i2e_train.sweeps import in_multirun, record_failure
+    from i2e_train.tracking import finish_wandb
+
+    try:
+        result = train(cfg)
+    except Exception as err:
+        finish_wandb(exit_code=1)
+        if not in_multirun():
+            raise
+        # One failed trial must not end a sweep: error.txt in the trial folder, and None, which
+        # the Optuna sweeper records as a FAIL trial (a NaN would abort the whole sweep).
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+        record_failure(HydraConfig.get().runtime.output_dir, err, overrides)
+        return None
+    finish_wandb()  # the next job of a multirun starts its own wandb run
     metric = cfg.get("optimized_metric")
     value = result.get("best", result["fit"]).get(metric) if metric else None
     return value

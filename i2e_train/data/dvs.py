@@ -43,6 +43,7 @@ from i2e_train.data.augment import EventAugment
 from i2e_train.data.catalog import get_info
 from i2e_train.data.distributed import per_device_batch_size
 from i2e_train.data.i2e_dataset import DatasetUnavailableError
+from i2e_train.data.sampler import ResumableTrainData
 
 __all__ = ["CIFAR10DVSDataModule", "per_class_split", "build_events_np", "frames_dir_name", "DVSDatasetError",
            "CLASS_NAMES"]
@@ -176,7 +177,7 @@ def build_events_np(root: str | Path, verify_md5: bool = True) -> Path:
     return raw
 
 
-class CIFAR10DVSDataModule(LightningDataModule):
+class CIFAR10DVSDataModule(ResumableTrainData, LightningDataModule):
     """CIFAR10-DVS as SpikingJelly frames, split 9:1 per class.
 
     Args:
@@ -294,10 +295,13 @@ class CIFAR10DVSDataModule(LightningDataModule):
     def _loader(self, key: str, train: bool) -> DataLoader:
         if not self.datasets:
             self.setup()
+        batch_size = per_device_batch_size(self.batch_size, self.trainer)
+        # training order: a function of (run seed, epoch), resumable mid-epoch (i2e_train.data.sampler)
+        order = self._train_sampling(self.datasets[key], batch_size) if train else {"shuffle": False}
         return DataLoader(
             self.datasets[key],
-            batch_size=per_device_batch_size(self.batch_size, self.trainer),
-            shuffle=train,
+            batch_size=batch_size,
+            **order,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

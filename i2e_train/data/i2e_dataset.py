@@ -38,9 +38,10 @@ from i2e_train.codec import RecordError, packed_size, parse_record, record_prefi
 from i2e_train.data.augment import EventAugment
 from i2e_train.data.catalog import DatasetInfo, get_info
 from i2e_train.data.distributed import per_device_batch_size
+from i2e_train.data.sampler import ResumableTrainData
 
 __all__ = ["I2EDataModule", "PackedI2EDataset", "StreamingI2EDataset", "LabelMap", "find_data_files",
-           "stratified_split", "DatasetUnavailableError", "BadRecordCounter"]
+           "stratified_split", "DatasetUnavailableError", "DataFileError", "BadRecordCounter", "check_parquet_files"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,44 @@ _SPLIT_FROM_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)[-_.]")
 
 class DatasetUnavailableError(FileNotFoundError):
     """The requested data is neither local nor reachable."""
+
+
+class DataFileError(ValueError):
+    """A data file that is not a readable I2E parquet file (corrupt, truncated, other columns)."""
+
+
+_COLUMNS = ("file_path", "label", "data")
+
+
+def check_parquet_files(files: Sequence[str], where: str) -> list[str]:
+    """Read the footer of every parquet file (cheap): a corrupt / truncated / foreign file raises
+    ``DataFileError`` naming it; files with 0 rows are left out (with a warning); a split with no
+    rows at all raises ``DatasetUnavailableError``. Returns the files to read."""
+    import pyarrow.parquet as pq
+
+    keep, empty = [], []
+    for f in files:
+        try:
+            meta = pq.read_metadata(f)
+        except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError, ...: all mean "unreadable"
+            raise DataFileError(
+                f"{f}: not a readable parquet file ({type(exc).__name__}: {exc}); it is probably truncated or "
+                f"corrupt (an interrupted download or copy): download / convert it again ({where})"
+            ) from None
+        names = meta.schema.names
+        missing = [c for c in _COLUMNS if c not in names]
+        if missing:
+            hint = (" It looks like an image dataset: convert it with i2e-convert, or train on it in the online mode "
+                    "(data=cifar10 / data=imagenet)" if any(c in names for c in ("img", "image")) else "")
+            raise DataFileError(f"{f}: columns {names}, an I2E parquet file needs {list(_COLUMNS)} "
+                                f"(missing {missing}) ({where}).{hint}")
+        (keep if meta.num_rows > 0 else empty).append(str(f))
+    if empty:
+        log.warning("%s: leaving out %d parquet file(s) with 0 rows: %s", where, len(empty), ", ".join(empty[:5]))
+    if not keep:
+        raise DatasetUnavailableError(f"{where} is empty: {len(files)} parquet file(s), 0 rows "
+                                      f"({', '.join(str(f) for f in files[:3])}{', ...' if len(files) > 3 else ''})")
+    return keep
 
 
 # --------------------------------------------------------------------------- labels
@@ -77,16 +116,62 @@ class LabelMap:
 
 @dataclass
 class BadRecordCounter:
-    """Counts records dropped under ``on_bad_record='skip'`` (per split, with the first messages)."""
+    """Counts records dropped under ``on_bad_record='skip'`` (per split, with the first messages).
+
+    A record is counted once however often it is read (every epoch re-reads it): the message,
+    which names split, row and file_path, is the key. ``drain()`` hands over the messages added
+    since its last call: the datasets return them with each batch, so that records skipped
+    inside DataLoader workers (which hold a copy of the counter) reach the main process's
+    counter in ``on_after_batch_transfer``.
+    """
 
     counts: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
+    seen: dict[str, str] = field(default_factory=dict)  # message -> split
+    pending: list[tuple[str, str]] = field(default_factory=list)
 
-    def add(self, split: str, message: str) -> None:
+    def add(self, split: str, message: str, carry: bool = True) -> bool:
+        """Count one skipped record; False if it was counted before."""
+        if message in self.seen:
+            return False
+        self.seen[message] = split
         self.counts[split] = self.counts.get(split, 0) + 1
         if len(self.examples) < 20:
             self.examples.append(message)
+        if carry:
+            self.pending.append((split, message))
         log.warning("skipping bad record: %s", message)
+        return True
+
+    def drain(self) -> list[tuple[str, str]]:
+        out, self.pending = self.pending, []
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def report(self) -> dict[str, Any]:
+        return {"total": self.total, "counts": dict(self.counts), "examples": list(self.examples)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "examples": list(self.examples),
+                "seen": [[split, message] for message, split in self.seen.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Merge a saved state (a checkpoint's, another rank's) into this counter."""
+        seen = state.get("seen")
+        if seen is None:  # an old state with counts only
+            for split, n in state.get("counts", {}).items():
+                self.counts[split] = max(self.counts.get(split, 0), int(n))
+            return
+        for split, message in seen:
+            if message not in self.seen:
+                self.seen[message] = split
+                self.counts[split] = self.counts.get(split, 0) + 1
+        for message in state.get("examples", ()):
+            if len(self.examples) < 20 and message not in self.examples:
+                self.examples.append(message)
 
 
 # --------------------------------------------------------------------------- batch decoding
@@ -208,10 +293,10 @@ class PackedI2EDataset(Dataset):
             data.gather(rows), labels[rows].tolist(), fps, rows.tolist(), self.info, self.label_map,
             self.split, self.on_bad_record, self.counter,
         )
-        return torch.from_numpy(packed), torch.from_numpy(targets)
+        return _with_skipped(torch.from_numpy(packed), torch.from_numpy(targets), self.on_bad_record, self.counter)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        packed, targets = self.__getitems__([index])
+        packed, targets = self.__getitems__([index])[:2]
         if len(targets) == 0:
             raise RecordError(f"split {self.split!r}: row {int(self.rows[index])} is a bad record (skipped)")
         return packed[0], int(targets[0])
@@ -244,15 +329,32 @@ class StreamingI2EDataset(IterableDataset):
                 self.split, self.on_bad_record, self.counter,
             )
             if len(targets):
-                yield torch.from_numpy(packed[0]), int(targets[0])
+                yield _with_skipped(torch.from_numpy(packed[0]), int(targets[0]), self.on_bad_record, self.counter)
+        if self.on_bad_record == "skip" and self.counter is not None and self.counter.pending:
+            yield None, -1, self.counter.drain()  # bad records at the end of the stream: messages only
 
 
-def collate_packed(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (packed, target) items; a batch already gathered by ``__getitems__`` passes through."""
-    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor) and batch[0].dim() == 2:
+def _with_skipped(packed, targets, on_bad_record: str, counter: BadRecordCounter | None):
+    """A batch (or streamed item), plus, under ``on_bad_record='skip'``, a third element: the
+    (split, message) of every record skipped since the last one, for the main process's counter."""
+    if on_bad_record != "skip":
+        return packed, targets
+    return packed, targets, (counter.drain() if counter is not None else [])
+
+
+def collate_packed(batch) -> tuple:
+    """Stack (packed, target[, skipped]) items; a batch already gathered by ``__getitems__``
+    passes through. Batches are (packed [B, N], targets [B]) or, under on_bad_record='skip',
+    (packed, targets, skipped records [(split, message), ...])."""
+    if isinstance(batch, tuple) and len(batch) in (2, 3) and isinstance(batch[0], torch.Tensor) \
+            and batch[0].dim() == 2:
         return batch
-    packed = torch.stack([b[0] for b in batch]) if batch else torch.empty(0, 0, dtype=torch.uint8)
-    return packed, torch.tensor([int(b[1]) for b in batch], dtype=torch.int64)
+    items = [b for b in batch if b[0] is not None]
+    packed = torch.stack([b[0] for b in items]) if items else torch.empty(0, 0, dtype=torch.uint8)
+    targets = torch.tensor([int(b[1]) for b in items], dtype=torch.int64)
+    if not any(len(b) > 2 for b in batch):
+        return packed, targets
+    return packed, targets, [m for b in batch if len(b) > 2 for m in b[2]]
 
 
 # --------------------------------------------------------------------------- finding files
@@ -353,7 +455,7 @@ def resolve_info(name: str, num_classes: int | None = None, resolution: Sequence
     return info
 
 
-class I2EDataModule(LightningDataModule):
+class I2EDataModule(ResumableTrainData, LightningDataModule):
     """Released or converted I2E data as packed batches; events are unpacked on the device.
 
     Args:
@@ -447,8 +549,9 @@ class I2EDataModule(LightningDataModule):
                 raise DatasetUnavailableError(
                     f"split {split!r} of {self.name} not found under {str(root)!r}; found splits: {sorted(files)}"
                 )
-            ds = datasets.load_dataset("parquet", data_files={split: files[split]}, split=split,
-                                       streaming=streaming, cache_dir=str(self.data_dir / "hf-cache"))
+            where = f"split {split!r} of {self.name} under {str(root)!r}"
+            ds = datasets.load_dataset("parquet", data_files={split: check_parquet_files(files[split], where)},
+                                       split=split, streaming=streaming, cache_dir=str(self.data_dir / "hf-cache"))
         else:
             try:
                 ds = datasets.load_dataset(self.info.hub_repo, self.name, split=split, streaming=streaming,
@@ -535,10 +638,13 @@ class I2EDataModule(LightningDataModule):
             self.setup()
         ds = self.datasets[key]
         streaming = isinstance(ds, IterableDataset)
+        batch_size = per_device_batch_size(self.batch_size, self.trainer)
+        # training order: a function of (seed, epoch), resumable mid-epoch (i2e_train.data.sampler)
+        order = self._train_sampling(ds, batch_size, self.seed) if train and not streaming else {"shuffle": False}
         return DataLoader(
             ds,
-            batch_size=per_device_batch_size(self.batch_size, self.trainer),
-            shuffle=train and not streaming,
+            batch_size=batch_size,
+            **order,
             num_workers=self.num_workers,
             collate_fn=collate_packed,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -557,14 +663,21 @@ class I2EDataModule(LightningDataModule):
 
     # ---- device side
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
-        packed, targets = batch
-        events = unpack_events(packed, self.shape, self.event_dtype)  # [T, B, C, H, W]
-        if self.augment.active and self.trainer is not None and self.trainer.training:
+        packed, targets = batch[:2]
+        for split, message in (batch[2] if len(batch) > 2 else ()):  # records skipped in the loader
+            self.bad_records.add(split, message, carry=False)
+        if packed.shape[0] == 0:  # every record of the batch was skipped
+            events = torch.zeros((self.shape[0], 0, *self.shape[1:]), dtype=self.event_dtype, device=packed.device)
+        else:
+            events = unpack_events(packed, self.shape, self.event_dtype)  # [T, B, C, H, W]
+        if self.augment.active and self.trainer is not None and self.trainer.training and events.shape[1]:
             events = self.augment(events)
         return events, targets
 
     def state_dict(self) -> dict[str, Any]:
-        return {"bad_records": dict(self.bad_records.counts)}
+        return {"bad_records": self.bad_records.state_dict(), **self._position_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.bad_records.counts.update(state.get("bad_records", {}))
+        bad = state.get("bad_records", {})
+        self.bad_records.load_state_dict(bad if "counts" in bad else {"counts": bad})
+        self._load_position_state(state)

@@ -56,6 +56,7 @@ from i2e_train.data.catalog import CATALOG, DatasetInfo
 from i2e_train.data.distributed import per_device_batch_size
 from i2e_train.data.i2e_dataset import DatasetUnavailableError, stratified_split
 from i2e_train.data.preprocess import preprocess_image, to_rgb
+from i2e_train.data.sampler import ResumableTrainData
 from i2e_train.i2e import I2E
 
 __all__ = ["ImageDataModule", "ImageSet", "build_encoder", "class_targets", "TRAIN_AUGS", "AUG_FAMILIES"]
@@ -235,7 +236,7 @@ def collate_images(batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- the DataModule
-class ImageDataModule(LightningDataModule):
+class ImageDataModule(ResumableTrainData, LightningDataModule):
     """Static images converted to I2E events on the training device (online mode).
 
     Args:
@@ -466,10 +467,13 @@ class ImageDataModule(LightningDataModule):
     def _loader(self, key: str, train: bool) -> DataLoader:
         if not self.datasets:
             self.setup()
+        batch_size = per_device_batch_size(self.batch_size, self.trainer)
+        # training order: a function of (seed, epoch), resumable mid-epoch (i2e_train.data.sampler)
+        order = self._train_sampling(self.datasets[key], batch_size, self.seed) if train else {"shuffle": False}
         return DataLoader(
             self.datasets[key],
-            batch_size=per_device_batch_size(self.batch_size, self.trainer),
-            shuffle=train,
+            batch_size=batch_size,
+            **order,
             num_workers=self.num_workers,
             collate_fn=collate_images,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
