@@ -68,6 +68,19 @@ def test_train_checkpoint_then_eval_reproduces_validation_top1(tmp_path):
     trained = json.loads((run / "metrics.json").read_text())
     ckpt = Path(trained["best_checkpoint"])
     assert ckpt.is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    # shareable export of the best weights: safetensors + model card
+    import torch
+
+    from i2e_train.models import create_model, load_checkpoint
+
+    card = json.loads((run / "model_card.json").read_text())
+    assert card["architecture"] == "ms_resnet_tiny" and card["num_classes"] == 10 and card["timesteps"] == 8
+    assert card["converter_ratio"] == 0.10 and card["converter_order"] == 4 and card["data"] == "I2E-Digits"
+    assert card["metrics"]["val/top1"] == trained["best"]["val/top1"] and (run / "MODEL_CARD.md").is_file()
+    a, b = create_model("ms_resnet_tiny", num_classes=10), create_model("ms_resnet_tiny", num_classes=10)
+    load_checkpoint(a, str(run / "model.safetensors"))
+    load_checkpoint(b, str(ckpt))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     _run(["i2e_train.cli.eval", "ckpt_path=latest"], tmp_path)
     (erun,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
     evaluated = json.loads((erun / "metrics.json").read_text())

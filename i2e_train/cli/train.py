@@ -81,6 +81,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result["best"] = {k: float(v) for k, v in val[0].items()}
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if "best" in result:  # shareable weights + model card of the best checkpoint
+            from i2e_train.export import export_run
+
+            result["weights"] = str(export_run(module.model, best, cfg, result["best"], out_dir)[0])
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         if "best" in result:
             top1 = result["best"].get("val/top1")
