@@ -37,11 +37,10 @@ from typing import Any, Sequence
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from i2e_train.data.augment import EventAugment
 from i2e_train.data.catalog import get_info
-from i2e_train.data.distributed import per_device_batch_size
 from i2e_train.data.i2e_dataset import DatasetUnavailableError
 from i2e_train.data.sampler import ResumableTrainData
 
@@ -292,31 +291,6 @@ class CIFAR10DVSDataModule(ResumableTrainData, LightningDataModule):
                  len(val_idx), f"{self.train_ratio:g}")
 
     # ---- loaders
-    def _loader(self, key: str, train: bool) -> DataLoader:
-        if not self.datasets:
-            self.setup()
-        batch_size = per_device_batch_size(self.batch_size, self.trainer)
-        # training order: a function of (run seed, epoch), resumable mid-epoch (i2e_train.data.sampler)
-        order = self._train_sampling(self.datasets[key], batch_size) if train else {"shuffle": False}
-        return DataLoader(
-            self.datasets[key],
-            batch_size=batch_size,
-            **order,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            drop_last=self.drop_last and train,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("validation", False)
-
     # ---- device side
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         frames, targets = batch  # [B, T, C, H, W] float32 counts

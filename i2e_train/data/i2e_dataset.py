@@ -32,12 +32,11 @@ import pyarrow as pa
 import torch
 import yaml
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from i2e_train.codec import RecordError, packed_size, parse_record, record_prefix, unpack_events
 from i2e_train.data.augment import EventAugment
 from i2e_train.data.catalog import DatasetInfo, get_info
-from i2e_train.data.distributed import per_device_batch_size
 from i2e_train.data.sampler import ResumableTrainData
 
 __all__ = ["I2EDataModule", "PackedI2EDataset", "StreamingI2EDataset", "LabelMap", "find_data_files",
@@ -477,6 +476,8 @@ class I2EDataModule(ResumableTrainData, LightningDataModule):
             ``i2e-convert`` under a new name) needs num_classes and resolution, and a ``path``.
     """
 
+    collate_fn = collate_packed  # packed batches stay packed until on_after_batch_transfer
+
     def __init__(
         self,
         name: str = "I2E-CIFAR10",
@@ -633,34 +634,6 @@ class I2EDataModule(ResumableTrainData, LightningDataModule):
                                                      f"{src}[{key}]", keep, self.on_bad_record, self.bad_records)
 
     # ---- loaders
-    def _loader(self, key: str, train: bool) -> DataLoader:
-        if not self.datasets:
-            self.setup()
-        ds = self.datasets[key]
-        streaming = isinstance(ds, IterableDataset)
-        batch_size = per_device_batch_size(self.batch_size, self.trainer)
-        # training order: a function of (seed, epoch), resumable mid-epoch (i2e_train.data.sampler)
-        order = self._train_sampling(ds, batch_size, self.seed) if train and not streaming else {"shuffle": False}
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            **order,
-            num_workers=self.num_workers,
-            collate_fn=collate_packed,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            drop_last=self.drop_last and train,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("validation", False)
-
     # ---- device side
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         packed, targets = batch[:2]

@@ -49,11 +49,10 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from i2e_train.data.augment import random_crop, random_hflip
 from i2e_train.data.catalog import CATALOG, DatasetInfo
-from i2e_train.data.distributed import per_device_batch_size
 from i2e_train.data.i2e_dataset import DatasetUnavailableError, stratified_split
 from i2e_train.data.preprocess import preprocess_image, to_rgb
 from i2e_train.data.sampler import ResumableTrainData
@@ -268,6 +267,8 @@ class ImageDataModule(ResumableTrainData, LightningDataModule):
             random_directions, dtype) or an I2E instance; ratio defaults to the catalog's.
     """
 
+    collate_fn = collate_images
+
     def __init__(
         self,
         name: str = "I2E-CIFAR10",
@@ -464,32 +465,6 @@ class ImageDataModule(ResumableTrainData, LightningDataModule):
             self.datasets[key] = ImageSet(sp.reader, rows, targets, transform, labels[key])
 
     # ---- loaders
-    def _loader(self, key: str, train: bool) -> DataLoader:
-        if not self.datasets:
-            self.setup()
-        batch_size = per_device_batch_size(self.batch_size, self.trainer)
-        # training order: a function of (seed, epoch), resumable mid-epoch (i2e_train.data.sampler)
-        order = self._train_sampling(self.datasets[key], batch_size, self.seed) if train else {"shuffle": False}
-        return DataLoader(
-            self.datasets[key],
-            batch_size=batch_size,
-            **order,
-            num_workers=self.num_workers,
-            collate_fn=collate_images,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            drop_last=self.drop_last and train,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("validation", False)
-
     # ---- device side
     def augment_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training augmentation on the device: uint8 [B, 3, h, w] -> [B, 3, H, W] (uint8 or float in [0, 1])."""

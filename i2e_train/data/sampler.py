@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 __all__ = ["ResumableSampler", "ResumableTrainData"]
 
@@ -66,10 +66,46 @@ class ResumableSampler(DistributedSampler):
 
 
 class ResumableTrainData:
-    """Mixin for our LightningDataModules: a resumable training sampler and the data position in
-    the DataModule's ``state_dict`` (which Lightning stores in every checkpoint)."""
+    """Mixin for our LightningDataModules: their DataLoaders, a resumable training sampler and the
+    data position in the DataModule's ``state_dict`` (which Lightning stores in every checkpoint).
+
+    A DataModule using it has ``datasets`` ({"train", "validation"}), ``batch_size`` (global),
+    ``num_workers``, ``pin_memory``, ``drop_last``, optionally ``seed``, and sets ``collate_fn``.
+    """
 
     _resume_position: dict[str, Any] | None = None
+    collate_fn: Callable | None = None  # how the loader stacks items (None: torch's default)
+
+    def _loader(self, key: str, train: bool) -> DataLoader:
+        from i2e_train.data.distributed import per_device_batch_size
+
+        if not self.datasets:
+            self.setup()
+        ds = self.datasets[key]
+        batch_size = per_device_batch_size(self.batch_size, self.trainer)
+        # training order: a function of (seed, epoch), resumable mid-epoch; a stream keeps its own
+        streaming = isinstance(ds, IterableDataset)
+        order = self._train_sampling(ds, batch_size, getattr(self, "seed", None)) if train and not streaming \
+            else {"shuffle": False}
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            **order,
+            num_workers=self.num_workers,
+            collate_fn=type(self).collate_fn,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=self.drop_last and train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("validation", False)
 
     def _train_sampling(self, dataset: Dataset, batch_size: int, seed: int | None = None) -> dict[str, Any]:
         """DataLoader keyword arguments (sampler, generator, shuffle) of the training loader."""
