@@ -36,6 +36,7 @@ starts the config again).
 
 from __future__ import annotations
 
+import abc
 import glob
 import hashlib
 import io
@@ -225,14 +226,16 @@ def load_image(value: Any, where: str = "image") -> Image.Image:
     return img
 
 
-class _Reader:
+class _Reader(abc.ABC):
     """Picklable access to the raw image values of one split (runs inside DataLoader workers)."""
 
+    @abc.abstractmethod
     def fetch(self, positions: Sequence[int]) -> list[Any]:
-        raise NotImplementedError
+        """Raw values (paths, bytes, arrays) at these positions."""
 
+    @abc.abstractmethod
     def where(self, position: int) -> str:
-        raise NotImplementedError
+        """How to name this item in an error message."""
 
 
 class _FileReader(_Reader):
