@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-__all__ = ["DatasetInfo", "CATALOG", "HUB_REPO", "get_info", "list_datasets"]
+__all__ = ["DatasetInfo", "CATALOG", "HUB_REPO", "get_info", "list_datasets", "check_facts"]
 
 HUB_REPO = "UESTC-BICS/I2E"
 
@@ -84,3 +84,13 @@ def get_info(name: str) -> DatasetInfo:
         close = difflib.get_close_matches(name, list(CATALOG), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise KeyError(f"unknown dataset config {name!r}.{hint} Known: {', '.join(CATALOG)}") from None
+
+
+def check_facts(info: DatasetInfo, num_classes: int | None = None, resolution: tuple[int, int] | None = None,
+                timesteps: int | None = None) -> DatasetInfo:
+    """``info`` when the facts a data config states agree with it (None = not stated), else ValueError."""
+    given = {"num_classes": num_classes, "resolution": resolution, "timesteps": timesteps}
+    for key, value in given.items():
+        if value is not None and value != getattr(info, key):
+            raise ValueError(f"data config for {info.name}: {key}={value!r} but the catalog says {getattr(info, key)!r}")
+    return info

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from i2e_train.codec import RecordError, packed_size, parse_record, record_prefix, unpack_events
 from i2e_train.data.augment import EventAugment
-from i2e_train.data.catalog import DatasetInfo, get_info
+from i2e_train.data.catalog import DatasetInfo, check_facts, get_info
 from i2e_train.data.sampler import ResumableTrainData
 
 __all__ = ["I2EDataModule", "PackedI2EDataset", "StreamingI2EDataset", "LabelMap", "find_data_files",
@@ -447,11 +447,7 @@ def resolve_info(name: str, num_classes: int | None = None, resolution: Sequence
             raise KeyError(f"{exc.args[0]}\nFor data of your own, give num_classes, resolution and path.") from None
         return DatasetInfo(name=name, source="local", resolution=res, num_classes=int(num_classes),
                            timesteps=int(timesteps or 8), hub_repo=None)
-    given = {"num_classes": num_classes, "resolution": res, "timesteps": timesteps}
-    for key, value in given.items():
-        if value is not None and value != getattr(info, key):
-            raise ValueError(f"data config for {name}: {key}={value!r} but the catalog says {getattr(info, key)!r}")
-    return info
+    return check_facts(info, num_classes, res, timesteps)
 
 
 class I2EDataModule(ResumableTrainData, LightningDataModule):

@@ -52,7 +52,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from i2e_train.data.augment import random_crop, random_hflip
-from i2e_train.data.catalog import CATALOG, DatasetInfo
+from i2e_train.data.catalog import CATALOG, DatasetInfo, check_facts
 from i2e_train.data.i2e_dataset import DatasetUnavailableError, stratified_split
 from i2e_train.data.preprocess import preprocess_image, to_rgb
 from i2e_train.data.sampler import ResumableTrainData
@@ -349,11 +349,7 @@ class ImageDataModule(ResumableTrainData, LightningDataModule):
                                timesteps=int(timesteps or 8), ratio=None, kind="online", hub_repo=None)
         if info.kind == "dvs":
             raise ValueError(f"{name} is real DVS data: use CIFAR10DVSDataModule")
-        given = {"num_classes": num_classes, "resolution": res, "timesteps": timesteps}
-        for key, value in given.items():
-            if value is not None and value != getattr(info, key):
-                raise ValueError(f"data config for {name}: {key}={value!r} but the catalog says {getattr(info, key)!r}")
-        return info
+        return check_facts(info, num_classes, res, timesteps)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
