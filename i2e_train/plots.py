@@ -39,12 +39,7 @@ def plot_confusion(matrix, path: str | Path, class_names: Sequence[str] | None =
     ax.set_ylabel("true")
     acc = np.trace(m) / max(m.sum(), 1)
     ax.set_title(f"{title} (top-1 {100 * acc:.2f}%)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def read_epoch_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
@@ -100,12 +95,7 @@ def plot_learning_curves(metrics_csv: str | Path, path: str | Path, title: str =
     best = m.get("val/top1")
     suffix = f" (best val top-1 {100 * max(best.values()):.2f}%)" if best else ""
     fig.suptitle(title + suffix)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_spike_rates(rates: dict[str, float], path: str | Path, mean_rate: float | None = None,
@@ -131,6 +121,13 @@ def plot_spike_rates(rates: dict[str, float], path: str | Path, mean_rate: float
     ax.set_xlabel("firing rate (% of neuron-timesteps)")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close a figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
