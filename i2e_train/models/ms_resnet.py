@@ -33,6 +33,8 @@ import torch
 from spikingjelly.activation_based import functional, neuron, surrogate
 from torch import nn
 
+from .layers import Conv2d, MaxPool2d
+from .lif import LIFNode
 from .registry import register_model
 
 __all__ = [
@@ -94,8 +96,9 @@ class NeuronConfig:
     surrogate_alpha: float | None = 2.0
 
     def build(self) -> nn.Module:
-        """A fresh multi-step ``LIFNode`` (input ``[T, ...]``, output spikes of the same shape)."""
-        return neuron.LIFNode(
+        """A fresh multi-step :class:`~i2e_train.models.lif.LIFNode` (SpikingJelly's LIF with the
+        fused CPU kernel; input ``[T, ...]``, output spikes of the same shape)."""
+        return LIFNode(
             tau=self.tau,
             decay_input=self.decay_input,
             v_threshold=self.v_threshold,
@@ -116,14 +119,14 @@ def _seq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(t, b, *y.shape[1:])
 
 
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> Conv2d:
     """3x3 convolution, padding 1, no bias."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+    return Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> Conv2d:
     """1x1 convolution, no bias."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+    return Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 class _Downsample(nn.Sequential):
@@ -272,9 +275,9 @@ class MSResNet(nn.Module):
 
         self.inplanes = self.widths[0]
         # stem: [T*B, C_in, H, W] -> [T*B, w0, H/4, W/4]
-        self.conv1 = nn.Conv2d(self.in_channels, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1 = Conv2d(self.in_channels, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, self.widths[0], self.layers_cfg[0], stride=1)
         self.layer2 = self._make_layer(block, self.widths[1], self.layers_cfg[1], stride=2)
         self.layer3 = self._make_layer(block, self.widths[2], self.layers_cfg[2], stride=2)

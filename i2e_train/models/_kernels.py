@@ -1,0 +1,232 @@
+"""numba kernels of the fast CPU paths (:mod:`i2e_train.models.lif`, :mod:`i2e_train.models.layers`);
+imported on first use, compiled once and cached on disk.
+
+LIF: arrays are flat float32 views of contiguous ``[T, N]`` tensors. The neurons are cut into
+blocks that run in parallel; inside a block the time loop is outside and the neuron loop inside,
+on slices, so that LLVM vectorises it. Only IEEE float32 ``+ - * /`` and comparisons are used
+(no fast-math, no contraction into FMA, ``error_model='numpy'`` so that a division has no
+Python zero check), in SpikingJelly's order, which is what makes the results bit-identical to
+its tensor operations. Max pooling: one parallel item per ``[H, W]`` plane, PyTorch's scan order.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+_F32 = np.float32
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy")
+def _forward_block(x, v, h, s, tau, thr, reset, decay_input, hard, store_h):  # pragma: no cover - compiled
+    for i in range(x.shape[0]):
+        vi = v[i]
+        if decay_input:
+            hi = vi + (x[i] - (vi - reset)) / tau
+        else:
+            hi = vi - (vi - reset) / tau + x[i]
+        if store_h:
+            h[i] = hi
+        fired = (hi - thr) >= _F32(0.0)
+        s[i] = _F32(1.0) if fired else _F32(0.0)
+        if hard:
+            v[i] = reset if fired else hi
+        else:
+            v[i] = hi - thr if fired else hi
+
+
+@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+def _forward(x, v, h, s, t_steps, n, tau, thr, reset, decay_input, hard, store_h, block):  # pragma: no cover
+    for b in prange((n + block - 1) // block):
+        lo = b * block
+        hi = min(n, lo + block)
+        for t in range(t_steps):
+            o = t * n
+            hb = h[o + lo : o + hi] if store_h else h
+            _forward_block(x[o + lo : o + hi], v[lo:hi], hb, s[o + lo : o + hi], tau, thr, reset, decay_input, hard,
+                           store_h)  # fmt: skip
+
+
+@njit(inline="always", error_model="numpy")
+def _sg_atan(x, c1, c2):  # (alpha/2) / (1 + z*z), z = x * (pi/2*alpha); scalar / tensor = reciprocal * scalar
+    z = x * c1
+    return (_F32(1.0) / (_F32(1.0) + z * z)) * c2
+
+
+@njit(inline="always", error_model="numpy")
+def _sg_piecewise_quadratic(x, c1, c2):  # (alpha - alpha*alpha*|x|).clamp_min(0), NaN kept
+    g = c2 - c1 * abs(x)
+    return g if (g > _F32(0.0) or g != g) else _F32(0.0)
+
+
+@njit(inline="always", error_model="numpy")
+def _sg_soft_sign(x, c1, c2):  # 1 / (2*alpha*z*z), z = 1/alpha + |x|
+    z = c1 + abs(x)
+    return _F32(1.0) / (c2 * z * z)
+
+
+@njit(inline="always", error_model="numpy")
+def _sg_super_spike(x, c1, c2):  # alpha / (z*z), z = 1 + |x|
+    z = _F32(1.0) + abs(x)
+    return (_F32(1.0) / (z * z)) * c1
+
+
+def _make_backward_block(sg_fn):
+    """One block kernel per surrogate, so that the loop body has no branch on the surrogate."""
+
+    def block(gs, h, carry, gx, tau, thr, decay_input, hard, c1, c2):  # pragma: no cover - compiled
+        one = _F32(1.0)
+        for i in range(h.shape[0]):
+            hi = h[i]
+            sg = sg_fn(hi - thr, c1, c2)
+            rg = (_F32(0.0) if hi >= thr else one) if hard else one
+            gh = gs[i] * sg + carry[i] * rg
+            gx[i] = gh / tau if decay_input else gh
+            carry[i] = gh - gh / tau
+
+    return block
+
+
+_bwd_atan = njit(cache=True, boundscheck=False, error_model="numpy")(_make_backward_block(_sg_atan))
+_bwd_piecewise_quadratic = njit(cache=True, boundscheck=False, error_model="numpy")(_make_backward_block(_sg_piecewise_quadratic))
+_bwd_soft_sign = njit(cache=True, boundscheck=False, error_model="numpy")(_make_backward_block(_sg_soft_sign))
+_bwd_super_spike = njit(cache=True, boundscheck=False, error_model="numpy")(_make_backward_block(_sg_super_spike))
+
+
+@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+def _backward(gs, h, carry, gx, t_steps, n, tau, thr, decay_input, hard, sid, c1, c2, block):  # pragma: no cover
+    for b in prange((n + block - 1) // block):
+        lo = b * block
+        hi = min(n, lo + block)
+        for t in range(t_steps - 1, -1, -1):
+            o = t * n
+            args = (gs[o + lo : o + hi], h[o + lo : o + hi], carry[lo:hi], gx[o + lo : o + hi])
+            if sid == 1:
+                _bwd_atan(*args, tau, thr, decay_input, hard, c1, c2)
+            elif sid == 2:
+                _bwd_piecewise_quadratic(*args, tau, thr, decay_input, hard, c1, c2)
+            elif sid == 4:
+                _bwd_soft_sign(*args, tau, thr, decay_input, hard, c1, c2)
+            else:
+                _bwd_super_spike(*args, tau, thr, decay_input, hard, c1, c2)
+
+
+def lif_forward(x, v, h, s, t_steps, n, tau, thr, reset, decay_input, hard, store_h, block) -> None:
+    """Run the LIF recurrence: x [T*N] -> spikes s [T*N], charged H [T*N] (if store_h); v [N] in/out."""
+    _forward(x, v, h, s, t_steps, n, _F32(tau), _F32(thr), _F32(reset), decay_input, hard, store_h, block)
+
+
+def lif_backward(gs, h, carry, gx, t_steps, n, tau, thr, decay_input, hard, sid, c1, c2, block) -> None:
+    """Backward of :func:`lif_forward` (``detach_reset``): gs, H [T*N] -> gx [T*N]; carry [N]:
+    in, the gradient of the final membrane; out, that of the initial one."""
+    _backward(gs, h, carry, gx, t_steps, n, _F32(tau), _F32(thr), decay_input, hard, sid, _F32(c1), _F32(c2), block)
+
+
+def use_threads(n: int) -> None:
+    """Run the kernels on ``n`` threads, the caller's (torch's) thread count.
+
+    numba's OpenMP layer and torch share one libgomp, so the count is only ever set to the value
+    torch already uses (never lowered below it, which would slow torch down too).
+    """
+    n = int(n)
+    if 1 <= n <= numba.config.NUMBA_NUM_THREADS and numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+# --------------------------------------------------------------------------- max pooling
+# PyTorch's CPU max_pool2d (NCHW), element for element: the window is clipped to the input, the
+# running maximum starts at -inf with the index of the window's first in-bounds pixel, and a
+# pixel replaces it when it is greater or NaN, scanning rows then columns; the backward adds
+# each output gradient to its argmax pixel in output row-major order.
+@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+def _maxpool_forward(x, y, idx, kh, kw, sh, sw, ph, pw):  # pragma: no cover - compiled
+    planes, h, w = x.shape
+    oh_n, ow_n = y.shape[1], y.shape[2]
+    for p in prange(planes):
+        xp = x[p]
+        for oh in range(oh_n):
+            ih0 = oh * sh - ph
+            ih1 = min(ih0 + kh, h)
+            ih0 = max(ih0, 0)
+            for ow in range(ow_n):
+                iw0 = ow * sw - pw
+                iw1 = min(iw0 + kw, w)
+                iw0 = max(iw0, 0)
+                best = _F32(-np.inf)
+                best_i = ih0 * w + iw0
+                for ih in range(ih0, ih1):
+                    for iw in range(iw0, iw1):
+                        v = xp[ih, iw]
+                        if v > best or v != v:
+                            best = v
+                            best_i = ih * w + iw
+                y[p, oh, ow] = best
+                idx[p, oh, ow] = best_i
+
+
+@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+def _maxpool_backward(gy, idx, gx):  # pragma: no cover - compiled
+    planes, oh_n, ow_n = gy.shape
+    w = gx.shape[2]
+    for p in prange(planes):
+        gxp = gx[p]
+        gxp[:, :] = 0
+        for oh in range(oh_n):
+            for ow in range(ow_n):
+                i = idx[p, oh, ow]
+                gxp[i // w, i % w] += gy[p, oh, ow]
+
+
+def maxpool_forward(x, y, idx, kh, kw, sh, sw, ph, pw) -> None:
+    """Max pooling of x [P, H, W] float32 into y [P, Ho, Wo], argmax (h*W + w) into idx int32."""
+    _maxpool_forward(x, y, idx, kh, kw, sh, sw, ph, pw)
+
+
+def maxpool_backward(gy, idx, gx) -> None:
+    """gx [P, H, W] = 0, then gy [P, Ho, Wo] added at the argmax of each output."""
+    _maxpool_backward(gy, idx, gx)
+
+
+# --------------------------------------------------------------------------- I2E, packed output
+_PACK_MAGIC = np.uint64(0x8040201008040201)  # 8 little-endian 0/1 bytes -> top byte, first byte = MSB
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy")
+def _pack_row(bits, dst):  # pragma: no cover - compiled
+    words = bits.view(np.uint64)
+    for j in range(dst.shape[0]):
+        dst[j] = np.uint8((words[j] * _PACK_MAGIC) >> np.uint64(56))
+
+
+@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+def _i2e_packed(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
+    n, steps, h, w8 = out.shape[0], out.shape[1], out.shape[3], out.shape[4]
+    w = w8 * 8
+    for b in prange(n):
+        th = thr[b]
+        neg_th = -th
+        on = np.empty(w, np.uint8)
+        off = np.empty(w, np.uint8)
+        for t in range(steps):
+            ra, ca = cell_a[t, b] // 3, cell_a[t, b] % 3
+            rb, cb = cell_b[t, b] // 3, cell_b[t, b] % 3
+            for y in range(h):
+                pa = vpad[b, y + ra, ca : ca + w]
+                pb = vpad[b, y + rb, cb : cb + w]
+                for x in range(w):
+                    d = pb[x] - pa[x]
+                    on[x] = d >= th
+                    off[x] = d <= neg_th
+                _pack_row(on, out[b, t, 0, y])
+                _pack_row(off, out[b, t, 1, y])
+
+
+def i2e_packed(vpad, thr, cell_a, cell_b, out) -> None:
+    """I2E events straight to packed bits, one pass over the padded intensity.
+
+    vpad [B, H+2, W+2] float32, thr [B] float32, cell_a / cell_b [T, B] int64 (grid cells 0..8),
+    out [B, T, 2, H, W/8] uint8 (W % 8 == 0): bit (7 - x % 8) of byte x // 8 is the event at
+    column x, as ``np.packbits``. R = V[cell b] - V[cell a] (one float32 subtraction), ON = R >= thr,
+    OFF = R <= -thr: the same operations as the tensor path.
+    """
+    _i2e_packed(vpad, thr, cell_a, cell_b, out)

@@ -1,0 +1,207 @@
+"""Drop-in ``Conv2d`` and ``MaxPool2d`` that are faster on CPU and give bit-identical results.
+
+Both are subclasses of the ``torch.nn`` layers (same arguments, parameters and state-dict keys);
+off CPU, with ``fast = False``, or for settings not listed below, they are exactly the parent
+layer. :func:`set_fast_kernels` switches these two and the fused LIF
+(:class:`i2e_train.models.lif.LIFNode`) of a whole network on or off: off gives the plain
+``torch.nn`` / SpikingJelly network, the baseline of ``benchmarks/run.py``.
+
+* :class:`Conv2d`: the forward is the same ``F.conv2d`` call. In the backward the input gradient
+  comes from the same oneDNN primitive, and for small outputs (``H_out * W_out <= 4``: the last
+  stage of MS-ResNet at 64x64 input and the strided convolution entering it) the weight gradient
+  is one im2col + GEMM, about twice as fast there as oneDNN's kernel, which for these shapes
+  falls back to the same GEMM formulation. Whether the two agree to the bit is not assumed: the
+  first backward of every shape computes both and compares them, and a shape whose results differ
+  keeps oneDNN's (the decision is cached per shape, :func:`gemm_weight_grad_decisions`).
+* :class:`MaxPool2d`: on CPU a numba kernel that does what PyTorch's NCHW kernel does, element
+  for element (window clipped to the input, first maximum in row-major order kept, NaN wins;
+  ties are common after a batch norm of sparse events), with 32-bit argmax indices, and a
+  backward that adds the output gradients at the argmax in PyTorch's order. Values and
+  gradients are the same; about 1.3x faster than PyTorch's kernel (forward and backward) at
+  the stem of MS-ResNet on 2 cores.
+
+The numba kernels (``_kernels.py``) are compiled on first use and cached on disk; when numba
+cannot be imported the layers log a warning once and run the parent layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Conv2d", "MaxPool2d", "gemm_weight_grad_decisions", "numba_kernels", "set_fast_kernels"]
+
+log = logging.getLogger(__name__)
+_kernels: ModuleType | None = None
+_kernels_error: str | None = None
+
+
+def numba_kernels() -> ModuleType | None:
+    """The compiled CPU kernels (:mod:`i2e_train.models._kernels`), or None when numba is unusable."""
+    global _kernels, _kernels_error
+    if _kernels is None and _kernels_error is None:
+        try:
+            from . import _kernels as kernels
+
+            _kernels = kernels
+        except ImportError as exc:
+            _kernels_error = f"{type(exc).__name__}: {exc}"
+            log.warning("numba kernels unavailable (%s): the fast CPU paths are off", _kernels_error)
+    return _kernels
+
+
+def numba_kernels_error() -> str | None:
+    """Why :func:`numba_kernels` returned None (None when it did not)."""
+    return _kernels_error
+
+_GEMM_MAX_OUTPUT_PIXELS = 4
+_decisions: dict[tuple, bool] = {}  # shape key -> GEMM weight gradient equals oneDNN's
+_lock = threading.Lock()
+
+
+def gemm_weight_grad_decisions() -> dict[tuple, bool]:
+    """Per convolution shape, whether the GEMM weight gradient was found bit-identical (a copy)."""
+    with _lock:
+        return dict(_decisions)
+
+
+def _gemm_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
+    """dL/dW of a conv2d as one GEMM: grad [Co, N*L] @ im2col(x) [N*L, Ci*kh*kw]."""
+    co, ci, kh, kw = weight.shape
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # [N, Ci*kh*kw, L]
+    g = grad.flatten(2).transpose(0, 1).reshape(co, -1)  # [Co, N*L]
+    return (g @ cols.transpose(0, 1).reshape(ci * kh * kw, -1).t()).reshape(co, ci, kh, kw)
+
+
+class _Conv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding)
+        return F.conv2d(x, weight, None, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.conv
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad = grad.contiguous()
+
+        def onednn(mask_x: bool, mask_w: bool):
+            return torch.ops.aten.convolution_backward(
+                grad, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [mask_x, mask_w, False]
+            )
+
+        small = grad.shape[2] * grad.shape[3] <= _GEMM_MAX_OUTPUT_PIXELS
+        if not need_w or not small:
+            gx, gw, _ = onednn(need_x, need_w)
+            return gx, gw, None, None
+        gx = onednn(True, False)[0] if need_x else None
+        key = (tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), x.dtype)
+        with _lock:
+            decided = _decisions.get(key)
+        if decided is False:
+            return gx, onednn(False, True)[1], None, None
+        gw = _gemm_weight_grad(x, grad, weight, stride, padding)
+        if decided is None:  # first time for this shape: keep the GEMM only if it is the same to the bit
+            reference = onednn(False, True)[1]
+            same = torch.equal(gw, reference)
+            with _lock:
+                _decisions[key] = same
+            gw = gw if same else reference
+        return gx, gw, None, None
+
+
+def _fast_input(layer: nn.Module, x: torch.Tensor) -> bool:
+    """What both fast layers need: switched on, a contiguous CPU float32 [N, C, H, W] input, numba."""
+    return (
+        layer.fast
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.is_contiguous()
+        and numba_kernels() is not None
+    )
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` with the bit-identical faster CPU backward described in the module docstring."""
+
+    fast: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            not _fast_input(self, x)
+            or self.bias is not None
+            or self.groups != 1
+            or self.dilation != (1, 1)
+            or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
+            or not torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")
+            or not (x.requires_grad or self.weight.requires_grad)
+            or not self.weight.is_contiguous()
+        ):
+            return super().forward(x)
+        return _Conv2dFn.apply(x, self.weight, self.stride, self.padding)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class _MaxPoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding):
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        y = torch.empty(n, c, oh, ow, dtype=x.dtype)
+        idx = torch.empty(n, c, oh, ow, dtype=torch.int32)
+        kernels = numba_kernels()
+        kernels.use_threads(torch.get_num_threads())
+        kernels.maxpool_forward(x.reshape(n * c, h, w).numpy(), y.view(n * c, oh, ow).numpy(),
+                                idx.view(n * c, oh, ow).numpy(), kh, kw, sh, sw, ph, pw)  # fmt: skip
+        ctx.save_for_backward(idx)
+        ctx.input_hw = (h, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        n, c, oh, ow = idx.shape
+        h, w = ctx.input_hw
+        grad = grad.to(torch.float32).contiguous()
+        gx = torch.empty(n, c, h, w, dtype=torch.float32)
+        numba_kernels().maxpool_backward(grad.view(n * c, oh, ow).numpy(), idx.view(n * c, oh, ow).numpy(),
+                                         gx.view(n * c, h, w).numpy())  # fmt: skip
+        return gx, None, None, None
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` with the bit-identical numba kernel on CPU (see the module docstring)."""
+
+    fast: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fast_input(self, x) or self.return_indices or self.ceil_mode or _pair(self.dilation) != (1, 1):
+            return super().forward(x)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        return _MaxPoolFn.apply(x, _pair(self.kernel_size), _pair(stride), _pair(self.padding))
+
+def set_fast_kernels(model: nn.Module, enabled: bool) -> int:
+    """Turn the bit-identical fast paths of every :class:`Conv2d`, :class:`MaxPool2d` and
+    :class:`~i2e_train.models.lif.LIFNode` in ``model`` on or off; returns how many layers."""
+    from .lif import LIFNode
+
+    count = 0
+    for m in model.modules():
+        if isinstance(m, (Conv2d, MaxPool2d, LIFNode)):
+            m.fast = bool(enabled)
+            count += 1
+    return count

@@ -1,0 +1,181 @@
+"""LIF neuron with a fused multi-step CPU kernel, bit-identical to SpikingJelly's.
+
+:class:`LIFNode` is SpikingJelly's ``LIFNode`` (same arguments, same state, no parameters, so
+state dicts are unchanged) whose multi-step forward on CPU runs the whole ``[T, N]`` recurrence
+in one compiled pass (numba, vectorised and split over the CPU threads) instead of about a dozen
+tensor operations per time step, and whose backward does the same in reverse.
+
+Bit-exactness: every element goes through the same float32 operations, in the same order, as
+SpikingJelly 2.0's CPU path (``spikingjelly._ops.lif``): charge ``H = V - (V - V_reset)/tau + X``
+(or ``V + (X - (V - V_reset))/tau`` with ``decay_input``), spike ``(H - V_th) >= 0``, reset, and
+in the backward the surrogate gradient written exactly as SpikingJelly evaluates it (a Python
+scalar divided by a tensor is a reciprocal times the scalar). Spikes, final membranes and
+input gradients are equal bit for bit; ``tests/test_lif.py`` checks it for every supported
+setting against the installed SpikingJelly.
+
+The fused path is used when all of these hold, and SpikingJelly's own path otherwise:
+CPU float32 input, ``detach_reset=True`` (the I2E setting), ``store_v_seq=False``, no
+SpikingJelly neuron-precision override, and a surrogate whose gradient is plain arithmetic:
+``ATan`` (the I2E default), ``PiecewiseQuadratic``, ``SoftSign`` or ``SuperSpike``. On CUDA
+SpikingJelly's fused CUDA/Triton kernels are used. ``node.fast = False`` (or
+:func:`i2e_train.models.layers.set_fast_kernels`) switches a node back to SpikingJelly everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from spikingjelly.activation_based import neuron
+from torch import nn
+
+from .layers import numba_kernels, numba_kernels_error
+
+__all__ = ["LIFNode", "fused_lif_available", "lif_multi_step"]
+
+# SpikingJelly's surrogate ids (spikingjelly._ops.surrogate._SURROGATE_IDS) whose gradient the
+# kernel evaluates; the others involve exp/erf, whose vectorised and scalar results differ in
+# the last bit, and stay on SpikingJelly's path.
+_KERNEL_SURROGATES = {"ATan": 1, "PiecewiseQuadratic": 2, "SoftSign": 4, "SuperSpike": 5}
+_BLOCK = 4096  # neurons per parallel work item (16 KiB of float32 per time step)
+
+
+
+def fused_lif_available() -> bool:
+    """Whether the fused CPU kernel can run here (numba importable)."""
+    return numba_kernels() is not None
+
+
+def _surrogate_constants(sg: nn.Module) -> tuple[int, float, float] | None:
+    """(kernel surrogate id, c1, c2) as float32-rounded constants, or None if not supported.
+
+    The constants are exactly the Python scalars SpikingJelly multiplies or divides by.
+    """
+    if type(sg).__module__ != "spikingjelly.activation_based.surrogate" or not getattr(sg, "spiking", True):
+        return None
+    sid = _KERNEL_SURROGATES.get(type(sg).__name__)
+    alpha = getattr(sg, "alpha", None)
+    if sid is None or isinstance(alpha, torch.Tensor) or not isinstance(alpha, (int, float)):
+        return None
+    alpha = float(alpha)
+    if sid == 1:  # ATan: z = x * (pi/2*alpha); (alpha/2) / (1 + z*z)
+        return sid, math.pi / 2 * alpha, alpha / 2
+    if sid == 2:  # PiecewiseQuadratic: (alpha - alpha*alpha*|x|).clamp_min(0)
+        return sid, alpha * alpha, alpha
+    if sid == 4:  # SoftSign: z = 1/alpha + |x|; 1 / (2*alpha*z*z)
+        return sid, 1 / alpha, 2 * alpha
+    return sid, alpha, 0.0  # SuperSpike: z = 1 + |x|; alpha / (z*z)
+
+
+class _FusedLIF(torch.autograd.Function):
+    """x_seq [T, ...], v0 [...] -> spikes [T, ...], v_T [...]; saves H [T, ...] for backward."""
+
+    @staticmethod
+    def forward(ctx, x_seq, v0, tau, decay_input, v_threshold, v_reset, sg_consts):
+        k = numba_kernels()
+        t_steps = x_seq.shape[0]
+        n = x_seq[0].numel()
+        x = x_seq.contiguous()
+        v = v0.to(torch.float32, copy=True).contiguous().reshape(-1)  # updated in place: final V
+        spikes = torch.empty_like(x)
+        need_h = torch.is_grad_enabled() or x_seq.requires_grad or v0.requires_grad
+        h = torch.empty_like(x) if need_h else torch.empty(1, dtype=torch.float32)
+        hard = v_reset is not None
+        k.lif_forward(
+            x.reshape(-1).numpy(), v.numpy(), h.reshape(-1).numpy(), spikes.reshape(-1).numpy(),
+            t_steps, n, tau, v_threshold, 0.0 if v_reset is None else v_reset,
+            bool(decay_input), hard, need_h, _BLOCK,
+        )  # fmt: skip
+        ctx.save_for_backward(h)
+        ctx.params = (tau, decay_input, v_threshold, hard, sg_consts)
+        ctx.v0_shape = v0.shape
+        return spikes, v.reshape(v0.shape)
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_v):
+        (h,) = ctx.saved_tensors
+        tau, decay_input, v_threshold, hard, (sid, c1, c2) = ctx.params
+        t_steps = h.shape[0]
+        n = h[0].numel()
+        gs = torch.zeros_like(h) if grad_spikes is None else grad_spikes.to(torch.float32).contiguous()
+        carry = torch.zeros(n, dtype=torch.float32) if grad_v is None else grad_v.to(torch.float32, copy=True)
+        carry = carry.contiguous().reshape(-1)
+        gx = torch.empty_like(h)
+        numba_kernels().lif_backward(
+            gs.reshape(-1).numpy(), h.reshape(-1).numpy(), carry.numpy(), gx.reshape(-1).numpy(),
+            t_steps, n, tau, v_threshold, bool(decay_input), hard, sid, c1, c2, _BLOCK,
+        )  # fmt: skip
+        return gx, carry.reshape(ctx.v0_shape), None, None, None, None, None
+
+
+def lif_multi_step(
+    x_seq: torch.Tensor,
+    v0: torch.Tensor,
+    tau: float,
+    decay_input: bool,
+    v_threshold: float,
+    v_reset: float | None,
+    surrogate_function: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused LIF over ``x_seq [T, ...]`` from membrane ``v0 [...]`` (``detach_reset=True``).
+
+    Returns ``(spikes [T, ...], final membrane [...])``, both differentiable. Raises
+    ``ValueError`` for a setting the kernel does not cover (see the module docstring).
+    """
+    consts = _surrogate_constants(surrogate_function)
+    if consts is None:
+        raise ValueError(f"the fused LIF kernel does not cover the surrogate {surrogate_function!r}")
+    if x_seq.device.type != "cpu" or x_seq.dtype != torch.float32:
+        raise ValueError(f"the fused LIF kernel takes CPU float32 input, got {x_seq.dtype} on {x_seq.device}")
+    if tuple(v0.shape) != tuple(x_seq.shape[1:]):
+        raise ValueError(f"membrane shape {tuple(v0.shape)} does not match input steps {tuple(x_seq.shape[1:])}")
+    kernels = numba_kernels()
+    if kernels is None:
+        raise RuntimeError(f"the fused LIF kernel is unavailable: {numba_kernels_error()}")
+    kernels.use_threads(torch.get_num_threads())
+    return _FusedLIF.apply(x_seq, v0, float(tau), bool(decay_input), float(v_threshold),
+                           None if v_reset is None else float(v_reset), consts)  # fmt: skip
+
+
+class LIFNode(neuron.LIFNode):
+    """SpikingJelly's ``LIFNode`` with the fused CPU kernel for multi-step input (see module doc).
+
+    Same arguments and state as ``spikingjelly.activation_based.neuron.LIFNode``; ``fast=False``
+    turns the kernel off for this node.
+    """
+
+    def __init__(self, *args: Any, fast: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fast = bool(fast)
+
+    def _fused_ok(self, x_seq: torch.Tensor) -> bool:
+        return (
+            self.fast
+            and x_seq.device.type == "cpu"
+            and x_seq.dtype == torch.float32
+            and x_seq.dim() >= 2
+            and self.detach_reset
+            and not self.store_v_seq
+            and getattr(self, "_neuron_precision", None) is None
+            and _surrogate_constants(self.surrogate_function) is not None
+            and numba_kernels() is not None
+        )
+
+    def multi_step_forward(self, x_seq: torch.Tensor, *args: torch.Tensor, **kwargs: object):
+        if args or kwargs or not self._fused_ok(x_seq):
+            return super().multi_step_forward(x_seq, *args, **kwargs)
+        # the initial membrane exactly as SpikingJelly materialises it ([N, ...] float32)
+        v = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")[0]
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or tuple(v.shape) != tuple(x_seq.shape[1:]):
+            return super().multi_step_forward(x_seq)
+        spikes, v_last = lif_multi_step(
+            x_seq, v, self.tau, self.decay_input, self.v_threshold, self.v_reset, self.surrogate_function
+        )
+        self._memories["v"] = v_last
+        self.v_seq = None
+        return spikes
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fast={self.fast}"
+
