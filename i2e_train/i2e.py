@@ -92,7 +92,9 @@ class I2E(nn.Module):
             augmentation); False keeps the canonical vectors in training too (ablation).
         fused: compute the dense output with one ``torch.compile``d kernel (gather, difference,
             both comparisons and the cast fused: one write of the output). None (default) =
-            on CUDA only; on CPU the eager path below is faster.
+            on CUDA only; on CPU the eager path below is faster. Packed output
+            (``forward_packed``) on CPU uses a numba kernel (difference, comparisons and bit
+            packing in one pass) unless ``fused=False``.
 
     ``forward(images)`` takes [B, 3, H, W] (or [B, 1, H, W] grayscale) float in [0, 1] or uint8
     in [0, 255] and returns binary events [T=8, B, 2, H, W] of ``dtype`` (channel 0 = ON).
@@ -220,6 +222,15 @@ class I2E(nn.Module):
         if not packed and (self.fused if self.fused is not None else dev.type == "cuda"):
             cell_a, cell_b = self.directions(bsz, dev, generator)  # [T, B]
             return _fused_events()(vpad, cell_a, cell_b, thr, h, w, dtype or self.dtype)
+        if packed and dev.type == "cpu" and self.fused is not False:
+            kernels = _cpu_kernels()
+            if kernels is not None:  # one pass straight to bits (numba), bit-identical to the loop below
+                cell_a, cell_b = self.directions(bsz, dev, generator)  # [T, B]
+                out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8)
+                kernels.use_threads(torch.get_num_threads())
+                kernels.i2e_packed(vpad.contiguous().numpy(), thr.contiguous().numpy(), cell_a.numpy(), cell_b.numpy(),
+                                   out.numpy())  # fmt: skip
+                return out.view(bsz, -1)
         cell_a, cell_b = self.directions(bsz, dev, generator) if random else (None, None)  # [T, B]
         if packed:
             out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8, device=dev)
@@ -268,6 +279,13 @@ _CHUNK_PIXELS = 1 << 22
 # Multiplying 8 little-endian 0/1 bytes by this constant gathers them, first byte in the most
 # significant bit, into the top byte of the product (the partial products never overlap).
 _PACK_MAGIC = 0x8040201008040201 - (1 << 64)
+
+
+def _cpu_kernels():
+    """The numba CPU kernels, or None (imported lazily: the converter does not need numba)."""
+    from i2e_train.models.layers import numba_kernels
+
+    return numba_kernels()
 
 
 def _shift(vpad: torch.Tensor, cell: int, h: int, w: int) -> torch.Tensor:

@@ -152,12 +152,13 @@ def test_bad_inputs_are_named():
 
 
 @pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("hw", [(24, 40), (16, 13)])  # W % 8 == 0 uses the word-packing path
-def test_packed_output_equals_packbits_of_dense(train, hw):
+@pytest.mark.parametrize("hw", [(24, 40), (16, 13)])  # W % 8 == 0: the one-pass kernel / word packing
+@pytest.mark.parametrize("fused", [None, False])  # None: numba kernel on CPU; False: tensor path
+def test_packed_output_equals_packbits_of_dense(train, hw, fused):
     import numpy as np
 
     img = torch.rand(19, 3, *hw)
-    conv = I2E(ratio=0.07, order=3).train(train)
+    conv = I2E(ratio=0.07, order=3, fused=fused).train(train)
     dense = conv(img, generator=torch.Generator().manual_seed(5))
     packed = conv.forward_packed(img, generator=torch.Generator().manual_seed(5))
     assert packed.dtype == torch.uint8 and packed.shape == (19, (8 * 2 * hw[0] * hw[1] + 7) // 8)
