@@ -92,9 +92,9 @@ class I2E(nn.Module):
             augmentation); False keeps the canonical vectors in training too (ablation).
         fused: compute the dense output with one ``torch.compile``d kernel (gather, difference,
             both comparisons and the cast fused: one write of the output). None (default) =
-            on CUDA only; on CPU the eager path below is faster. Packed output
-            (``forward_packed``) on CPU uses a numba kernel (difference, comparisons and bit
-            packing in one pass) unless ``fused=False``.
+            on CUDA only; on CPU a numba kernel computes difference, comparisons (and, for
+            ``forward_packed``, the bit packing) in one pass straight into float32, bool, uint8
+            or packed output. ``False`` runs the tensor-operation path everywhere.
 
     ``forward(images)`` takes [B, 3, H, W] (or [B, 1, H, W] grayscale) float in [0, 1] or uint8
     in [0, 255] and returns binary events [T=8, B, 2, H, W] of ``dtype`` (channel 0 = ON).
@@ -149,20 +149,28 @@ class I2E(nn.Module):
         )
 
     # ------------------------------------------------------------------ pieces
-    def intensity(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] float in [0,1] or uint8 -> V [B, H, W] float32 (max over channels)."""
+    @staticmethod
+    def _check_images(images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(
                 f"I2E expects images [B, 3, H, W] (or [B, 1, H, W] grayscale), got shape {tuple(images.shape)}"
             )
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise TypeError(f"I2E expects float images in [0, 1] or uint8 images, got dtype {images.dtype}")
+
+    @staticmethod
+    def _nonfinite_message(images: torch.Tensor) -> str:
+        return f"I2E got float images holding NaN/Inf (shape {tuple(images.shape)}); expected [0, 1]"
+
+    def intensity(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] float in [0,1] or uint8 -> V [B, H, W] float32 (max over channels)."""
+        self._check_images(images)
         if images.dtype == torch.uint8:
             # max commutes with the monotone uint8 -> [0, 1] scaling, so take it on bytes first.
             return images.amax(dim=1).to(torch.float32).div_(255.0)
-        if not images.is_floating_point():
-            raise TypeError(f"I2E expects float images in [0, 1] or uint8 images, got dtype {images.dtype}")
         v = images.amax(dim=1).to(torch.float32)
         finite = torch.isfinite(v).all()
-        message = f"I2E got float images holding NaN/Inf (shape {tuple(images.shape)}); expected [0, 1]"
+        message = self._nonfinite_message(images)
         if v.device.type == "cpu":
             if not bool(finite):
                 raise ValueError(message)
@@ -211,7 +219,46 @@ class I2E(nn.Module):
         dense = I2E._convert(self, images, generator, packed=False, dtype=torch.bool)
         return pack_events(dense)
 
+    def _convert_cpu_kernel(self, kernels, images, generator, packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        """The whole conversion in two numba passes (intensity + padding + range, then events),
+        bit-identical to the tensor path below: max, the uint8 scaling, the float32 difference and
+        the comparisons are the same operations; the threshold is computed by the same tensor ops."""
+        self._check_images(images)
+        bsz, _, h, w = images.shape
+        steps = len(self.order)
+        kernels.use_threads(torch.get_num_threads())
+        vpad = torch.empty((bsz, h + 2, w + 2), dtype=torch.float32)  # [B, H+2, W+2]
+        vmin, vmax = torch.empty(bsz, dtype=torch.float32), torch.empty(bsz, dtype=torch.float32)
+        bad = torch.zeros(bsz, dtype=torch.bool)
+        kernels.i2e_intensity(images.detach().contiguous().numpy(), vpad.numpy(), vmin.numpy(), vmax.numpy(), bad.numpy())
+        if bool(bad.any()):
+            raise ValueError(self._nonfinite_message(images))
+        if self.threshold == "fixed":
+            thr = torch.full((bsz,), self.ratio, dtype=torch.float32)
+        else:
+            thr = (vmax - vmin) * self.ratio  # [B], as in thresholds()
+        cell_a, cell_b = self.directions(bsz, images.device, generator)  # [T, B]
+        args = (vpad.numpy(), thr.numpy(), cell_a.numpy(), cell_b.numpy())
+        if packed:
+            out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8)
+            kernels.i2e_packed(*args, out.numpy())
+            return out.view(bsz, -1)
+        out = torch.empty((steps, bsz, 2, h, w), dtype=out_dtype)
+        kernels.i2e_dense(*args, out.numpy())
+        return out
+
     def _convert(self, images, generator, packed: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+        out_dtype = torch.uint8 if packed else (dtype or self.dtype)
+        if (
+            images.device.type == "cpu"
+            and self.fused is None
+            and out_dtype in (torch.float32, torch.bool, torch.uint8)
+            and images.dtype in (torch.float32, torch.uint8)
+            and self.padding_mode == "replicate"
+        ):
+            kernels = _cpu_kernels()
+            if kernels is not None:
+                return self._convert_cpu_kernel(kernels, images, generator, packed, out_dtype)
         v = self.intensity(images)  # [B, H, W]
         bsz, h, w = v.shape
         dev = v.device
@@ -221,16 +268,7 @@ class I2E(nn.Module):
         random = self.training and self.random_directions
         if not packed and (self.fused if self.fused is not None else dev.type == "cuda"):
             cell_a, cell_b = self.directions(bsz, dev, generator)  # [T, B]
-            return _fused_events()(vpad, cell_a, cell_b, thr, h, w, dtype or self.dtype)
-        if packed and dev.type == "cpu" and self.fused is not False:
-            kernels = _cpu_kernels()
-            if kernels is not None:  # one pass straight to bits (numba), bit-identical to the loop below
-                cell_a, cell_b = self.directions(bsz, dev, generator)  # [T, B]
-                out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8)
-                kernels.use_threads(torch.get_num_threads())
-                kernels.i2e_packed(vpad.contiguous().numpy(), thr.contiguous().numpy(), cell_a.numpy(), cell_b.numpy(),
-                                   out.numpy())  # fmt: skip
-                return out.view(bsz, -1)
+            return _fused_events()(vpad, cell_a, cell_b, thr, h, w, out_dtype)
         cell_a, cell_b = self.directions(bsz, dev, generator) if random else (None, None)  # [T, B]
         if packed:
             out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8, device=dev)

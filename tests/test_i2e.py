@@ -28,8 +28,9 @@ def official_i2e(images: torch.Tensor, ratio: float, order: int) -> torch.Tensor
 
 @pytest.mark.parametrize("order", range(6))
 @pytest.mark.parametrize("ratio", [0.07, 0.10, 0.12, 0.15])
-def test_eval_bit_identical_to_official_on_real_images(real_images, order, ratio):
-    conv = I2E(ratio=ratio, order=order).eval()
+@pytest.mark.parametrize("fused", [None, False])  # None on CPU: the numba kernel; False: tensor ops
+def test_eval_bit_identical_to_official_on_real_images(real_images, order, ratio, fused):
+    conv = I2E(ratio=ratio, order=order, fused=fused).eval()
     assert torch.equal(conv(real_images), official_i2e(real_images, ratio, order))
     floats = real_images.float() / 255.0
     assert torch.equal(conv(floats), official_i2e(floats, ratio, order))
@@ -166,9 +167,21 @@ def test_packed_output_equals_packbits_of_dense(train, hw, fused):
         assert np.array_equal(packed[i].numpy(), np.packbits(dense[:, i].bool().numpy().reshape(-1)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.uint8])
+@pytest.mark.parametrize("train", [False, True])
+def test_cpu_kernel_equals_tensor_path(dtype, train):
+    img = torch.rand(7, 3, 13, 21)
+    img[0] = 0.5  # a flat image: threshold 0, fires everywhere
+    kernel = I2E(ratio=0.07, order=1, dtype=dtype).train(train)
+    tensor_ops = I2E(ratio=0.07, order=1, dtype=dtype, fused=False).train(train)
+    a = kernel(img, generator=torch.Generator().manual_seed(9))
+    b = tensor_ops(img, generator=torch.Generator().manual_seed(9))
+    assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+
+
 def test_chunked_cpu_path_covers_batches_larger_than_a_chunk():
     img = torch.rand(1030, 3, 64, 64)  # 1024 images per chunk at 64x64
-    conv = I2E(ratio=0.1, order=5).eval()
+    conv = I2E(ratio=0.1, order=5, fused=False).eval()
     assert torch.equal(conv(img), official_i2e(img, 0.1, 5))
 
 

@@ -187,15 +187,96 @@ def maxpool_backward(gy, idx, gx) -> None:
     _maxpool_backward(gy, idx, gx)
 
 
-# --------------------------------------------------------------------------- I2E, packed output
-_PACK_MAGIC = np.uint64(0x8040201008040201)  # 8 little-endian 0/1 bytes -> top byte, first byte = MSB
-
-
+# --------------------------------------------------------------------------- I2E
 @njit(cache=True, boundscheck=False, error_model="numpy")
-def _pack_row(bits, dst):  # pragma: no cover - compiled
-    words = bits.view(np.uint64)
-    for j in range(dst.shape[0]):
-        dst[j] = np.uint8((words[j] * _PACK_MAGIC) >> np.uint64(56))
+def _channel_max(images, b, y, m):  # pragma: no cover - compiled
+    src = images[b, 0, y]
+    for x in range(m.shape[0]):
+        m[x] = src[x]
+    for k in range(1, images.shape[1]):
+        src = images[b, k, y]
+        for x in range(m.shape[0]):
+            m[x] = max(m[x], src[x])
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", fastmath={"nnan", "ninf", "nsz"})
+def _row_range(row, lo, hi):  # pragma: no cover - compiled (only run on rows checked finite)
+    for x in range(row.shape[0]):
+        lo = min(lo, row[x])
+        hi = max(hi, row[x])
+    return lo, hi
+
+
+@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+def _i2e_intensity(images, is_uint8, vpad, vmin, vmax, bad):  # pragma: no cover - compiled
+    n, c, h, w = images.shape
+    scale = _F32(255.0)
+    for b in prange(n):
+        m = np.empty(w, images.dtype)
+        lo = _F32(np.inf)
+        hi = _F32(-np.inf)
+        finite = True
+        for y in range(h):
+            _channel_max(images, b, y, m)
+            row = vpad[b, y + 1, 1 : w + 1]
+            if is_uint8:
+                for x in range(w):
+                    row[x] = _F32(m[x]) / scale
+            else:
+                ok = True
+                for x in range(w):
+                    v = _F32(m[x])
+                    row[x] = v
+                    ok &= np.isfinite(v)
+                finite &= ok
+            if finite:
+                lo, hi = _row_range(row, lo, hi)
+        vpad[b, 0, 1 : w + 1] = vpad[b, 1, 1 : w + 1]  # replicate padding: rows, then columns
+        vpad[b, h + 1, 1 : w + 1] = vpad[b, h, 1 : w + 1]
+        for y in range(h + 2):
+            vpad[b, y, 0] = vpad[b, y, 1]
+            vpad[b, y, w + 1] = vpad[b, y, w]
+        vmin[b] = lo
+        vmax[b] = hi
+        bad[b] = not finite
+
+
+def i2e_intensity(images, vpad, vmin, vmax, bad) -> None:
+    """images [B, C, H, W] float32 or uint8 -> replicate-padded V = max over C in vpad [B, H+2, W+2]
+    (uint8 / 255 as float32), per-image min and max of V, and ``bad[b]`` set when a float image
+    holds NaN/Inf. One pass; max and the division are exact, so V equals the tensor path's."""
+    _i2e_intensity(images, images.dtype == np.uint8, vpad, vmin, vmax, bad)
+
+
+@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+def _i2e_dense(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
+    steps, n, h, w = out.shape[0], out.shape[1], out.shape[3], out.shape[4]
+    for b in prange(n):
+        th = thr[b]
+        neg_th = -th
+        for t in range(steps):
+            ra, ca = cell_a[t, b] // 3, cell_a[t, b] % 3
+            rb, cb = cell_b[t, b] // 3, cell_b[t, b] % 3
+            for y in range(h):
+                pa = vpad[b, y + ra, ca : ca + w]
+                pb = vpad[b, y + rb, cb : cb + w]
+                on = out[t, b, 0, y]
+                off = out[t, b, 1, y]
+                for x in range(w):
+                    d = pb[x] - pa[x]
+                    on[x] = d >= th
+                    off[x] = d <= neg_th
+
+
+def i2e_dense(vpad, thr, cell_a, cell_b, out) -> None:
+    """I2E events written once into out [T, B, 2, H, W] (float32, bool or uint8), one pass.
+
+    Same inputs and operations as :func:`i2e_packed`.
+    """
+    _i2e_dense(vpad, thr, cell_a, cell_b, out)
+
+
+_PACK_MAGIC = np.uint64(0x8040201008040201)  # 8 little-endian 0/1 bytes -> top byte, first byte = MSB
 
 
 @njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
@@ -205,8 +286,10 @@ def _i2e_packed(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
     for b in prange(n):
         th = thr[b]
         neg_th = -th
-        on = np.empty(w, np.uint8)
+        on = np.empty(w, np.uint8)  # one row of 0/1 bytes, then 8 of them at a time as a uint64
         off = np.empty(w, np.uint8)
+        on64 = on.view(np.uint64)
+        off64 = off.view(np.uint64)
         for t in range(steps):
             ra, ca = cell_a[t, b] // 3, cell_a[t, b] % 3
             rb, cb = cell_b[t, b] // 3, cell_b[t, b] % 3
@@ -217,8 +300,11 @@ def _i2e_packed(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
                     d = pb[x] - pa[x]
                     on[x] = d >= th
                     off[x] = d <= neg_th
-                _pack_row(on, out[b, t, 0, y])
-                _pack_row(off, out[b, t, 1, y])
+                on_row = out[b, t, 0, y]
+                off_row = out[b, t, 1, y]
+                for j in range(w8):
+                    on_row[j] = np.uint8((on64[j] * _PACK_MAGIC) >> np.uint64(56))
+                    off_row[j] = np.uint8((off64[j] * _PACK_MAGIC) >> np.uint64(56))
 
 
 def i2e_packed(vpad, thr, cell_a, cell_b, out) -> None:
