@@ -248,6 +248,14 @@ def i2e_intensity(images, vpad, vmin, vmax, bad) -> None:
     _i2e_intensity(images, images.dtype == np.uint8, vpad, vmin, vmax, bad)
 
 
+@njit(inline="always")
+def _cell_rows(vpad, b, y, cell_a, cell_b, w):  # pragma: no cover - compiled
+    """Row y of V at grid cells a and b (0..8 on the 3x3 grid): views of the padded V."""
+    ra, ca = cell_a // 3, cell_a % 3
+    rb, cb = cell_b // 3, cell_b % 3
+    return vpad[b, y + ra, ca : ca + w], vpad[b, y + rb, cb : cb + w]
+
+
 @njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
 def _i2e_dense(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
     steps, n, h, w = out.shape[0], out.shape[1], out.shape[3], out.shape[4]
@@ -255,11 +263,8 @@ def _i2e_dense(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
         th = thr[b]
         neg_th = -th
         for t in range(steps):
-            ra, ca = cell_a[t, b] // 3, cell_a[t, b] % 3
-            rb, cb = cell_b[t, b] // 3, cell_b[t, b] % 3
             for y in range(h):
-                pa = vpad[b, y + ra, ca : ca + w]
-                pb = vpad[b, y + rb, cb : cb + w]
+                pa, pb = _cell_rows(vpad, b, y, cell_a[t, b], cell_b[t, b], w)
                 on = out[t, b, 0, y]
                 off = out[t, b, 1, y]
                 for x in range(w):
@@ -291,11 +296,8 @@ def _i2e_packed(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
         on64 = on.view(np.uint64)
         off64 = off.view(np.uint64)
         for t in range(steps):
-            ra, ca = cell_a[t, b] // 3, cell_a[t, b] % 3
-            rb, cb = cell_b[t, b] // 3, cell_b[t, b] % 3
             for y in range(h):
-                pa = vpad[b, y + ra, ca : ca + w]
-                pb = vpad[b, y + rb, cb : cb + w]
+                pa, pb = _cell_rows(vpad, b, y, cell_a[t, b], cell_b[t, b], w)
                 for x in range(w):
                     d = pb[x] - pa[x]
                     on[x] = d >= th
