@@ -7,9 +7,10 @@ Baselines are written here, faithful to the official code's approach:
 - conversion: V = max over colour channels, replicate pad, ONE float32 conv2d with the eight
   {-1, +1} 3x3 kernels, two comparisons, float32 output (``baseline_convert``);
 - data: the dataset card's per-sample recipe (``benchmarks/decode.py``);
-- training: the same MS-ResNet18 run eagerly in float32 with the default memory format.
-Every number is the median of ``--repeats`` runs; baseline and contenders alternate (who goes
-first rotates). Training: each repeat is a fresh process that steps all variants in turn on the
+- training: the same MS-ResNet18 run eagerly in float32 with the default memory format, built
+  from the plain torch.nn layers and SpikingJelly's LIF (``set_fast_kernels(model, False)``).
+Every number is the median of ``--repeats`` runs (conversion, which is quick: 3x as many, at
+least 15); baseline and contenders alternate (who goes first rotates). Training: each repeat is a fresh process that steps all variants in turn on the
 same batch from the same initial weights, so every loss can be compared with the baseline's;
 peak memory is measured in one process per variant as the growth of the peak resident set over
 the set-up (libraries and compiled kernels loaded, model and data built). A ratio > 1 means
@@ -248,7 +249,7 @@ def main(argv=None) -> list[dict]:
     for dev in devices:
         if "convert" in parts:
             for size in (128, 224):
-                rows += [dict(r, device=dev.type) for r in bench_convert(dev, size, 64, max(args.repeats, 5))]
+                rows += [dict(r, device=dev.type) for r in bench_convert(dev, size, 64, max(3 * args.repeats, 15))]
         if "train" in parts:
             variants = ["baseline", "ours", "ours_channels_last", "ours_bf16"] + (["ours_compile"] if args.compile else [])
             rows += [dict(r, device=dev.type) for r in bench_train(dev, args.repeats, args.train_steps, variants)]

@@ -220,29 +220,34 @@ class I2E(nn.Module):
         return pack_events(dense)
 
     def _convert_cpu_kernel(self, kernels, images, generator, packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        """The whole conversion in two numba passes (intensity + padding + range, then events),
-        bit-identical to the tensor path below: max, the uint8 scaling, the float32 difference and
-        the comparisons are the same operations; the threshold is computed by the same tensor ops."""
+        """The conversion in numba kernels, bit-identical to the tensor path below: max, the uint8
+        scaling, the range, the threshold (float32), the difference and the comparisons are the
+        same operations. Dense output: two passes (intensity + padding + range, then events);
+        packed output: one parallel loop over images, each image's padded V used while in cache."""
         self._check_images(images)
         bsz, _, h, w = images.shape
         steps = len(self.order)
         kernels.use_threads(torch.get_num_threads())
+        pixels = images.detach().contiguous().numpy()
+        cell_a, cell_b = self.directions(bsz, images.device, generator)  # [T, B]
+        bad = torch.zeros(bsz, dtype=torch.bool)
+        if packed:  # one parallel loop over images: V, range, threshold, packed events
+            out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8)
+            kernels.i2e_packed_images(pixels, self.ratio, self.threshold == "fixed", cell_a.numpy(), cell_b.numpy(),
+                                      out.numpy(), bad.numpy())  # fmt: skip
+            if bool(bad.any()):
+                raise ValueError(self._nonfinite_message(images))
+            return out.view(bsz, -1)
         vpad = torch.empty((bsz, h + 2, w + 2), dtype=torch.float32)  # [B, H+2, W+2]
         vmin, vmax = torch.empty(bsz, dtype=torch.float32), torch.empty(bsz, dtype=torch.float32)
-        bad = torch.zeros(bsz, dtype=torch.bool)
-        kernels.i2e_intensity(images.detach().contiguous().numpy(), vpad.numpy(), vmin.numpy(), vmax.numpy(), bad.numpy())
+        kernels.i2e_intensity(pixels, vpad.numpy(), vmin.numpy(), vmax.numpy(), bad.numpy())
         if bool(bad.any()):
             raise ValueError(self._nonfinite_message(images))
         if self.threshold == "fixed":
             thr = torch.full((bsz,), self.ratio, dtype=torch.float32)
         else:
             thr = (vmax - vmin) * self.ratio  # [B], as in thresholds()
-        cell_a, cell_b = self.directions(bsz, images.device, generator)  # [T, B]
         args = (vpad.numpy(), thr.numpy(), cell_a.numpy(), cell_b.numpy())
-        if packed:
-            out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8)
-            kernels.i2e_packed(*args, out.numpy())
-            return out.view(bsz, -1)
         out = torch.empty((steps, bsz, 2, h, w), dtype=out_dtype)
         kernels.i2e_dense(*args, out.numpy())
         return out

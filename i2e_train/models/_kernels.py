@@ -207,37 +207,43 @@ def _row_range(row, lo, hi):  # pragma: no cover - compiled (only run on rows ch
     return lo, hi
 
 
+@njit(cache=True, boundscheck=False, error_model="numpy")
+def _sample_intensity(images, b, is_uint8, vp, m):  # pragma: no cover - compiled
+    """V of image b (max over channels; uint8 / 255) into the replicate-padded plane vp [H+2, W+2];
+    returns (min, max, all finite). m: scratch row of the images' dtype."""
+    h, w = images.shape[2], images.shape[3]
+    scale = _F32(255.0)
+    lo = _F32(np.inf)
+    hi = _F32(-np.inf)
+    finite = True
+    for y in range(h):
+        _channel_max(images, b, y, m)
+        row = vp[y + 1, 1 : w + 1]
+        if is_uint8:
+            for x in range(w):
+                row[x] = _F32(m[x]) / scale
+        else:
+            ok = True
+            for x in range(w):
+                v = _F32(m[x])
+                row[x] = v
+                ok &= np.isfinite(v)
+            finite &= ok
+        if finite:
+            lo, hi = _row_range(row, lo, hi)
+    vp[0, 1 : w + 1] = vp[1, 1 : w + 1]  # replicate padding: rows, then columns
+    vp[h + 1, 1 : w + 1] = vp[h, 1 : w + 1]
+    for y in range(h + 2):
+        vp[y, 0] = vp[y, 1]
+        vp[y, w + 1] = vp[y, w]
+    return lo, hi, finite
+
+
 @njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
 def _i2e_intensity(images, is_uint8, vpad, vmin, vmax, bad):  # pragma: no cover - compiled
-    n, c, h, w = images.shape
-    scale = _F32(255.0)
-    for b in prange(n):
-        m = np.empty(w, images.dtype)
-        lo = _F32(np.inf)
-        hi = _F32(-np.inf)
-        finite = True
-        for y in range(h):
-            _channel_max(images, b, y, m)
-            row = vpad[b, y + 1, 1 : w + 1]
-            if is_uint8:
-                for x in range(w):
-                    row[x] = _F32(m[x]) / scale
-            else:
-                ok = True
-                for x in range(w):
-                    v = _F32(m[x])
-                    row[x] = v
-                    ok &= np.isfinite(v)
-                finite &= ok
-            if finite:
-                lo, hi = _row_range(row, lo, hi)
-        vpad[b, 0, 1 : w + 1] = vpad[b, 1, 1 : w + 1]  # replicate padding: rows, then columns
-        vpad[b, h + 1, 1 : w + 1] = vpad[b, h, 1 : w + 1]
-        for y in range(h + 2):
-            vpad[b, y, 0] = vpad[b, y, 1]
-            vpad[b, y, w + 1] = vpad[b, y, w]
-        vmin[b] = lo
-        vmax[b] = hi
+    for b in prange(images.shape[0]):
+        m = np.empty(images.shape[3], images.dtype)
+        vmin[b], vmax[b], finite = _sample_intensity(images, b, is_uint8, vpad[b], m)
         bad[b] = not finite
 
 
@@ -249,11 +255,11 @@ def i2e_intensity(images, vpad, vmin, vmax, bad) -> None:
 
 
 @njit(inline="always")
-def _cell_rows(vpad, b, y, cell_a, cell_b, w):  # pragma: no cover - compiled
-    """Row y of V at grid cells a and b (0..8 on the 3x3 grid): views of the padded V."""
+def _cell_rows(vp, y, cell_a, cell_b, w):  # pragma: no cover - compiled
+    """Row y of V at grid cells a and b (0..8 on the 3x3 grid): views of the padded plane vp."""
     ra, ca = cell_a // 3, cell_a % 3
     rb, cb = cell_b // 3, cell_b % 3
-    return vpad[b, y + ra, ca : ca + w], vpad[b, y + rb, cb : cb + w]
+    return vp[y + ra, ca : ca + w], vp[y + rb, cb : cb + w]
 
 
 @njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
@@ -264,7 +270,7 @@ def _i2e_dense(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
         neg_th = -th
         for t in range(steps):
             for y in range(h):
-                pa, pb = _cell_rows(vpad, b, y, cell_a[t, b], cell_b[t, b], w)
+                pa, pb = _cell_rows(vpad[b], y, cell_a[t, b], cell_b[t, b], w)
                 on = out[t, b, 0, y]
                 off = out[t, b, 1, y]
                 for x in range(w):
@@ -276,7 +282,9 @@ def _i2e_dense(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
 def i2e_dense(vpad, thr, cell_a, cell_b, out) -> None:
     """I2E events written once into out [T, B, 2, H, W] (float32, bool or uint8), one pass.
 
-    Same inputs and operations as :func:`i2e_packed`.
+    vpad [B, H+2, W+2] float32, thr [B] float32, cell_a / cell_b [T, B] int64 (grid cells 0..8).
+    R = V[cell b] - V[cell a] (one float32 subtraction), ON = R >= thr, OFF = R <= -thr: the same
+    operations as the tensor path.
     """
     _i2e_dense(vpad, thr, cell_a, cell_b, out)
 
@@ -284,37 +292,46 @@ def i2e_dense(vpad, thr, cell_a, cell_b, out) -> None:
 _PACK_MAGIC = np.uint64(0x8040201008040201)  # 8 little-endian 0/1 bytes -> top byte, first byte = MSB
 
 
-@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
-def _i2e_packed(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
-    n, steps, h, w8 = out.shape[0], out.shape[1], out.shape[3], out.shape[4]
+@njit(cache=True, boundscheck=False, error_model="numpy")
+def _packed_sample(vp, th, cells_a, cells_b, out_b):  # pragma: no cover - compiled
+    """Packed events of one image: vp [H+2, W+2], cells [T], out_b [T, 2, H, W/8] (W % 8 == 0);
+    bit (7 - x % 8) of byte x // 8 is the event at column x, as ``np.packbits``."""
+    steps, h, w8 = out_b.shape[0], out_b.shape[2], out_b.shape[3]
     w = w8 * 8
+    neg_th = -th
+    on = np.empty(w, np.uint8)  # one row of 0/1 bytes, then 8 of them at a time as a uint64
+    off = np.empty(w, np.uint8)
+    on64 = on.view(np.uint64)
+    off64 = off.view(np.uint64)
+    for t in range(steps):
+        for y in range(h):
+            pa, pb = _cell_rows(vp, y, cells_a[t], cells_b[t], w)
+            for x in range(w):
+                d = pb[x] - pa[x]
+                on[x] = d >= th
+                off[x] = d <= neg_th
+            on_row = out_b[t, 0, y]
+            off_row = out_b[t, 1, y]
+            for j in range(w8):
+                on_row[j] = np.uint8((on64[j] * _PACK_MAGIC) >> np.uint64(56))
+                off_row[j] = np.uint8((off64[j] * _PACK_MAGIC) >> np.uint64(56))
+
+
+@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+def _i2e_packed_images(images, is_uint8, ratio, fixed, cell_a, cell_b, out, bad):  # pragma: no cover - compiled
+    n, _, h, w = images.shape
     for b in prange(n):
-        th = thr[b]
-        neg_th = -th
-        on = np.empty(w, np.uint8)  # one row of 0/1 bytes, then 8 of them at a time as a uint64
-        off = np.empty(w, np.uint8)
-        on64 = on.view(np.uint64)
-        off64 = off.view(np.uint64)
-        for t in range(steps):
-            for y in range(h):
-                pa, pb = _cell_rows(vpad, b, y, cell_a[t, b], cell_b[t, b], w)
-                for x in range(w):
-                    d = pb[x] - pa[x]
-                    on[x] = d >= th
-                    off[x] = d <= neg_th
-                on_row = out[b, t, 0, y]
-                off_row = out[b, t, 1, y]
-                for j in range(w8):
-                    on_row[j] = np.uint8((on64[j] * _PACK_MAGIC) >> np.uint64(56))
-                    off_row[j] = np.uint8((off64[j] * _PACK_MAGIC) >> np.uint64(56))
+        vp = np.empty((h + 2, w + 2), np.float32)  # this image's padded V stays in cache
+        m = np.empty(w, images.dtype)
+        lo, hi, finite = _sample_intensity(images, b, is_uint8, vp, m)
+        bad[b] = not finite
+        th = ratio if fixed else (hi - lo) * ratio  # thresholds(): (max - min) * ratio in float32
+        _packed_sample(vp, th, cell_a[:, b], cell_b[:, b], out[b])
 
 
-def i2e_packed(vpad, thr, cell_a, cell_b, out) -> None:
-    """I2E events straight to packed bits, one pass over the padded intensity.
-
-    vpad [B, H+2, W+2] float32, thr [B] float32, cell_a / cell_b [T, B] int64 (grid cells 0..8),
-    out [B, T, 2, H, W/8] uint8 (W % 8 == 0): bit (7 - x % 8) of byte x // 8 is the event at
-    column x, as ``np.packbits``. R = V[cell b] - V[cell a] (one float32 subtraction), ON = R >= thr,
-    OFF = R <= -thr: the same operations as the tensor path.
-    """
-    _i2e_packed(vpad, thr, cell_a, cell_b, out)
+def i2e_packed_images(images, ratio, fixed, cell_a, cell_b, out, bad) -> None:
+    """Images [B, C, H, W] (float32 or uint8) straight to packed events out [B, T, 2, H, W/8]:
+    :func:`i2e_intensity` and the packed events per image in one parallel loop, so that each
+    image's padded V is used while it is in cache. ``bad[b]``: image b holds NaN/Inf (its
+    output is then meaningless and the caller raises)."""
+    _i2e_packed_images(images, images.dtype == np.uint8, _F32(ratio), fixed, cell_a, cell_b, out, bad)
