@@ -92,9 +92,10 @@ class I2E(nn.Module):
             augmentation); False keeps the canonical vectors in training too (ablation).
         fused: compute the dense output with one ``torch.compile``d kernel (gather, difference,
             both comparisons and the cast fused: one write of the output). None (default) =
-            on CUDA only; on CPU a numba kernel computes difference, comparisons (and, for
-            ``forward_packed``, the bit packing) in one pass straight into float32, bool, uint8
-            or packed output. ``False`` runs the tensor-operation path everywhere.
+            on CUDA only; on CPU numba kernels compute the intensity, then the difference and
+            comparisons straight into float32, bool or uint8 output (for ``forward_packed``:
+            both, and the bit packing, in one loop per image). ``False`` runs the
+            tensor-operation path everywhere.
 
     ``forward(images)`` takes [B, 3, H, W] (or [B, 1, H, W] grayscale) float in [0, 1] or uint8
     in [0, 255] and returns binary events [T=8, B, 2, H, W] of ``dtype`` (channel 0 = ON).

@@ -7,6 +7,7 @@ on slices, so that LLVM vectorises it. Only IEEE float32 ``+ - * /`` and compari
 (no fast-math, no contraction into FMA, ``error_model='numpy'`` so that a division has no
 Python zero check), in SpikingJelly's order, which is what makes the results bit-identical to
 its tensor operations. Max pooling: one parallel item per ``[H, W]`` plane, PyTorch's scan order.
+I2E: one parallel item per image; the same float32 difference and comparisons as the tensor path.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import numpy as np
 from numba import njit, prange
 
 _F32 = np.float32
+_JIT = {"cache": True, "boundscheck": False, "error_model": "numpy"}  # every compiled kernel
 
 
-@njit(cache=True, boundscheck=False, error_model="numpy")
+@njit(**_JIT)
 def _forward_block(x, v, h, s, tau, thr, reset, decay_input, hard, store_h):  # pragma: no cover - compiled
     for i in range(x.shape[0]):
         vi = v[i]
@@ -36,7 +38,7 @@ def _forward_block(x, v, h, s, tau, thr, reset, decay_input, hard, store_h):  # 
             v[i] = hi - thr if fired else hi
 
 
-@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+@njit(parallel=True, **_JIT)
 def _forward(x, v, h, s, t_steps, n, tau, thr, reset, decay_input, hard, store_h, block):  # pragma: no cover
     for b in prange((n + block - 1) // block):
         lo = b * block
@@ -88,13 +90,13 @@ def _make_backward_block(sg_fn):
     return block
 
 
-_bwd_atan = njit(cache=True, boundscheck=False, error_model="numpy")(_make_backward_block(_sg_atan))
-_bwd_piecewise_quadratic = njit(cache=True, boundscheck=False, error_model="numpy")(_make_backward_block(_sg_piecewise_quadratic))
-_bwd_soft_sign = njit(cache=True, boundscheck=False, error_model="numpy")(_make_backward_block(_sg_soft_sign))
-_bwd_super_spike = njit(cache=True, boundscheck=False, error_model="numpy")(_make_backward_block(_sg_super_spike))
+_bwd_atan = njit(**_JIT)(_make_backward_block(_sg_atan))
+_bwd_piecewise_quadratic = njit(**_JIT)(_make_backward_block(_sg_piecewise_quadratic))
+_bwd_soft_sign = njit(**_JIT)(_make_backward_block(_sg_soft_sign))
+_bwd_super_spike = njit(**_JIT)(_make_backward_block(_sg_super_spike))
 
 
-@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+@njit(parallel=True, **_JIT)
 def _backward(gs, h, carry, gx, t_steps, n, tau, thr, decay_input, hard, sid, c1, c2, block):  # pragma: no cover
     for b in prange((n + block - 1) // block):
         lo = b * block
@@ -133,12 +135,13 @@ def use_threads(n: int) -> None:
     if 1 <= n <= numba.config.NUMBA_NUM_THREADS and numba.get_num_threads() != n:
         numba.set_num_threads(n)
 
+
 # --------------------------------------------------------------------------- max pooling
 # PyTorch's CPU max_pool2d (NCHW), element for element: the window is clipped to the input, the
 # running maximum starts at -inf with the index of the window's first in-bounds pixel, and a
 # pixel replaces it when it is greater or NaN, scanning rows then columns; the backward adds
 # each output gradient to its argmax pixel in output row-major order.
-@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+@njit(parallel=True, **_JIT)
 def _maxpool_forward(x, y, idx, kh, kw, sh, sw, ph, pw):  # pragma: no cover - compiled
     planes, h, w = x.shape
     oh_n, ow_n = y.shape[1], y.shape[2]
@@ -164,7 +167,7 @@ def _maxpool_forward(x, y, idx, kh, kw, sh, sw, ph, pw):  # pragma: no cover - c
                 idx[p, oh, ow] = best_i
 
 
-@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+@njit(parallel=True, **_JIT)
 def _maxpool_backward(gy, idx, gx):  # pragma: no cover - compiled
     planes, oh_n, ow_n = gy.shape
     w = gx.shape[2]
@@ -188,7 +191,7 @@ def maxpool_backward(gy, idx, gx) -> None:
 
 
 # --------------------------------------------------------------------------- I2E
-@njit(cache=True, boundscheck=False, error_model="numpy")
+@njit(**_JIT)
 def _channel_max(images, b, y, m):  # pragma: no cover - compiled
     src = images[b, 0, y]
     for x in range(m.shape[0]):
@@ -199,7 +202,7 @@ def _channel_max(images, b, y, m):  # pragma: no cover - compiled
             m[x] = max(m[x], src[x])
 
 
-@njit(cache=True, boundscheck=False, error_model="numpy", fastmath={"nnan", "ninf", "nsz"})
+@njit(**_JIT, fastmath={"nnan", "ninf", "nsz"})
 def _row_range(row, lo, hi):  # pragma: no cover - compiled (only run on rows checked finite)
     for x in range(row.shape[0]):
         lo = min(lo, row[x])
@@ -207,7 +210,7 @@ def _row_range(row, lo, hi):  # pragma: no cover - compiled (only run on rows ch
     return lo, hi
 
 
-@njit(cache=True, boundscheck=False, error_model="numpy")
+@njit(**_JIT)
 def _sample_intensity(images, b, is_uint8, vp, m):  # pragma: no cover - compiled
     """V of image b (max over channels; uint8 / 255) into the replicate-padded plane vp [H+2, W+2];
     returns (min, max, all finite). m: scratch row of the images' dtype."""
@@ -239,7 +242,7 @@ def _sample_intensity(images, b, is_uint8, vp, m):  # pragma: no cover - compile
     return lo, hi, finite
 
 
-@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+@njit(parallel=True, **_JIT)
 def _i2e_intensity(images, is_uint8, vpad, vmin, vmax, bad):  # pragma: no cover - compiled
     for b in prange(images.shape[0]):
         m = np.empty(images.shape[3], images.dtype)
@@ -262,7 +265,7 @@ def _cell_rows(vp, y, cell_a, cell_b, w):  # pragma: no cover - compiled
     return vp[y + ra, ca : ca + w], vp[y + rb, cb : cb + w]
 
 
-@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+@njit(parallel=True, **_JIT)
 def _i2e_dense(vpad, thr, cell_a, cell_b, out):  # pragma: no cover - compiled
     steps, n, h, w = out.shape[0], out.shape[1], out.shape[3], out.shape[4]
     for b in prange(n):
@@ -292,7 +295,7 @@ def i2e_dense(vpad, thr, cell_a, cell_b, out) -> None:
 _PACK_MAGIC = np.uint64(0x8040201008040201)  # 8 little-endian 0/1 bytes -> top byte, first byte = MSB
 
 
-@njit(cache=True, boundscheck=False, error_model="numpy")
+@njit(**_JIT)
 def _packed_sample(vp, th, cells_a, cells_b, out_b):  # pragma: no cover - compiled
     """Packed events of one image: vp [H+2, W+2], cells [T], out_b [T, 2, H, W/8] (W % 8 == 0);
     bit (7 - x % 8) of byte x // 8 is the event at column x, as ``np.packbits``."""
@@ -317,7 +320,7 @@ def _packed_sample(vp, th, cells_a, cells_b, out_b):  # pragma: no cover - compi
                 off_row[j] = np.uint8((off64[j] * _PACK_MAGIC) >> np.uint64(56))
 
 
-@njit(parallel=True, cache=True, boundscheck=False, error_model="numpy")
+@njit(parallel=True, **_JIT)
 def _i2e_packed_images(images, is_uint8, ratio, fixed, cell_a, cell_b, out, bad):  # pragma: no cover - compiled
     n, _, h, w = images.shape
     for b in prange(n):

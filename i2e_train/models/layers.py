@@ -59,6 +59,7 @@ def numba_kernels_error() -> str | None:
     """Why :func:`numba_kernels` returned None (None when it did not)."""
     return _kernels_error
 
+
 _GEMM_MAX_OUTPUT_PIXELS = 4
 _decisions: dict[tuple, bool] = {}  # shape key -> GEMM weight gradient equals oneDNN's
 _lock = threading.Lock()
@@ -193,6 +194,7 @@ class MaxPool2d(nn.MaxPool2d):
             return super().forward(x)
         stride = self.stride if self.stride is not None else self.kernel_size
         return _MaxPoolFn.apply(x, _pair(self.kernel_size), _pair(stride), _pair(self.padding))
+
 
 def set_fast_kernels(model: nn.Module, enabled: bool) -> int:
     """Turn the bit-identical fast paths of every :class:`Conv2d`, :class:`MaxPool2d` and

@@ -10,7 +10,7 @@ SpikingJelly 2.0's CPU path (``spikingjelly._ops.lif``): charge ``H = V - (V - V
 (or ``V + (X - (V - V_reset))/tau`` with ``decay_input``), spike ``(H - V_th) >= 0``, reset, and
 in the backward the surrogate gradient written exactly as SpikingJelly evaluates it (a Python
 scalar divided by a tensor is a reciprocal times the scalar). Spikes, final membranes and
-input gradients are equal bit for bit; ``tests/test_lif.py`` checks it for every supported
+input gradients are equal bit for bit; ``tests/test_fast_kernels.py`` checks it for every supported
 setting against the installed SpikingJelly.
 
 The fused path is used when all of these hold, and SpikingJelly's own path otherwise:
@@ -39,7 +39,6 @@ __all__ = ["LIFNode", "fused_lif_available", "lif_multi_step"]
 # the last bit, and stay on SpikingJelly's path.
 _KERNEL_SURROGATES = {"ATan": 1, "PiecewiseQuadratic": 2, "SoftSign": 4, "SuperSpike": 5}
 _BLOCK = 4096  # neurons per parallel work item (16 KiB of float32 per time step)
-
 
 
 def fused_lif_available() -> bool:
