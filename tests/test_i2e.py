@@ -153,12 +153,14 @@ def test_bad_inputs_are_named():
 
 
 @pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("hw", [(24, 40), (16, 13)])  # W % 8 == 0: the one-pass kernel / word packing
+# W % 8 == 0: the one-pass kernel (40 = one 32-pixel word + one byte, 72 = two words + one byte)
+@pytest.mark.parametrize("hw", [(24, 40), (5, 72), (16, 13)])
 @pytest.mark.parametrize("fused", [None, False])  # None: numba kernel on CPU; False: tensor path
 def test_packed_output_equals_packbits_of_dense(train, hw, fused):
     import numpy as np
 
     img = torch.rand(19, 3, *hw)
+    img[3] = 0.25  # a flat image: threshold 0, both polarities fire everywhere
     conv = I2E(ratio=0.07, order=3, fused=fused).train(train)
     dense = conv(img, generator=torch.Generator().manual_seed(5))
     packed = conv.forward_packed(img, generator=torch.Generator().manual_seed(5))

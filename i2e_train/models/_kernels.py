@@ -8,13 +8,17 @@ on slices, so that LLVM vectorises it. Only IEEE float32 ``+ - * /`` and compari
 Python zero check), in SpikingJelly's order, which is what makes the results bit-identical to
 its tensor operations. Max pooling: one parallel item per ``[H, W]`` plane, PyTorch's scan order.
 I2E: one parallel item per image; the same float32 difference and comparisons as the tensor path.
+Packed events come from a small LLVM intrinsic (:func:`_event_bits`) that turns 32 comparisons
+into a 32-bit word at once, which plain numba loops cannot express.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 _F32 = np.float32
 _JIT = {"cache": True, "boundscheck": False, "error_model": "numpy"}  # every compiled kernel
@@ -292,32 +296,84 @@ def i2e_dense(vpad, thr, cell_a, cell_b, out) -> None:
     _i2e_dense(vpad, thr, cell_a, cell_b, out)
 
 
-_PACK_MAGIC = np.uint64(0x8040201008040201)  # 8 little-endian 0/1 bytes -> top byte, first byte = MSB
+def _splat(builder, value, n):
+    """LLVM IR: an n-lane vector holding ``value`` in every lane."""
+    vec = ir.VectorType(value.type, n)
+    undef = ir.Constant(vec, None)
+    first = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+
+
+def _event_bits(n):
+    """Intrinsic ``f(vp, a, b, th, out, at_on, at_off)``: events of n (8 or 32) pixels as bits.
+
+    d = vp.flat[b : b + n] - vp.flat[a : a + n] (float32), ON = d >= th, OFF = d <= -th: the same
+    IEEE subtraction and ordered comparisons as the dense kernel, on one n-lane vector each. The n
+    comparison results become an n-bit integer directly (an ``<n x i1>`` bitcast; on x86 a mask
+    move), their lanes first reversed inside each byte so that the first pixel of a byte lands in
+    its bit 7, as ``np.packbits``; the n/8 bytes are stored at ``out.flat[at_on]`` and
+    ``out.flat[at_off]`` (little-endian byte order). No bounds checks: callers keep every index
+    in range. vp and out must be C-contiguous (float32 / uint8).
+    """
+
+    @intrinsic
+    def event_bits(typingctx, vp, a, b, th, out, at_on, at_off):
+        if not (isinstance(vp, types.Array) and vp.dtype == types.float32 and vp.layout == "C"
+                and isinstance(out, types.Array) and out.dtype == types.uint8 and out.layout == "C"
+                and th == types.float32):  # fmt: skip
+            return None
+        sig = types.void(vp, a, b, th, out, at_on, at_off)
+
+        def codegen(context, builder, sig, args):
+            plane, off_a, off_b, thr, dst, on_at, off_at = args
+            src = context.make_array(sig.args[0])(context, builder, plane).data
+            dst = context.make_array(sig.args[4])(context, builder, dst).data
+            lanes = ir.VectorType(ir.FloatType(), n)
+
+            def load(offset):
+                return builder.load(builder.bitcast(builder.gep(src, [offset]), lanes.as_pointer()), align=4)
+
+            d = builder.fsub(load(off_b), load(off_a))
+            order = [8 * g + 7 - k for g in range(n // 8) for k in range(8)]
+            order = ir.Constant(ir.VectorType(ir.IntType(32), n), order)
+            d = builder.shuffle_vector(d, ir.Constant(lanes, None), order)
+            word = ir.IntType(n)
+            on = builder.bitcast(builder.fcmp_ordered(">=", d, _splat(builder, thr, n)), word)
+            off = builder.bitcast(builder.fcmp_ordered("<=", d, _splat(builder, builder.fneg(thr), n)), word)
+            for bits, at in ((on, on_at), (off, off_at)):
+                builder.store(bits, builder.bitcast(builder.gep(dst, [at]), word.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return event_bits
+
+
+_event_bits_8 = _event_bits(8)
+_event_bits_32 = _event_bits(32)
 
 
 @njit(**_JIT)
 def _packed_sample(vp, th, cells_a, cells_b, out_b):  # pragma: no cover - compiled
     """Packed events of one image: vp [H+2, W+2], cells [T], out_b [T, 2, H, W/8] (W % 8 == 0);
-    bit (7 - x % 8) of byte x // 8 is the event at column x, as ``np.packbits``."""
+    bit (7 - x % 8) of byte x // 8 is the event at column x, as ``np.packbits``. 32 pixels at a
+    time, then 8 at a time for the rest of a row."""
     steps, h, w8 = out_b.shape[0], out_b.shape[2], out_b.shape[3]
-    w = w8 * 8
-    neg_th = -th
-    on = np.empty(w, np.uint8)  # one row of 0/1 bytes, then 8 of them at a time as a uint64
-    off = np.empty(w, np.uint8)
-    on64 = on.view(np.uint64)
-    off64 = off.view(np.uint64)
+    wp = vp.shape[1]
+    w32 = w8 - w8 % 4  # bytes covered by 32-pixel words
     for t in range(steps):
+        ca, cb = cells_a[t], cells_b[t]  # grid cell k: row k // 3, column k % 3 of the padded plane
+        at_a = (ca // 3) * wp + ca % 3
+        at_b = (cb // 3) * wp + cb % 3
         for y in range(h):
-            pa, pb = _cell_rows(vp, y, cells_a[t], cells_b[t], w)
-            for x in range(w):
-                d = pb[x] - pa[x]
-                on[x] = d >= th
-                off[x] = d <= neg_th
-            on_row = out_b[t, 0, y]
-            off_row = out_b[t, 1, y]
-            for j in range(w8):
-                on_row[j] = np.uint8((on64[j] * _PACK_MAGIC) >> np.uint64(56))
-                off_row[j] = np.uint8((off64[j] * _PACK_MAGIC) >> np.uint64(56))
+            a = at_a + y * wp
+            b = at_b + y * wp
+            on = (2 * t * h + y) * w8  # out_b[t, 0, y, 0]
+            off = on + h * w8  # out_b[t, 1, y, 0]
+            for j in range(0, w32, 4):
+                _event_bits_32(vp, a + 8 * j, b + 8 * j, th, out_b, on + j, off + j)
+            for j in range(w32, w8):
+                _event_bits_8(vp, a + 8 * j, b + 8 * j, th, out_b, on + j, off + j)
 
 
 @njit(parallel=True, **_JIT)
