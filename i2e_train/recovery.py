@@ -13,7 +13,9 @@
   Together with the DataModules' resumable sampler (``i2e_train.data.sampler``) a run
   interrupted mid-epoch and resumed with ``ckpt_path=last`` ends with the same weights as an
   uninterrupted one (deterministic settings, ``num_workers=0``, or no worker-side randomness).
-- ``StopOnNonFinite``: a NaN/Inf training loss stops the run before the optimiser step, with a
+- ``StopOnNonFinite``: a NaN/Inf training loss stops the run (on CPU before the optimiser step;
+  on CUDA without a host synchronisation in the step: as soon as the loss has reached the host,
+  at the latest at the epoch end or the next checkpoint), with a
   message naming the epoch and step; a checkpoint holding NaN/Inf weights is never written, so
   the last good one stays.
 - ``BadRecordsReport``: records dropped under ``data.on_bad_record=skip`` are counted (all
@@ -184,33 +186,90 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class StopOnNonFinite(Callback):
-    """Stops training at the first NaN/Inf loss, before its backward pass and optimiser step, and
+    """Stops training at the first NaN/Inf loss, with a message naming the epoch and step, and
     refuses to write a checkpoint whose weights hold NaN/Inf: the last good checkpoint stays.
+
+    On CPU (and devices other than CUDA) the loss is checked before its backward pass, so the
+    bad batch never reaches the optimiser. On CUDA the check adds no host synchronisation to the
+    step: the finite flag and the loss are copied to pinned host memory without blocking and
+    read once the copy has completed (at a later batch's hooks; at the latest at the epoch end,
+    before any checkpoint is written and when training ends). The bad batch's optimiser step
+    has then run, but the weights it produced are never checkpointed (``on_save_checkpoint``
+    checks for the loss first, then for NaN/Inf weights). ``sync_free`` forces either mode.
 
     Each process checks its own loss (no collective per step); under DDP a process that stops
     ends the others through Lightning's launcher (NaN weights are the same on every rank anyway:
     the gradients are averaged).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sync_free: bool | None = None) -> None:
+        self.sync_free = sync_free  # None: on CUDA only
         self._batch_idx = -1
+        # (loss stats [finite flag, loss value], CUDA event after their copy to the host or None,
+        #  epoch, global step, batch index, loss is a scalar) of losses not read yet, oldest first
+        self._pending: list[tuple[torch.Tensor, Any, int, int, int, bool]] = []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_idx = batch_idx
+        self._poll(trainer, block=False)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        if bool(torch.isfinite(loss.detach()).all()):
+        loss = loss.detach()
+        where = (trainer.current_epoch, trainer.global_step, self._batch_idx)
+        # [all finite, the loss (NaN for a loss of several elements: the message then says NaN/Inf)]
+        scalar = loss.numel() == 1
+        value = loss.reshape(-1)[0].float() if scalar else loss.new_full((), float("nan"), dtype=torch.float32)
+        stats = torch.stack((torch.isfinite(loss).all().float(), value))
+        if not (self.sync_free if self.sync_free is not None else loss.is_cuda):
+            self._check(trainer, stats, *where, scalar=scalar, deferred=False)
             return
-        value = loss.detach().float().cpu()
+        event = None
+        if stats.is_cuda:
+            host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+            host.copy_(stats, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            stats = host
+        self._pending.append((stats, event, *where, scalar))
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        self._poll(trainer, block=False)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._poll(trainer, block=True)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._poll(trainer, block=True)
+
+    def _poll(self, trainer: Trainer, block: bool) -> None:
+        """Check the recorded losses whose copies have completed (all of them when ``block``)."""
+        while self._pending:
+            stats, event, epoch, step, batch_idx, scalar = self._pending[0]
+            if event is not None:
+                if not block and not event.query():
+                    return
+                event.synchronize()
+            self._pending.pop(0)
+            self._check(trainer, stats, epoch, step, batch_idx, scalar=scalar, deferred=True)
+
+    def _check(self, trainer: Trainer, stats: torch.Tensor, epoch: int, step: int, batch_idx: int, *, scalar: bool,
+               deferred: bool) -> None:  # fmt: skip
+        finite, value = stats.tolist()
+        if finite:
+            return
+        self._pending.clear()
+        when = ("its optimiser step has run; the weights it produced are not checkpointed" if deferred
+                else "stopping before the optimiser step")  # fmt: skip
         raise NonFiniteLossError(
-            f"non-finite training loss ({value.item() if value.numel() == 1 else 'NaN/Inf'}) at epoch "
-            f"{trainer.current_epoch}, global step {trainer.global_step} (batch {self._batch_idx} of the epoch): "
-            f"stopping before the optimiser step. {_last_good(trainer)} Usual causes: a learning rate too high "
-            "for the batch size (optim.lr), fp16 overflow (trainer.precision=32-true or bf16-mixed), or bad input "
-            "data."
+            f"non-finite training loss ({value if scalar else 'NaN/Inf'}) at epoch {epoch}, global step {step} "
+            f"(batch {batch_idx} of the epoch): {when}. {_last_good(trainer)} Usual causes: a learning rate too "
+            "high for the batch size (optim.lr), fp16 overflow (trainer.precision=32-true or bf16-mixed), or bad "
+            "input data."
         )
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._poll(trainer, block=True)  # a pending NaN loss is named before the weights it spoilt
         bad = [k for k, v in checkpoint.get("state_dict", {}).items()
                if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:

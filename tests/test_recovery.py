@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from i2e_train.data.sampler import ResumableSampler
-from i2e_train.recovery import AtomicCheckpointIO, NonFiniteLossError, StepCheckpoint, recovery_callbacks
+from i2e_train.recovery import (AtomicCheckpointIO, NonFiniteLossError, StepCheckpoint, StopOnNonFinite,
+                                recovery_callbacks)
 
 # The demo, small and deterministic: 2 epochs of 5 batches of 8, a mid-epoch last.ckpt every 2 steps, and
 # event augmentation on the device (random crops and flips from the global RNG, which the resume must restore).
@@ -124,17 +125,26 @@ class _Data(L.LightningDataModule):
         return torch.utils.data.DataLoader(self.ds, batch_size=4)
 
 
-def test_nan_loss_names_the_step_and_nothing_is_overwritten(tmp_path):
+# sync_free=True: the check CUDA runs (the loss read after the step, no host synchronisation in it)
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("checkpoint_every_step", [True, False])
+def test_nan_loss_names_the_step_and_nothing_is_overwritten(tmp_path, sync_free, checkpoint_every_step):
     ckpts = tmp_path / "ckpt"
+    callbacks = [c if not isinstance(c, StopOnNonFinite) else StopOnNonFinite(sync_free=sync_free)
+                 for c in recovery_callbacks(tmp_path)]  # fmt: skip
+    step_ckpt = StepCheckpoint(ckpts, every_n_train_steps=1 if checkpoint_every_step else None)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
-                        callbacks=[StepCheckpoint(ckpts, every_n_train_steps=1), *recovery_callbacks(tmp_path)])
+                        default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()], callbacks=[step_ckpt, *callbacks])
+    when = "its optimiser step has run" if sync_free else "stopping before the optimiser step"
+    last_good = r"last good checkpoint is kept: .*last.ckpt" if checkpoint_every_step else "No checkpoint was written"
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at epoch 0, global step 3 "
-                                                 r"\(batch 3 of the epoch\).*last good checkpoint is kept: "
-                                                 r".*last.ckpt"):
+                                                 rf"\(batch 3 of the epoch\): {when}.*{last_good}"):
         trainer.fit(_Tiny(nan_at=3), datamodule=_Data())
+    if not checkpoint_every_step:
+        assert not ckpts.exists()
+        return
     last = _load(ckpts / "last.ckpt")
-    assert last["global_step"] == 3  # written after step 3; the NaN step never reached the optimiser
+    assert last["global_step"] == 3  # written after step 3; the NaN step's weights are never written
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
