@@ -223,7 +223,7 @@ class I2E(nn.Module):
     def _convert_cpu_kernel(self, kernels, images, generator, packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
         """The conversion in numba kernels, bit-identical to the tensor path below: max, the uint8
         scaling, the range, the threshold (float32), the difference and the comparisons are the
-        same operations. Dense output: two passes (intensity + padding + range, then events);
+        same operations. Dense output: two passes (intensity + padding + threshold, then events);
         packed output: one parallel loop over images, each image's padded V used while in cache."""
         self._check_images(images)
         bsz, _, h, w = images.shape
@@ -239,18 +239,13 @@ class I2E(nn.Module):
             if bool(bad.any()):
                 raise ValueError(self._nonfinite_message(images))
             return out.view(bsz, -1)
-        vpad = torch.empty((bsz, h + 2, w + 2), dtype=torch.float32)  # [B, H+2, W+2]
-        vmin, vmax = torch.empty(bsz, dtype=torch.float32), torch.empty(bsz, dtype=torch.float32)
-        kernels.i2e_intensity(pixels, vpad.numpy(), vmin.numpy(), vmax.numpy(), bad.numpy())
+        vpad = torch.empty((bsz, h + 2, w + 2), dtype=torch.float32).numpy()  # [B, H+2, W+2]
+        thr = torch.empty(bsz, dtype=torch.float32).numpy()  # [B], as in thresholds()
+        kernels.i2e_intensity(pixels, self.ratio, self.threshold == "fixed", vpad, thr, bad.numpy())
         if bool(bad.any()):
             raise ValueError(self._nonfinite_message(images))
-        if self.threshold == "fixed":
-            thr = torch.full((bsz,), self.ratio, dtype=torch.float32)
-        else:
-            thr = (vmax - vmin) * self.ratio  # [B], as in thresholds()
-        args = (vpad.numpy(), thr.numpy(), cell_a.numpy(), cell_b.numpy())
         out = torch.empty((steps, bsz, 2, h, w), dtype=out_dtype)
-        kernels.i2e_dense(*args, out.numpy())
+        kernels.i2e_dense(vpad, thr, cell_a.numpy(), cell_b.numpy(), out.numpy())
         return out
 
     def _convert(self, images, generator, packed: bool, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -246,19 +246,27 @@ def _sample_intensity(images, b, is_uint8, vp, m):  # pragma: no cover - compile
     return lo, hi, finite
 
 
+@njit(inline="always")
+def _threshold(lo, hi, ratio, fixed):  # pragma: no cover - compiled
+    """I2E.thresholds(): ``ratio``, or (max - min) * ratio of the image's V, in float32."""
+    return ratio if fixed else (hi - lo) * ratio
+
+
 @njit(parallel=True, **_JIT)
-def _i2e_intensity(images, is_uint8, vpad, vmin, vmax, bad):  # pragma: no cover - compiled
+def _i2e_intensity(images, is_uint8, ratio, fixed, vpad, thr, bad):  # pragma: no cover - compiled
     for b in prange(images.shape[0]):
         m = np.empty(images.shape[3], images.dtype)
-        vmin[b], vmax[b], finite = _sample_intensity(images, b, is_uint8, vpad[b], m)
+        lo, hi, finite = _sample_intensity(images, b, is_uint8, vpad[b], m)
+        thr[b] = _threshold(lo, hi, ratio, fixed)
         bad[b] = not finite
 
 
-def i2e_intensity(images, vpad, vmin, vmax, bad) -> None:
+def i2e_intensity(images, ratio, fixed, vpad, thr, bad) -> None:
     """images [B, C, H, W] float32 or uint8 -> replicate-padded V = max over C in vpad [B, H+2, W+2]
-    (uint8 / 255 as float32), per-image min and max of V, and ``bad[b]`` set when a float image
-    holds NaN/Inf. One pass; max and the division are exact, so V equals the tensor path's."""
-    _i2e_intensity(images, images.dtype == np.uint8, vpad, vmin, vmax, bad)
+    (uint8 / 255 as float32), the per-image threshold in thr [B] (``fixed``: ``ratio`` itself,
+    else (max - min) * ratio) and ``bad[b]`` set when a float image holds NaN/Inf. One pass; max,
+    the division and the threshold are the tensor path's float32 operations."""
+    _i2e_intensity(images, images.dtype == np.uint8, _F32(ratio), fixed, vpad, thr, bad)
 
 
 @njit(inline="always")
@@ -384,8 +392,7 @@ def _i2e_packed_images(images, is_uint8, ratio, fixed, cell_a, cell_b, out, bad)
         m = np.empty(w, images.dtype)
         lo, hi, finite = _sample_intensity(images, b, is_uint8, vp, m)
         bad[b] = not finite
-        th = ratio if fixed else (hi - lo) * ratio  # thresholds(): (max - min) * ratio in float32
-        _packed_sample(vp, th, cell_a[:, b], cell_b[:, b], out[b])
+        _packed_sample(vp, _threshold(lo, hi, ratio, fixed), cell_a[:, b], cell_b[:, b], out[b])
 
 
 def i2e_packed_images(images, ratio, fixed, cell_a, cell_b, out, bad) -> None:
