@@ -15,7 +15,6 @@ exists during training steps, nor during the sanity check), media and plots are 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+
+from i2e_train.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ class SpikeStats(Callback):
     def _write(self, trainer: Trainer, stats: dict[str, Any]) -> None:
         out = _output_dir(trainer, self.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / self.filename).write_text(json.dumps(stats, indent=2))
+        atomic_write_json(out / self.filename, stats)
         if not self.plot:
             return
         from i2e_train.plots import plot_spike_rates

@@ -61,6 +61,7 @@ from i2e_train.codec import pack_events, record_prefix, record_size
 from i2e_train.data.catalog import CATALOG
 from i2e_train.data.preprocess import preprocess_image
 from i2e_train.data.writer import shard_name, write_card, write_shard
+from i2e_train.files import atomic_write_json, atomic_write_text
 from i2e_train.i2e import I2E, resolve_order
 
 __all__ = [
@@ -146,12 +147,6 @@ def _sha256(lines) -> str:
         h.update(str(line).encode("utf-8", "surrogatepass"))
         h.update(b"\n")
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # =========================================================================== reading images
@@ -694,7 +689,7 @@ def _update_card(out: Path, config: str, splits: Sequence[str], description: str
         return write_card(out, {e["config_name"]: [d["split"] for d in e["data_files"]] for e in entries}, body)
     meta["configs"] = sorted(entries, key=lambda e: str(e.get("config_name")))
     text = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + body.strip() + "\n"
-    _atomic_write_text(card, text)
+    atomic_write_text(card, text)
     return card
 
 
@@ -988,8 +983,7 @@ def _load_manifest(path: Path, cfg_dir: Path, config: str, params: dict, src: _S
 
 
 def _save_manifest(path: Path, manifest: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_json(path, manifest, indent=1)
 
 
 def _check_existing_shard(path: Path, stats: dict | None, expected_max: int) -> dict:

@@ -7,13 +7,13 @@ architecture, classes, converter ratio and order, T, data config and metrics.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from i2e_train.files import atomic_write_json, atomic_write_text
 
 __all__ = ["model_card", "export_run"]
 
@@ -23,7 +23,9 @@ def model_card(cfg: DictConfig, metrics: Mapping[str, float], checkpoint: str) -
     encoder = data.get("encoder") or {}
     ratio, order = encoder.get("ratio"), encoder.get("order")
     if ratio is None and str(data.get("_target_", "")).endswith("I2EDataModule"):
-        from i2e_train.data.catalog import CATALOG  # pre-converted data: the catalog's converter settings
+        from i2e_train.data.catalog import (
+            CATALOG,  # pre-converted data: the catalog's converter settings
+        )
 
         info = CATALOG.get(data.get("name"))
         ratio, order = (info.ratio, info.order) if info is not None else (None, None)
@@ -54,7 +56,7 @@ def export_run(model: nn.Module, best_checkpoint: str, cfg: DictConfig, metrics:
     card = model_card(cfg, metrics, best_checkpoint)
     weights = export_safetensors(model, out_dir / "model.safetensors",
                                  {k: v for k, v in card.items() if k != "data_config"})
-    (out_dir / "model_card.json").write_text(json.dumps(card, indent=2))
+    atomic_write_json(out_dir / "model_card.json", card)
     lines = [
         f"# {card['architecture']} on {card['data']}",
         "",
@@ -71,7 +73,4 @@ def export_run(model: nn.Module, best_checkpoint: str, cfg: DictConfig, metrics:
     lines += ["", "Load it with:", "", "```python", "from i2e_train.models import create_model, load_checkpoint",
               f"model = create_model({card['architecture']!r}, num_classes={card['num_classes']})",
               'load_checkpoint(model, "model.safetensors")', "```", ""]
-    tmp = out_dir / ".MODEL_CARD.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out_dir / "MODEL_CARD.md")
-    return weights, out_dir / "MODEL_CARD.md"
+    return weights, atomic_write_text(out_dir / "MODEL_CARD.md", "\n".join(lines))

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DIRECTION_GROUPS", "ORDER_PRESETS", "I2E", "resolve_order", "cell_offset"]
+from i2e_train import kernels
+
+__all__ = ["DIRECTION_GROUPS", "ORDER_PRESETS", "BACKENDS", "I2E", "resolve_order", "cell_offset"]
 
 # Cells of the 3x3 grid are numbered 1..9 row-major (1 = top-left, 5 = centre, 9 = bottom-right).
 # A vector [a, b] has -1 at cell a and +1 at cell b. The first vector of each group is canonical.
@@ -53,6 +55,7 @@ ORDER_PRESETS: tuple[tuple[int, ...], ...] = (
     (4, 5, 6, 7, 2, 3, 0, 1),
 )
 
+BACKENDS = ("auto", "numba", "compiled", "torch")
 _PAD_MODES = {"replicate": "replicate", "reflect": "reflect", "circular": "circular", "zeros": "constant"}
 _MAX_GROUP = max(len(g) for g in DIRECTION_GROUPS)
 
@@ -90,12 +93,15 @@ class I2E(nn.Module):
         threshold: "dynamic" (paper) or "fixed" (the paper's ablation baseline).
         random_directions: in training mode, draw a random vector from each group (paper's
             augmentation); False keeps the canonical vectors in training too (ablation).
-        fused: compute the dense output with one ``torch.compile``d kernel (gather, difference,
-            both comparisons and the cast fused: one write of the output). None (default) =
-            on CUDA only; on CPU numba kernels compute the intensity, then the difference and
-            comparisons straight into float32, bool or uint8 output (for ``forward_packed``:
-            both, and the bit packing, in one loop per image). ``False`` runs the
-            tensor-operation path everywhere.
+        backend: how the events are computed; every back-end gives the same bits.
+            ``"numba"``: CPU kernels (:mod:`i2e_train.kernels.converter`) compute the
+            intensity, then the difference and comparisons straight into float32, bool or
+            uint8 output (for ``forward_packed``: both, and the bit packing, in one loop per
+            image); replicate padding, float32 / uint8 images. ``"compiled"``: the dense
+            output in one ``torch.compile``d kernel (gather, difference, both comparisons and
+            the cast fused: one write of the output). ``"torch"``: tensor operations, any
+            device and setting. ``"auto"`` (default): "compiled" on CUDA, "numba" on CPU
+            where it applies, else "torch".
 
     ``forward(images)`` takes [B, 3, H, W] (or [B, 1, H, W] grayscale) float in [0, 1] or uint8
     in [0, 255] and returns binary events [T=8, B, 2, H, W] of ``dtype`` (channel 0 = ON).
@@ -109,7 +115,7 @@ class I2E(nn.Module):
         dtype: torch.dtype | str = torch.float32,
         threshold: str = "dynamic",
         random_directions: bool = True,
-        fused: bool | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if not ratio >= 0:
@@ -124,7 +130,9 @@ class I2E(nn.Module):
         self.dtype = _as_dtype(dtype)
         self.threshold = threshold
         self.random_directions = bool(random_directions)
-        self.fused = fused
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend
         # Flat offsets into the 3x3 grid (row * 3 + col), per group, padded to the longest group.
         # vec_a/vec_b: [8 groups, 6] cell indices 0..8; group_sizes: [8].
         a = torch.zeros(len(DIRECTION_GROUPS), _MAX_GROUP, dtype=torch.long)
@@ -146,7 +154,7 @@ class I2E(nn.Module):
         return (
             f"ratio={self.ratio}, order={list(self.order)}, padding_mode={self.padding_mode!r}, "
             f"dtype={self.dtype}, threshold={self.threshold!r}, random_directions={self.random_directions}, "
-            f"fused={self.fused}"
+            f"backend={self.backend!r}"
         )
 
     # ------------------------------------------------------------------ pieces
@@ -220,96 +228,128 @@ class I2E(nn.Module):
         dense = I2E._convert(self, images, generator, packed=False, dtype=torch.bool)
         return pack_events(dense)
 
-    def _convert_cpu_kernel(self, kernels, images, generator, packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        """The conversion in numba kernels, bit-identical to the tensor path below: max, the uint8
+    # ------------------------------------------------------------------ back-ends
+    def _numba_unsupported(self, images: torch.Tensor, out_dtype: torch.dtype) -> str | None:
+        """Why the numba kernels cannot convert these images (None: they can)."""
+        if images.device.type != "cpu":
+            return f"the images are on {images.device}; the kernels run on CPU"
+        if out_dtype not in (torch.float32, torch.bool, torch.uint8):
+            return f"output dtype {out_dtype} (the kernels write float32, bool, uint8 or packed bits)"
+        if images.dtype not in (torch.float32, torch.uint8):
+            return f"image dtype {images.dtype} (the kernels read float32 or uint8)"
+        if self.padding_mode != "replicate":
+            return f"padding_mode {self.padding_mode!r} (the kernels pad by replication)"
+        if kernels.load("converter") is None:
+            return f"numba is unavailable ({kernels.unavailable_reason()})"
+        return None
+
+    def backend_for(self, images: torch.Tensor, out_dtype: torch.dtype | None = None) -> str:
+        """The back-end that converts ``images``: ``self.backend``, or for "auto" "compiled" on
+        CUDA, "numba" on CPU where the kernels cover the settings, else "torch"."""
+        out_dtype = out_dtype or self.dtype
+        if self.backend == "numba":
+            reason = self._numba_unsupported(images, out_dtype)
+            if reason is not None:
+                raise ValueError(f"I2E backend='numba' cannot run here: {reason}; use backend='auto' or 'torch'")
+        if self.backend != "auto":
+            return self.backend
+        if images.device.type == "cuda":
+            return "compiled"
+        return "numba" if self._numba_unsupported(images, out_dtype) is None else "torch"
+
+    def _convert(self, images, generator, packed: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+        out_dtype = torch.uint8 if packed else (dtype or self.dtype)
+        backend = self.backend_for(images, out_dtype)
+        if backend == "numba":
+            return self._convert_numba(images, generator, packed, out_dtype)
+        v = self.intensity(images)  # [B, H, W]
+        thr = self.thresholds(v)  # [B]
+        vpad = F.pad(v.unsqueeze(1), (1, 1, 1, 1), mode=_PAD_MODES[self.padding_mode]).squeeze(1)  # [B, H+2, W+2]
+        if backend == "compiled" and not packed:
+            cell_a, cell_b = self.directions(v.shape[0], v.device, generator)  # [T, B]
+            return _fused_events()(vpad, cell_a, cell_b, thr, v.shape[1], v.shape[2], out_dtype)
+        return self._convert_tensors(vpad, thr, generator, packed, out_dtype)
+
+    def _convert_numba(self, images, generator, packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        """The conversion in numba kernels, bit-identical to the tensor path: max, the uint8
         scaling, the range, the threshold (float32), the difference and the comparisons are the
         same operations. Dense output: two passes (intensity + padding + threshold, then events);
         packed output: one parallel loop over images, each image's padded V used while in cache."""
         self._check_images(images)
+        k = kernels.load("converter")
         bsz, _, h, w = images.shape
         steps = len(self.order)
         kernels.use_threads(torch.get_num_threads())
         pixels = images.detach().contiguous().numpy()
         cell_a, cell_b = self.directions(bsz, images.device, generator)  # [T, B]
         bad = torch.zeros(bsz, dtype=torch.bool)
+        fixed = self.threshold == "fixed"
         if packed:  # one parallel loop over images: V, range, threshold, packed events
             out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8)
-            kernels.i2e_packed_images(pixels, self.ratio, self.threshold == "fixed", cell_a.numpy(), cell_b.numpy(),
-                                      out.numpy(), bad.numpy())  # fmt: skip
-            if bool(bad.any()):
-                raise ValueError(self._nonfinite_message(images))
-            return out.view(bsz, -1)
-        vpad = torch.empty((bsz, h + 2, w + 2), dtype=torch.float32).numpy()  # [B, H+2, W+2]
-        thr = torch.empty(bsz, dtype=torch.float32).numpy()  # [B], as in thresholds()
-        kernels.i2e_intensity(pixels, self.ratio, self.threshold == "fixed", vpad, thr, bad.numpy())
+            k.i2e_packed_images(pixels, self.ratio, fixed, cell_a.numpy(), cell_b.numpy(), out.numpy(), bad.numpy())
+        else:
+            vpad = torch.empty((bsz, h + 2, w + 2), dtype=torch.float32).numpy()  # [B, H+2, W+2]
+            thr = torch.empty(bsz, dtype=torch.float32).numpy()  # [B], as in thresholds()
+            k.i2e_intensity(pixels, self.ratio, fixed, vpad, thr, bad.numpy())
         if bool(bad.any()):
             raise ValueError(self._nonfinite_message(images))
+        if packed:
+            return out.view(bsz, -1)
         out = torch.empty((steps, bsz, 2, h, w), dtype=out_dtype)
-        kernels.i2e_dense(vpad, thr, cell_a.numpy(), cell_b.numpy(), out.numpy())
+        k.i2e_dense(vpad, thr, cell_a.numpy(), cell_b.numpy(), out.numpy())
         return out
 
-    def _convert(self, images, generator, packed: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-        out_dtype = torch.uint8 if packed else (dtype or self.dtype)
-        if (
-            images.device.type == "cpu"
-            and self.fused is None
-            and out_dtype in (torch.float32, torch.bool, torch.uint8)
-            and images.dtype in (torch.float32, torch.uint8)
-            and self.padding_mode == "replicate"
-        ):
-            kernels = _cpu_kernels()
-            if kernels is not None:
-                return self._convert_cpu_kernel(kernels, images, generator, packed, out_dtype)
-        v = self.intensity(images)  # [B, H, W]
-        bsz, h, w = v.shape
-        dev = v.device
-        thr = self.thresholds(v)  # [B]
-        vpad = F.pad(v.unsqueeze(1), (1, 1, 1, 1), mode=_PAD_MODES[self.padding_mode]).squeeze(1)  # [B, H+2, W+2]
+    def _convert_tensors(self, vpad, thr, generator, packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        """The tensor-operation path: events [T, B, 2, H, W] of ``out_dtype``, or packed uint8 [B, N]."""
+        bsz, h, w = vpad.shape[0], vpad.shape[1] - 2, vpad.shape[2] - 2
+        dev = vpad.device
         steps = len(self.order)
         random = self.training and self.random_directions
-        if not packed and (self.fused if self.fused is not None else dev.type == "cuda"):
-            cell_a, cell_b = self.directions(bsz, dev, generator)  # [T, B]
-            return _fused_events()(vpad, cell_a, cell_b, thr, h, w, out_dtype)
-        cell_a, cell_b = self.directions(bsz, dev, generator) if random else (None, None)  # [T, B]
+        cells = self.directions(bsz, dev, generator) if random else None  # [T, B] each
         if packed:
             out = torch.empty((bsz, steps, 2, h, w // 8), dtype=torch.uint8, device=dev)
         else:
-            out = torch.empty((steps, bsz, 2, h, w), dtype=dtype or self.dtype, device=dev)
-        # Comparisons are written straight into a float32 output. For other outputs they go
-        # through a float32 scratch map and a cast: PyTorch's comparison kernels vectorise only
-        # when the output dtype equals the input dtype (3x faster here than writing bool).
-        direct = not packed and out.dtype == v.dtype
-        dense = None if packed or direct else (out.view(torch.bool) if out.dtype == torch.uint8 else out)
+            out = torch.empty((steps, bsz, 2, h, w), dtype=out_dtype, device=dev)
         # On CPU, work through the batch in chunks; one chunk on accelerators.
         chunk = bsz if dev.type != "cpu" else max(1, _CHUNK_PIXELS // (h * w))
         for s in range(0, bsz, chunk):
-            e = min(bsz, s + chunk)
-            vp = vpad[s:e]
-            th = thr[s:e].view(-1, 1, 1)
-            neg_th = -th
-            diff = torch.empty((e - s, h, w), dtype=v.dtype, device=dev)
-            scratch = None if direct else torch.empty_like(diff)
-            bits = torch.empty((e - s, h, w), dtype=torch.bool, device=dev) if packed else None
-            views = torch.stack([_shift(vp, k, h, w) for k in range(9)]) if random else None  # [9, n, H, W]
-            rows = torch.arange(e - s, device=dev) if random else None
-            for t, g in enumerate(self.order):
-                if random:  # R_t = V[cell b] - V[cell a], one (a, b) per sample
-                    torch.sub(views[cell_b[t, s:e], rows], views[cell_a[t, s:e], rows], out=diff)
-                else:
-                    ca, cb = DIRECTION_GROUPS[g][0]
-                    torch.sub(_shift(vp, cb - 1, h, w), _shift(vp, ca - 1, h, w), out=diff)
-                # ON: R >= thr; OFF: -R >= thr (negation is exact, so this equals R <= -thr).
-                for c, (compare, ref) in enumerate(((torch.ge, th), (torch.le, neg_th))):
-                    if direct:
-                        compare(diff, ref, out=out[t, s:e, c])
-                        continue
-                    compare(diff, ref, out=scratch)  # 0.0 / 1.0
-                    if packed:
-                        bits.copy_(scratch)
-                        out[s:e, t, c] = _pack_rows(bits)
-                    else:
-                        dense[t, s:e, c].copy_(scratch)
+            self._events_chunk(vpad, thr, cells, out, s, min(bsz, s + chunk), packed)
         return out.view(bsz, -1) if packed else out
+
+    def _events_chunk(self, vpad, thr, cells, out, s: int, e: int, packed: bool) -> None:
+        """Events of samples s..e-1 into ``out`` (dense [T, B, 2, H, W] or packed [B, T, 2, H, W/8]).
+
+        Comparisons are written straight into a float32 output. For other outputs they go
+        through a float32 scratch map and a cast: PyTorch's comparison kernels vectorise only
+        when the output dtype equals the input dtype (3x faster here than writing bool)."""
+        h, w = vpad.shape[1] - 2, vpad.shape[2] - 2
+        dev = vpad.device
+        direct = not packed and out.dtype == vpad.dtype
+        dense = None if packed or direct else (out.view(torch.bool) if out.dtype == torch.uint8 else out)
+        vp, th = vpad[s:e], thr[s:e].view(-1, 1, 1)
+        thresholds = (th, -th)
+        diff = torch.empty((e - s, h, w), dtype=vpad.dtype, device=dev)
+        scratch = None if direct else torch.empty_like(diff)
+        bits = torch.empty((e - s, h, w), dtype=torch.bool, device=dev) if packed else None
+        views = torch.stack([_shift(vp, k, h, w) for k in range(9)]) if cells is not None else None  # [9, n, H, W]
+        rows = torch.arange(e - s, device=dev)
+        for t, g in enumerate(self.order):
+            if cells is not None:  # R_t = V[cell b] - V[cell a], one (a, b) per sample
+                torch.sub(views[cells[1][t, s:e], rows], views[cells[0][t, s:e], rows], out=diff)
+            else:
+                ca, cb = DIRECTION_GROUPS[g][0]
+                torch.sub(_shift(vp, cb - 1, h, w), _shift(vp, ca - 1, h, w), out=diff)
+            # ON: R >= thr; OFF: -R >= thr (negation is exact, so this equals R <= -thr).
+            for c, compare in enumerate((torch.ge, torch.le)):
+                if direct:
+                    compare(diff, thresholds[c], out=out[t, s:e, c])
+                    continue
+                compare(diff, thresholds[c], out=scratch)  # 0.0 / 1.0
+                if packed:
+                    bits.copy_(scratch)
+                    out[s:e, t, c] = _pack_rows(bits)
+                else:
+                    dense[t, s:e, c].copy_(scratch)
 
 
 # Pixels per CPU chunk (16 MiB of float32 differences): few, large kernels; more, smaller ones
@@ -318,13 +358,6 @@ _CHUNK_PIXELS = 1 << 22
 # Multiplying 8 little-endian 0/1 bytes by this constant gathers them, first byte in the most
 # significant bit, into the top byte of the product (the partial products never overlap).
 _PACK_MAGIC = 0x8040201008040201 - (1 << 64)
-
-
-def _cpu_kernels():
-    """The numba CPU kernels, or None (imported lazily: the converter does not need numba)."""
-    from i2e_train.models.layers import numba_kernels
-
-    return numba_kernels()
 
 
 def _shift(vpad: torch.Tensor, cell: int, h: int, w: int) -> torch.Tensor:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig
+
+from i2e_train.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,6 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 def _quote(value: str) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def run_pipeline(
@@ -98,8 +93,8 @@ def run_pipeline(
             "metrics": result.get("best", result.get("fit")),
             "skipped": False,
         }
-        _write_json(done, record)
+        atomic_write_json(done, record)
         manifest["stages"][name] = record
-        _write_json(manifest_path, manifest)
-    _write_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     return manifest

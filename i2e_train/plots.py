@@ -72,7 +72,6 @@ def plot_learning_curves(metrics_csv: str | Path, path: str | Path, title: str =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     m = read_epoch_metrics(metrics_csv)

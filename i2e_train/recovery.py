@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -37,6 +36,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from i2e_train.files import atomic_write, atomic_write_json
+
 __all__ = ["AtomicCheckpointIO", "StepCheckpoint", "RestoreRNGState", "StopOnNonFinite", "NonFiniteLossError",
            "BadRecordsReport", "recovery_callbacks", "atomic_torch_save", "rng_states", "set_rng_states"]
 
@@ -46,30 +47,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- atomic files
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` through a temporary file in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
-        if not stale.name.endswith(f".tmp-{os.getpid()}"):
-            stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
+    return atomic_write(path, lambda fh: torch.save(obj, fh), durable=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -83,13 +61,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -332,7 +303,7 @@ class BadRecordsReport(Callback):
         if not trainer.is_global_zero:
             return
         out = self.output_dir or Path(trainer.default_root_dir)
-        _write_json(out / self.filename, report)
+        atomic_write_json(out / self.filename, report, indent=1)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         counter = self._counter(trainer)

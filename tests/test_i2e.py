@@ -28,9 +28,9 @@ def official_i2e(images: torch.Tensor, ratio: float, order: int) -> torch.Tensor
 
 @pytest.mark.parametrize("order", range(6))
 @pytest.mark.parametrize("ratio", [0.07, 0.10, 0.12, 0.15])
-@pytest.mark.parametrize("fused", [None, False])  # None on CPU: the numba kernel; False: tensor ops
-def test_eval_bit_identical_to_official_on_real_images(real_images, order, ratio, fused):
-    conv = I2E(ratio=ratio, order=order, fused=fused).eval()
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_eval_bit_identical_to_official_on_real_images(real_images, order, ratio, backend):
+    conv = I2E(ratio=ratio, order=order, backend=backend).eval()
     assert torch.equal(conv(real_images), official_i2e(real_images, ratio, order))
     floats = real_images.float() / 255.0
     assert torch.equal(conv(floats), official_i2e(floats, ratio, order))
@@ -155,13 +155,13 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize("train", [False, True])
 # W % 8 == 0: the one-pass kernel (40 = one 32-pixel word + one byte, 72 = two words + one byte)
 @pytest.mark.parametrize("hw", [(24, 40), (5, 72), (16, 13)])
-@pytest.mark.parametrize("fused", [None, False])  # None: numba kernel on CPU; False: tensor path
-def test_packed_output_equals_packbits_of_dense(train, hw, fused):
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # auto: the numba kernel on CPU
+def test_packed_output_equals_packbits_of_dense(train, hw, backend):
     import numpy as np
 
     img = torch.rand(19, 3, *hw)
     img[3] = 0.25  # a flat image: threshold 0, both polarities fire everywhere
-    conv = I2E(ratio=0.07, order=3, fused=fused).train(train)
+    conv = I2E(ratio=0.07, order=3, backend=backend).train(train)
     dense = conv(img, generator=torch.Generator().manual_seed(5))
     packed = conv.forward_packed(img, generator=torch.Generator().manual_seed(5))
     assert packed.dtype == torch.uint8 and packed.shape == (19, (8 * 2 * hw[0] * hw[1] + 7) // 8)
@@ -175,7 +175,7 @@ def test_cpu_kernel_equals_tensor_path(dtype, train):
     img = torch.rand(7, 3, 13, 21)
     img[0] = 0.5  # a flat image: threshold 0, fires everywhere
     kernel = I2E(ratio=0.07, order=1, dtype=dtype).train(train)
-    tensor_ops = I2E(ratio=0.07, order=1, dtype=dtype, fused=False).train(train)
+    tensor_ops = I2E(ratio=0.07, order=1, dtype=dtype, backend="torch").train(train)
     a = kernel(img, generator=torch.Generator().manual_seed(9))
     b = tensor_ops(img, generator=torch.Generator().manual_seed(9))
     assert a.dtype == b.dtype == dtype and torch.equal(a, b)
@@ -183,7 +183,7 @@ def test_cpu_kernel_equals_tensor_path(dtype, train):
 
 def test_chunked_cpu_path_covers_batches_larger_than_a_chunk():
     img = torch.rand(1030, 3, 64, 64)  # 1024 images per chunk at 64x64
-    conv = I2E(ratio=0.1, order=5, fused=False).eval()
+    conv = I2E(ratio=0.1, order=5, backend="torch").eval()
     assert torch.equal(conv(img), official_i2e(img, 0.1, 5))
 
 
@@ -192,8 +192,8 @@ def test_chunked_cpu_path_covers_batches_larger_than_a_chunk():
 def test_fused_compiled_path_equals_the_eager_path(train):
     """The torch.compile kernel used on CUDA, checked here through inductor's CPU backend."""
     img = torch.rand(6, 3, 20, 24)
-    eager = I2E(ratio=0.07, order=2, fused=False).train(train)
-    fused = I2E(ratio=0.07, order=2, fused=True, dtype=torch.bool).train(train)
+    eager = I2E(ratio=0.07, order=2, backend="torch").train(train)
+    fused = I2E(ratio=0.07, order=2, backend="compiled", dtype=torch.bool).train(train)
     a = eager(img, generator=torch.Generator().manual_seed(3))
     b = fused(img, generator=torch.Generator().manual_seed(3))
     assert b.dtype == torch.bool and torch.equal(a, b.float())
@@ -210,3 +210,15 @@ def test_cuda_conversion_equals_cpu(real_images):
         assert torch.equal(cpu, gpu.cpu())
         packed = I2E(ratio=0.12, order=order).eval().cuda().forward_packed(real_images.cuda())
         assert torch.equal(packed.cpu(), I2E(ratio=0.12, order=order).eval().forward_packed(real_images))
+
+
+def test_backend_is_a_named_choice():
+    img = torch.rand(2, 3, 8, 8)
+    assert I2E().backend_for(img) == "numba"  # auto on CPU, where the kernels apply
+    assert I2E(padding_mode="zeros").backend_for(img) == "torch"  # auto: the kernels pad by replication
+    assert I2E(dtype=torch.float16).backend_for(img) == "torch"
+    with pytest.raises(ValueError, match="backend='numba' cannot run here: padding_mode 'zeros'"):
+        I2E(padding_mode="zeros", backend="numba")(img)
+    with pytest.raises(ValueError, match="backend must be one of auto, numba, compiled, torch"):
+        I2E(backend="cuda")
+    assert "backend='torch'" in repr(I2E(backend="torch"))

@@ -69,7 +69,8 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
 
 def compose(config_name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """Compose a config outside of a Hydra run (tests, notebooks, sweep checks)."""
-    from hydra import compose as _compose, initialize_config_dir
+    from hydra import compose as _compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir()), job_name=config_name):
         return _compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from i2e_train.cli._hydra import entry_point
+from i2e_train.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def run(cfg: DictConfig):
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        (run_dir / "convert_summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
+        atomic_write_json(run_dir / "convert_summary.json", summary.to_dict(), indent=1)
     except Exception:  # noqa: BLE001 - not inside a Hydra run (tests, notebooks)
         pass
     return summary

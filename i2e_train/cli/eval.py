@@ -6,7 +6,6 @@ and confusion_matrix.png.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from i2e_train.cli._hydra import entry_point
+from i2e_train.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,10 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": source, "data": cfg.data.name, "model": cfg.model.name, **metrics}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out_dir / "metrics.json", result)
     if module.last_confusion is not None:
         cm = module.last_confusion.tolist()
-        (out_dir / "confusion_matrix.json").write_text(json.dumps(cm))
+        atomic_write_json(out_dir / "confusion_matrix.json", cm, indent=None)
         plot_confusion(cm, out_dir / "confusion_matrix.png", title=f"{cfg.data.name}: {Path(source).name}")
     print(f"checkpoint: {source}\nvalidation top-1: {100 * metrics['val/top1']:.2f}%  "
           f"top-5: {100 * metrics['val/top5']:.2f}%  loss: {metrics['val/loss']:.4f}\nresults: {out_dir}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from i2e_train.cli._hydra import entry_point
+from i2e_train.files import atomic_write_json
 from i2e_train.pipeline import state_digest
 from i2e_train.recovery import recovery_callbacks
 
@@ -85,7 +85,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             from i2e_train.export import export_run
 
             result["weights"] = str(export_run(module.model, best, cfg, result["best"], out_dir)[0])
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        atomic_write_json(out_dir / "metrics.json", result)
         if "best" in result:
             top1 = result["best"].get("val/top1")
             log.info("best checkpoint %s: val/top1 = %.4f", best, top1)

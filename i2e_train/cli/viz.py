@@ -14,9 +14,8 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".t
 def run(cfg: DictConfig):
     """Render the configured input; returns ``VizFiles`` (gif, png)."""
     from i2e_train import viz
-    from i2e_train.data.catalog import CATALOG
-
     from i2e_train.cli.convert import _plain
+    from i2e_train.data.catalog import CATALOG
 
     c = _plain(cfg, ("input", "config", "split", "index", "resolution", "ratio", "order", "out", "name", "scale",
                      "min_side", "fps", "show_source"))

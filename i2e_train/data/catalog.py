@@ -7,8 +7,9 @@ deterministic, seeded, stratified split made by the DataModule.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
+
+from i2e_train.naming import unknown_name
 
 __all__ = ["DatasetInfo", "CATALOG", "HUB_REPO", "get_info", "list_datasets", "check_facts"]
 
@@ -81,9 +82,7 @@ def get_info(name: str) -> DatasetInfo:
     try:
         return CATALOG[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(CATALOG), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown dataset config {name!r}.{hint} Known: {', '.join(CATALOG)}") from None
+        raise unknown_name("dataset config", name, CATALOG, error=KeyError) from None
 
 
 def check_facts(info: DatasetInfo, num_classes: int | None = None, resolution: tuple[int, int] | None = None,

@@ -35,7 +35,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from lightning import LightningDataModule
 from torch.utils.data import Subset
 

@@ -34,7 +34,13 @@ import yaml
 from lightning import LightningDataModule
 from torch.utils.data import Dataset, IterableDataset
 
-from i2e_train.codec import RecordError, packed_size, parse_record, record_prefix, unpack_events
+from i2e_train.codec import (
+    RecordError,
+    packed_size,
+    parse_record,
+    record_prefix,
+    unpack_events,
+)
 from i2e_train.data.augment import EventAugment
 from i2e_train.data.catalog import DatasetInfo, check_facts, get_info
 from i2e_train.data.sampler import ResumableTrainData

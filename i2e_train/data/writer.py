@@ -14,7 +14,6 @@ complete.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,8 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import ClassLabel, Features, Value
+
+from i2e_train.files import atomic_write, atomic_write_text
 
 __all__ = ["features", "shard_name", "write_shard", "write_card", "SHARD_RE"]
 
@@ -62,12 +63,7 @@ def write_shard(
         }
     )
     table = table.cast(feats.arrow_schema)  # carries the ClassLabel names in the schema metadata
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, row_group_size=1000)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: pq.write_table(table, fh, row_group_size=1000))
 
 
 def write_card(folder: str | Path, configs: dict[str, Sequence[str]], body: str = "") -> Path:
@@ -78,8 +74,4 @@ def write_card(folder: str | Path, configs: dict[str, Sequence[str]], body: str 
         for split in configs[name]:
             lines += [f"  - split: {split}", f"    path: {name}/{split}-*"]
     lines += ["---", "", body.strip(), ""]
-    path = Path(folder) / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(folder) / "README.md", "\n".join(lines))

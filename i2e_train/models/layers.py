@@ -20,46 +20,24 @@ layer. :func:`set_fast_kernels` switches these two and the fused LIF
   gradients are the same; about 1.3x faster than PyTorch's kernel (forward and backward) at
   the stem of MS-ResNet on 2 cores.
 
-The numba kernels (``_kernels.py``) are compiled on first use and cached on disk; when numba
-cannot be imported the layers log a warning once and run the parent layers.
+The numba kernels (:mod:`i2e_train.kernels.pooling`) are compiled on first use and cached on disk;
+when numba cannot be imported the layers log a warning once and run the parent layers.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Conv2d", "MaxPool2d", "gemm_weight_grad_decisions", "numba_kernels", "set_fast_kernels"]
+from i2e_train import kernels
+
+__all__ = ["Conv2d", "MaxPool2d", "gemm_weight_grad_decisions", "set_fast_kernels"]
 
 log = logging.getLogger(__name__)
-_kernels: ModuleType | None = None
-_kernels_error: str | None = None
-
-
-def numba_kernels() -> ModuleType | None:
-    """The compiled CPU kernels (:mod:`i2e_train.models._kernels`), or None when numba is unusable."""
-    global _kernels, _kernels_error
-    if _kernels is None and _kernels_error is None:
-        try:
-            from . import _kernels as kernels
-
-            _kernels = kernels
-        except ImportError as exc:
-            _kernels_error = f"{type(exc).__name__}: {exc}"
-            log.warning("numba kernels unavailable (%s): the fast CPU paths are off", _kernels_error)
-    return _kernels
-
-
-def numba_kernels_error() -> str | None:
-    """Why :func:`numba_kernels` returned None (None when it did not)."""
-    return _kernels_error
-
-
 _GEMM_MAX_OUTPUT_PIXELS = 4
 _decisions: dict[tuple, bool] = {}  # shape key -> GEMM weight gradient equals oneDNN's
 _lock = threading.Lock()
@@ -126,7 +104,7 @@ def _fast_input(layer: nn.Module, x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and x.dim() == 4
         and x.is_contiguous()
-        and numba_kernels() is not None
+        and kernels.load("pooling") is not None
     )
 
 
@@ -164,9 +142,8 @@ class _MaxPoolFn(torch.autograd.Function):
         oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
         y = torch.empty(n, c, oh, ow, dtype=x.dtype)
         idx = torch.empty(n, c, oh, ow, dtype=torch.int32)
-        kernels = numba_kernels()
         kernels.use_threads(torch.get_num_threads())
-        kernels.maxpool_forward(x.reshape(n * c, h, w).numpy(), y.view(n * c, oh, ow).numpy(),
+        kernels.load("pooling").maxpool_forward(x.reshape(n * c, h, w).numpy(), y.view(n * c, oh, ow).numpy(),
                                 idx.view(n * c, oh, ow).numpy(), kh, kw, sh, sw, ph, pw)  # fmt: skip
         ctx.save_for_backward(idx)
         ctx.input_hw = (h, w)
@@ -179,7 +156,7 @@ class _MaxPoolFn(torch.autograd.Function):
         h, w = ctx.input_hw
         grad = grad.to(torch.float32).contiguous()
         gx = torch.empty(n, c, h, w, dtype=torch.float32)
-        numba_kernels().maxpool_backward(grad.view(n * c, oh, ow).numpy(), idx.view(n * c, oh, ow).numpy(),
+        kernels.load("pooling").maxpool_backward(grad.view(n * c, oh, ow).numpy(), idx.view(n * c, oh, ow).numpy(),
                                          gx.view(n * c, h, w).numpy())  # fmt: skip
         return gx, None, None, None
 

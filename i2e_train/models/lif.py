@@ -30,7 +30,7 @@ import torch
 from spikingjelly.activation_based import neuron
 from torch import nn
 
-from .layers import numba_kernels, numba_kernels_error
+from i2e_train import kernels
 
 __all__ = ["LIFNode", "fused_lif_available", "lif_multi_step"]
 
@@ -43,7 +43,7 @@ _BLOCK = 4096  # neurons per parallel work item (16 KiB of float32 per time step
 
 def fused_lif_available() -> bool:
     """Whether the fused CPU kernel can run here (numba importable)."""
-    return numba_kernels() is not None
+    return kernels.load("lif") is not None
 
 
 def _surrogate_constants(sg: nn.Module) -> tuple[int, float, float] | None:
@@ -72,7 +72,7 @@ class _FusedLIF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq, v0, tau, decay_input, v_threshold, v_reset, sg_consts):
-        k = numba_kernels()
+        k = kernels.load("lif")
         t_steps = x_seq.shape[0]
         n = x_seq[0].numel()
         x = x_seq.contiguous()
@@ -101,7 +101,7 @@ class _FusedLIF(torch.autograd.Function):
         carry = torch.zeros(n, dtype=torch.float32) if grad_v is None else grad_v.to(torch.float32, copy=True)
         carry = carry.contiguous().reshape(-1)
         gx = torch.empty_like(h)
-        numba_kernels().lif_backward(
+        kernels.load("lif").lif_backward(
             gs.reshape(-1).numpy(), h.reshape(-1).numpy(), carry.numpy(), gx.reshape(-1).numpy(),
             t_steps, n, tau, v_threshold, bool(decay_input), hard, sid, c1, c2, _BLOCK,
         )  # fmt: skip
@@ -129,9 +129,8 @@ def lif_multi_step(
         raise ValueError(f"the fused LIF kernel takes CPU float32 input, got {x_seq.dtype} on {x_seq.device}")
     if tuple(v0.shape) != tuple(x_seq.shape[1:]):
         raise ValueError(f"membrane shape {tuple(v0.shape)} does not match input steps {tuple(x_seq.shape[1:])}")
-    kernels = numba_kernels()
-    if kernels is None:
-        raise RuntimeError(f"the fused LIF kernel is unavailable: {numba_kernels_error()}")
+    if kernels.load("lif") is None:
+        raise RuntimeError(f"the fused LIF kernel is unavailable: {kernels.unavailable_reason()}")
     kernels.use_threads(torch.get_num_threads())
     return _FusedLIF.apply(x_seq, v0, float(tau), bool(decay_input), float(v_threshold),
                            None if v_reset is None else float(v_reset), consts)  # fmt: skip
@@ -158,7 +157,7 @@ class LIFNode(neuron.LIFNode):
             and not self.store_v_seq
             and getattr(self, "_neuron_precision", None) is None
             and _surrogate_constants(self.surrogate_function) is not None
-            and numba_kernels() is not None
+            and kernels.load("lif") is not None
         )
 
     def multi_step_forward(self, x_seq: torch.Tensor, *args: torch.Tensor, **kwargs: object):

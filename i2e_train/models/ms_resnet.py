@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence, Type, Union
 
 import torch
-from spikingjelly.activation_based import functional, neuron, surrogate
+from spikingjelly.activation_based import functional, surrogate
 from torch import nn
 
 from .layers import Conv2d, MaxPool2d

@@ -21,7 +21,6 @@ key. ``replace_head=True`` loads the backbone and re-initialises only the classi
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import pickle
@@ -34,6 +33,9 @@ import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download, list_repo_files
 from torch import nn
+
+from i2e_train.files import atomic_write_bytes
+from i2e_train.naming import unknown_name
 
 __all__ = [
     "HF_REPO_ID",
@@ -173,9 +175,7 @@ def _released_key(name: str) -> str:
 
 
 def _unknown_released(name: str) -> ValueError:
-    close = difflib.get_close_matches(_released_key(name), list(RELEASED_WEIGHTS), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return ValueError(f"unknown released weight {name!r}.{hint} Released: {', '.join(RELEASED_WEIGHTS)}")
+    return unknown_name("released weight", name, RELEASED_WEIGHTS, key=_released_key(name), listed="Released")
 
 
 def find_released(source: Union[str, os.PathLike]) -> Optional[ReleasedWeight]:
@@ -691,7 +691,7 @@ def export_safetensors(
     next to its destination and moved into place, so an existing file is never half-written.
     Read it back with :func:`load_checkpoint`.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -703,12 +703,4 @@ def export_safetensors(
                 meta[k] = str(info[k])
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (Mapping, list, tuple)) else str(v)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write_bytes(path, save(tensors, metadata=meta))

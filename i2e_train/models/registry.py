@@ -12,12 +12,13 @@ Entry points are small functions ``fn(num_classes=1000, **kwargs) -> nn.Module``
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 from typing import Any, Callable, Iterable, TypeVar, Union
 
 from torch import nn
+
+from i2e_train.naming import unknown_name
 
 __all__ = ["register_model", "create_model", "list_models", "is_model", "model_entrypoint"]
 
@@ -58,9 +59,7 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     try:
         return _model_entrypoints[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_model_entrypoints), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Available models: {', '.join(list_models())}") from None
+        raise unknown_name("model", name, list_models(), listed="Available models") from None
 
 
 def create_model(

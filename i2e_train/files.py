@@ -1,0 +1,85 @@
+"""Files that are either complete or absent: every write of the package goes through here.
+
+A file is written to a temporary name in its own folder (``.<name>.tmp-<pid>``), flushed and
+renamed over the target (``os.replace``, atomic on one filesystem), so a process killed while
+writing leaves the previous good file, or nothing, never a half-written one. Temporary files of
+writers that were killed are removed by the next write of the same target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Callable
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "temporary_name",
+           "remove_stale_temporaries"]
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """The temporary file this process writes ``path`` through (same folder, hidden)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of ``path`` left by writers that were killed (other pids)."""
+    path = Path(path)
+    own = temporary_name(path).name
+    stale = [p for p in path.parent.glob(f".{path.name}.tmp-*") if p.name != own]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], durable: bool = False) -> Path:
+    """Call ``write(binary file)`` on a temporary file, then rename it over ``path``.
+
+    ``durable``: fsync the file and its folder (checkpoints), so the rename survives a power cut.
+    The folder is created when missing. On any error the temporary file is removed and the
+    error raised; ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> Path:
+    return atomic_write(path, lambda fh: fh.write(data), durable)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, durable: bool = False) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), durable)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, indent: int = 2, durable: bool = False) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=indent) + "\n", durable)
