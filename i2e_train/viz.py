@@ -119,7 +119,7 @@ def load_row(path: str | Path, config: str | None = None, split: str = "train", 
     output); a single parquet file needs none."""
     import pyarrow.parquet as pq
 
-    from i2e_train.data.i2e_dataset import find_data_files
+    from i2e_train.data.parquet import find_data_files
 
     p = Path(path)
     if p.is_file():

@@ -38,7 +38,7 @@ import torch
 
 from i2e_train.codec import RecordError, encode_record
 from i2e_train.data import I2EDataModule
-from i2e_train.data.i2e_dataset import DataFileError, DatasetUnavailableError
+from i2e_train.data.base import DataFileError, DatasetUnavailableError
 from i2e_train.data.writer import shard_name, write_shard
 
 SHAPE = (8, 2, 32, 32)  # I2E-MNIST's

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from i2e_train.data.dvs import CLASS_NAMES, CIFAR10DVSDataModule, DVSDatasetError, per_class_split
+from i2e_train.data.dvs import CLASS_NAMES, CIFAR10DVSDataModule, DVSDatasetError
+from i2e_train.data.splits import per_class_split
 
 FILES_PER_CLASS = (3, 4, 5, 6, 7, 8, 9, 10, 3, 11)
 

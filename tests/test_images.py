@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from i2e_train.data.i2e_dataset import DatasetUnavailableError
+from i2e_train.data.base import DatasetUnavailableError
 from i2e_train.data.images import ImageDataModule, class_targets
 from i2e_train.data.preprocess import preprocess_image
 from i2e_train.i2e import I2E

@@ -29,22 +29,19 @@ in training with ``EventAugment``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from lightning import LightningDataModule
 from torch.utils.data import Subset
 
 from i2e_train.data.augment import EventAugment
-from i2e_train.data.catalog import get_info
-from i2e_train.data.i2e_dataset import DatasetUnavailableError
-from i2e_train.data.sampler import ResumableTrainData
+from i2e_train.data.base import DatasetUnavailableError, EventDataModule, resolve_info
+from i2e_train.data.splits import per_class_split
 
-__all__ = ["CIFAR10DVSDataModule", "per_class_split", "build_events_np", "frames_dir_name", "DVSDatasetError",
-           "CLASS_NAMES"]
+__all__ = ["CIFAR10DVSDataModule", "build_events_np", "frames_dir_name", "DVSDatasetError", "CLASS_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +51,6 @@ _NAME = "CIFAR10-DVS"
 
 class DVSDatasetError(DatasetUnavailableError):
     """CIFAR10-DVS is missing, half-built or blocked by a stale build marker."""
-
-
-def per_class_split(targets: Sequence[int], train_ratio: float, num_classes: int) -> tuple[list[int], list[int]]:
-    """SpikingJelly's ``split_to_train_test_set(train_ratio, dataset, num_classes)`` (random_split
-    False) from the targets alone: per class, in dataset order, the first
-    ``ceil(n * train_ratio)`` indices train, the rest test; classes concatenated in class order."""
-    label_idx: list[list[int]] = [[] for _ in range(num_classes)]
-    for i, t in enumerate(targets):
-        t = int(t)
-        if not 0 <= t < num_classes:
-            raise ValueError(f"target {t} of sample {i} outside 0..{num_classes - 1}")
-        label_idx[t].append(i)
-    train, test = [], []
-    for indices in label_idx:
-        pos = math.ceil(len(indices) * train_ratio)  # the same float expression as SpikingJelly
-        train.extend(indices[:pos])
-        test.extend(indices[pos:])
-    return train, test
 
 
 def frames_dir_name(frames_number: int, split_by: str) -> str:
@@ -175,7 +154,7 @@ def build_events_np(root: str | Path, verify_md5: bool = True) -> Path:
     return raw
 
 
-class CIFAR10DVSDataModule(ResumableTrainData, LightningDataModule):
+class CIFAR10DVSDataModule(EventDataModule):
     """CIFAR10-DVS as SpikingJelly frames, split 9:1 per class.
 
     Args:
@@ -204,39 +183,22 @@ class CIFAR10DVSDataModule(ResumableTrainData, LightningDataModule):
         augment: dict[str, Any] | None = None,
         verify_md5: bool = True,
     ) -> None:
-        super().__init__()
-        self.info = get_info(_NAME)
-        res = tuple(int(r) for r in resolution)
-        if len(res) == 1:
-            res = res * 2
-        checks = {"num_classes": (int(num_classes), self.info.num_classes),
-                  "resolution": (res, self.info.resolution)}
-        for key, (given, expected) in checks.items():
-            if given != expected:
-                raise ValueError(f"data config for {_NAME}: {key}={given!r} but the dataset has {expected!r}")
         if int(timesteps) != int(frames_number):
             raise ValueError(f"data config for {_NAME}: timesteps={timesteps} but frames_number={frames_number} "
                              "(each frame is one timestep)")
+        info = resolve_info(_NAME, num_classes, resolution, kind="dvs")
+        super().__init__(dataclasses.replace(info, timesteps=int(frames_number)), batch_size, num_workers,
+                         pin_memory, drop_last)
         if split_by not in ("number", "time"):
             raise ValueError(f"split_by must be 'number' or 'time', got {split_by!r}")
         if not 0.0 < float(train_ratio) <= 1.0:
             raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
         self.root = Path(root)
         self.frames_number, self.split_by, self.train_ratio = int(frames_number), split_by, float(train_ratio)
-        self.timesteps = int(timesteps)
-        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
-        self.drop_last, self.verify_md5 = bool(drop_last), bool(verify_md5)
+        self.verify_md5 = bool(verify_md5)
         self.augment = EventAugment(**(augment or {}))
-        self.datasets: dict[str, Subset] = {}
+        self.class_names = list(CLASS_NAMES)
         self.dataset = None  # the whole CIFAR10DVS DatasetFolder
-
-    @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (self.timesteps, self.info.channels, *self.info.resolution)
 
     @property
     def frames_root(self) -> Path:

@@ -47,15 +47,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning import LightningDataModule
 from PIL import Image
 from torch.utils.data import Dataset
 
 from i2e_train.data.augment import random_crop, random_hflip
-from i2e_train.data.catalog import CATALOG, DatasetInfo, check_facts
-from i2e_train.data.i2e_dataset import DatasetUnavailableError, stratified_split
+from i2e_train.data.base import DatasetUnavailableError, EventDataModule, as_size, resolve_info
 from i2e_train.data.preprocess import preprocess_image, to_rgb
-from i2e_train.data.sampler import ResumableTrainData
+from i2e_train.data.splits import stratified_split
 from i2e_train.i2e import I2E
 
 __all__ = ["ImageDataModule", "ImageSet", "build_encoder", "class_targets", "TRAIN_AUGS", "AUG_FAMILIES"]
@@ -71,18 +69,6 @@ _VAL_FOLDERS = ("val", "validation", "valid", "test")
 
 
 # --------------------------------------------------------------------------- helpers
-def _size(value: int | Sequence[int], what: str) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        out = (int(value), int(value))
-    else:
-        out = tuple(int(v) for v in value)
-        if len(out) == 1:
-            out = out * 2
-    if len(out) != 2 or min(out) < 1:
-        raise ValueError(f"{what} must be a positive size H or [H, W], got {value!r}")
-    return out  # type: ignore[return-value]
-
-
 def build_encoder(encoder: I2E | Mapping[str, Any] | None, default_ratio: float | None = None) -> I2E:
     """An I2E instance from an instance, a dict/DictConfig of I2E kwargs, or None (defaults)."""
     if isinstance(encoder, I2E):
@@ -235,7 +221,7 @@ def collate_images(batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- the DataModule
-class ImageDataModule(ResumableTrainData, LightningDataModule):
+class ImageDataModule(EventDataModule):
     """Static images converted to I2E events on the training device (online mode).
 
     Args:
@@ -300,7 +286,6 @@ class ImageDataModule(ResumableTrainData, LightningDataModule):
         rrc_ratio: Sequence[float] = (3 / 4, 4 / 3),
         encoder: I2E | Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
         if train_aug not in TRAIN_AUGS:
             raise ValueError(f"train_aug must be one of {TRAIN_AUGS}, got {train_aug!r}")
         if aug_family not in AUG_FAMILIES:
@@ -314,7 +299,8 @@ class ImageDataModule(ResumableTrainData, LightningDataModule):
         if source is None or str(source) == "":
             raise ValueError("source is required: a hub dataset id, a local copy of one, parquet files "
                              "or an image folder")
-        self.info = self._resolve_info(name, num_classes, resolution, timesteps)
+        super().__init__(resolve_info(name, num_classes, resolution, timesteps, kind="online"), batch_size,
+                         num_workers, pin_memory, drop_last, seed)
         self.encoder = build_encoder(encoder, self.info.ratio)
         if self.encoder.timesteps != self.info.timesteps:
             raise ValueError(f"data config for {name}: timesteps={self.info.timesteps} but the I2E converter "
@@ -326,42 +312,12 @@ class ImageDataModule(ResumableTrainData, LightningDataModule):
         self.data_dir = Path(data_dir)
         self.train_split, self.val_split = train_split, val_split
         self.image_column, self.label_column = image_column, label_column
-        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
-        self.drop_last, self.val_fraction, self.seed = bool(drop_last), float(val_fraction), int(seed)
+        self.val_fraction = float(val_fraction)
         self.train_aug, self.aug_family = train_aug, aug_family
-        self.source_size = _size(source_size, "source_size")
+        self.source_size = as_size(source_size, "source_size")
         self.crop_padding, self.pad_mode, self.hflip = int(crop_padding), _PAD_MODES[pad_mode], float(hflip)
         self.test_resize = None if test_resize is None else int(test_resize)
         self.rrc_scale, self.rrc_ratio = tuple(float(s) for s in rrc_scale), tuple(float(r) for r in rrc_ratio)
-        self.datasets: dict[str, ImageSet] = {}
-        self.class_names: list[str] = []
-
-    # ---- facts used by the rest of the pipeline
-    @staticmethod
-    def _resolve_info(name, num_classes, resolution, timesteps) -> DatasetInfo:
-        res = None if resolution is None else _size(resolution, "resolution")
-        info = CATALOG.get(name)
-        if info is None:
-            if num_classes is None or res is None:
-                raise KeyError(f"{name!r} is not a catalog config: give num_classes and resolution for data of "
-                               f"your own (catalog: {', '.join(n for n, i in CATALOG.items() if i.kind != 'dvs')})")
-            return DatasetInfo(name=name, source="local images", resolution=res, num_classes=int(num_classes),
-                               timesteps=int(timesteps or 8), ratio=None, kind="online", hub_repo=None)
-        if info.kind == "dvs":
-            raise ValueError(f"{name} is real DVS data: use CIFAR10DVSDataModule")
-        return check_facts(info, num_classes, res, timesteps)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return self.info.shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        return self.info.resolution
 
     # ---- worker-side transforms
     def _eval_transform(self):

@@ -1,0 +1,100 @@
+"""What every DataModule shares: the data's facts, the errors, and the loaders.
+
+A DataModule of i2e-train is an :class:`EventDataModule`: it holds ``info`` (a catalog
+:class:`~i2e_train.data.catalog.DatasetInfo`: resolution, classes, T, converter ratio), fills
+``datasets`` ({"train", "validation"}) in ``setup``, and turns every batch into
+``(events [T, B, C, H, W], targets int64 [B])`` on the training device in
+``on_after_batch_transfer``. Loaders, the resumable training order and the global-batch rule
+come from :class:`~i2e_train.data.sampler.ResumableTrainData`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from lightning import LightningDataModule
+
+from i2e_train.data.catalog import CATALOG, DatasetInfo, check_facts
+from i2e_train.data.sampler import ResumableTrainData
+from i2e_train.naming import unknown_name
+
+__all__ = ["EventDataModule", "DatasetUnavailableError", "DataFileError", "as_size", "resolve_info"]
+
+
+class DatasetUnavailableError(FileNotFoundError):
+    """The requested data is neither local nor reachable (the message says what to place where)."""
+
+
+class DataFileError(ValueError):
+    """A data file that is not a readable I2E parquet file (corrupt, truncated, other columns)."""
+
+
+def as_size(value: int | Sequence[int], what: str = "resolution") -> tuple[int, int]:
+    """H or [H, W] (or [H]) -> (H, W); anything else is a ValueError naming ``what``."""
+    if isinstance(value, (int, np.integer)):
+        out = (int(value), int(value))
+    else:
+        out = tuple(int(v) for v in value)
+        if len(out) == 1:
+            out = out * 2
+    if len(out) != 2 or min(out) < 1:
+        raise ValueError(f"{what} must be a positive size H or [H, W], got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def resolve_info(name: str, num_classes: int | None = None, resolution: int | Sequence[int] | None = None,
+                 timesteps: int | None = None, *, kind: str = "i2e", own: bool = True,
+                 need: str = "num_classes and resolution") -> DatasetInfo:
+    """The catalog entry ``name``, checked against the facts a config states (None = not stated).
+
+    A name outside the catalog is data of your own: with ``own`` and both ``num_classes`` and
+    ``resolution`` given, a new entry of ``kind`` is made; otherwise a KeyError lists the
+    catalog and says what to give (``need``). Real-DVS entries are refused unless ``kind="dvs"``.
+    """
+    res = None if resolution is None else as_size(resolution)
+    info = CATALOG.get(name)
+    if info is None:
+        if not own or num_classes is None or res is None:
+            err = unknown_name("dataset config", name, CATALOG, error=KeyError)
+            raise KeyError(f"{err.args[0]}\nFor data of your own, give {need}.") from None
+        return DatasetInfo(name=name, source="local", resolution=res, num_classes=int(num_classes),
+                           timesteps=int(timesteps or 8), ratio=None, kind=kind, hub_repo=None)
+    if info.kind == "dvs" and kind != "dvs":
+        raise ValueError(f"{name} is real DVS data: use data=cifar10dvs (CIFAR10DVSDataModule)")
+    return check_facts(info, num_classes, res, timesteps)
+
+
+class EventDataModule(ResumableTrainData, LightningDataModule):
+    """Base class: facts (``info``), datasets per split, loaders (see the module docstring).
+
+    Args:
+        info: the data's facts.
+        batch_size: the GLOBAL batch; under DDP each process loads batch_size / world_size.
+        num_workers, pin_memory, drop_last: the DataLoaders'.
+        seed: the training order is a function of (seed, epoch); None = the run's seed.
+    """
+
+    def __init__(self, info: DatasetInfo, batch_size: int, num_workers: int, pin_memory: bool,
+                 drop_last: bool = False, seed: int | None = None) -> None:
+        super().__init__()
+        self.info = info
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.pin_memory, self.drop_last = bool(pin_memory), bool(drop_last)
+        if seed is not None:
+            self.seed = int(seed)
+        self.datasets: dict = {}
+        self.class_names: list[str] = []
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """Event tensor shape of one sample, (T, C, H, W)."""
+        return self.info.shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return self.info.resolution
