@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from i2e_train.cli._hydra import group_options
+from i2e_train.config import group_options
 from i2e_train.models import create_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -85,7 +85,7 @@ def test_sim2real_pipeline_end_to_end_on_tiny_data(tmp_path):
     """pipeline=sim2real: I2E-CIFAR10 Baseline-II pre-training, then CIFAR10-DVS fine-tuning from it."""
     import json
 
-    from i2e_train.pipeline import state_digest
+    from i2e_train.models import state_digest
 
     rng = np.random.default_rng(1)
     hub_copy(tmp_path / "cifar10", CIFAR10, rng)

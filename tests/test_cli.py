@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from i2e_train import config_dir
-from i2e_train.cli._hydra import compose
+from i2e_train.config import compose
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_wheel_ships_configs_and_composes_outside_the_repo(tmp_path):
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
                    timeout=300)
     code = (
-        "import i2e_train, pathlib; from i2e_train.cli._hydra import compose; "
+        "import i2e_train, pathlib; from i2e_train.config import compose; "
         "d = i2e_train.config_dir(); assert 'site-packages' in str(d), d; "
         "assert str(d).startswith(%r), d; "
         "cfg = compose('train', ['model=ms_resnet18']); print(cfg.model.name, cfg.data.name)" % str(venv)

@@ -160,7 +160,7 @@ def test_data_config_composes():
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
-    from i2e_train.cli._hydra import compose
+    from i2e_train.config import compose
 
     GlobalHydra.instance().clear()
     try:

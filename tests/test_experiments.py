@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from i2e_train.cli._hydra import compose, group_options
+from i2e_train.config import compose, group_options
 
 C = dict(batch=128, lr=0.1, lr_min=5e-5, wd=2e-4, epochs=256, ratio=0.07, res=128, ls=0.1, precision="16-mixed")
 I = dict(batch=128, lr=0.1, lr_min=5e-5, wd=1e-5, epochs=128, ratio=0.12, res=224, ls=0.1, precision="16-mixed",

@@ -201,7 +201,7 @@ def test_online_data_configs_compose_and_instantiate(data):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
-    from i2e_train.cli._hydra import compose
+    from i2e_train.config import compose
 
     GlobalHydra.instance().clear()
     try:

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from i2e_train.cli._hydra import expand_nested_globs, group_options
-from i2e_train.pipeline import state_digest
+from i2e_train.config import expand_nested_globs, group_options
+from i2e_train.models import state_digest
 
 FAST = ("common_overrides=['trainer.max_epochs=1','+trainer.limit_train_batches=3',"
         "'+trainer.limit_val_batches=2','~logger']")

@@ -20,12 +20,7 @@ from i2e_train.models import (
     replace_head,
     resolve_released,
 )
-from i2e_train.models import pretrained
-from i2e_train.models.pretrained import (
-    CheckpointFormatError,
-    CheckpointMismatchError,
-    ReleasedWeightsUnavailable,
-)
+from i2e_train.models import CheckpointFormatError, CheckpointMismatchError, ReleasedWeightsUnavailable, hub
 
 
 @dataclasses.dataclass
@@ -308,7 +303,7 @@ def test_released_weights_table():
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Replace the hub calls of the pretrained module; record what was asked."""
+    """Replace the hub calls of i2e_train.models.hub; record what was asked."""
     calls = {"list": [], "download": []}
     listing = [
         ".gitattributes",
@@ -332,9 +327,9 @@ def fake_hub(monkeypatch):
         return str(target)
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(pretrained, "_hub_offline", lambda: False)
-    monkeypatch.setattr(pretrained, "list_repo_files", list_repo_files)
-    monkeypatch.setattr(pretrained, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(hub, "_hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(hub, "hf_hub_download", hf_hub_download)
     calls["payload"] = payload
     return calls
 
@@ -355,8 +350,8 @@ def test_resolve_released_prefers_the_cache(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the hub must not be asked")
 
-    monkeypatch.setattr(pretrained, "list_repo_files", boom)
-    monkeypatch.setattr(pretrained, "hf_hub_download", boom)
+    monkeypatch.setattr(hub, "list_repo_files", boom)
+    monkeypatch.setattr(hub, "hf_hub_download", boom)
     target = tmp_path / "deep" / "folder" / "imagenet_augmentation_34.pth.tar"
     target.parent.mkdir(parents=True)
     target.write_bytes(b"x")
@@ -407,9 +402,9 @@ def test_offline_error_says_where_to_put_the_file(tmp_path, monkeypatch):
         raise LocalEntryNotFoundError("Connection error, and the file is not in the local cache")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(pretrained, "_hub_offline", lambda: False)
-    monkeypatch.setattr(pretrained, "list_repo_files", unreachable)
-    monkeypatch.setattr(pretrained, "hf_hub_download", unreachable)
+    monkeypatch.setattr(hub, "_hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "list_repo_files", unreachable)
+    monkeypatch.setattr(hub, "hf_hub_download", unreachable)
     with pytest.raises(ReleasedWeightsUnavailable) as err:
         load_checkpoint(create_model("ms_resnet18", num_classes=10), "released:cifar10_baseline", cache_dir=tmp_path)
     msg = str(err.value)
@@ -423,7 +418,7 @@ def test_hf_hub_offline_env_skips_the_network(tmp_path, monkeypatch):
         raise AssertionError("offline mode must not touch the hub")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(pretrained, "list_repo_files", boom)
+    monkeypatch.setattr(hub, "list_repo_files", boom)
     with pytest.raises(ReleasedWeightsUnavailable, match="HF_HUB_OFFLINE") as err:
         resolve_released("imagenet_finetune_18", cache_dir=tmp_path)
     assert str(tmp_path / "imagenet_finetune_18.pth.tar") in str(err.value)

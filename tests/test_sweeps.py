@@ -16,7 +16,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from i2e_train import config_dir
-from i2e_train.cli._hydra import compose
+from i2e_train.config import compose
 from i2e_train.sweeps import sweep_values, wandb_sweep_commands
 
 REPO = Path(__file__).resolve().parents[1]

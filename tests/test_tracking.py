@@ -170,7 +170,7 @@ def test_logger_choices_compose_and_instantiate(tmp_path, monkeypatch, choice, e
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
-    from i2e_train.cli._hydra import compose
+    from i2e_train.config import compose
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)

@@ -86,7 +86,7 @@ def test_render_without_source_and_cli_on_a_dataset_row(tmp_path):
 
     from hydra.core.global_hydra import GlobalHydra
 
-    from i2e_train.cli._hydra import compose
+    from i2e_train.config import compose
     from i2e_train.cli.viz import run
 
     GlobalHydra.instance().clear()

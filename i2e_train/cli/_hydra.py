@@ -1,58 +1,22 @@
-"""Shared plumbing of the Hydra entry points (config location, composition for tests/tools)."""
+"""``@entry_point("train")``: ``hydra.main`` on the packaged config folder, plus nested globs."""
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable
 
 import hydra
 from omegaconf import DictConfig
 
 from i2e_train import config_dir
+from i2e_train.config import expand_nested_globs
 
-__all__ = ["entry_point", "compose", "expand_nested_globs", "group_options"]
-
-# Groups whose options live in sub-folders (experiment=cifar10/baseline1). Hydra's glob() lists
-# only the top level of a group, so `experiment=glob(*)` is expanded here over all depths.
-_NESTED_GROUPS = ("experiment",)
-_GLOB = re.compile(r"^(?P<key>[\w/]+)=glob\((?P<args>.*)\)$")
-
-
-def group_options(group: str) -> list[str]:
-    """Every config of a group, nested ones included, as Hydra option names ("cifar10/baseline1")."""
-    root = config_dir() / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
-
-
-def expand_nested_globs(args: Sequence[str]) -> list[str]:
-    """Rewrite `experiment=glob(pattern[, exclude=...])` into an explicit comma list over all depths."""
-    out = []
-    for arg in args:
-        m = _GLOB.match(arg)
-        if not m or m.group("key") not in _NESTED_GROUPS:
-            out.append(arg)
-            continue
-        args_text = m.group("args")
-        exclude: list[str] = []
-        ex = re.search(r"exclude=(\[[^\]]*\]|[^,]+)", args_text)
-        if ex:
-            exclude = [x.strip(" '\"") for x in ex.group(1).strip("[]").split(",") if x.strip()]
-            args_text = args_text[: ex.start()] + args_text[ex.end():]
-        include = [x.strip(" '\"") for x in args_text.split(",") if x.strip(" '\"")]
-        names = [n for n in group_options(m.group("key"))
-                 if any(fnmatch.fnmatchcase(n, pat) for pat in include or ["*"])
-                 and not any(fnmatch.fnmatchcase(n, pat) for pat in exclude)]
-        if not names:
-            raise SystemExit(f"{arg}: no {m.group('key')} config matches")
-        out.append(f"{m.group('key')}={','.join(names)}")
-    return out
+__all__ = ["entry_point"]
 
 
 def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], object]]:
-    """``@entry_point("train")`` = ``hydra.main`` on the packaged config folder (+ nested globs)."""
+    """Wrap a task function into a console-script ``main`` over the packaged config ``config_name``."""
 
     def wrap(task: Callable[[DictConfig], object]) -> Callable[[], object]:
         app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(task)
@@ -65,12 +29,3 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
         return main
 
     return wrap
-
-
-def compose(config_name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """Compose a config outside of a Hydra run (tests, notebooks, sweep checks)."""
-    from hydra import compose as _compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir()), job_name=config_name):
-        return _compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)

@@ -31,7 +31,13 @@ from torch.utils.data import Dataset
 from i2e_train.codec import unpack_events
 from i2e_train.data.augment import EventAugment
 from i2e_train.data.base import DatasetUnavailableError, EventDataModule, resolve_info
-from i2e_train.data.packed import BadRecordCounter, LabelMap, PackedI2EDataset, StreamingI2EDataset, collate_packed
+from i2e_train.data.packed import (
+    BadRecordCounter,
+    LabelMap,
+    PackedI2EDataset,
+    StreamingI2EDataset,
+    collate_packed,
+)
 from i2e_train.data.parquet import check_parquet_files, find_data_files
 from i2e_train.data.splits import stratified_split
 

@@ -51,7 +51,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from i2e_train.data.augment import random_crop, random_hflip
-from i2e_train.data.base import DatasetUnavailableError, EventDataModule, as_size, resolve_info
+from i2e_train.data.base import (
+    DatasetUnavailableError,
+    EventDataModule,
+    as_size,
+    resolve_info,
+)
 from i2e_train.data.preprocess import preprocess_image, to_rgb
 from i2e_train.data.splits import stratified_split
 from i2e_train.i2e import I2E

@@ -1,25 +1,22 @@
-"""Spiking networks for I2E events: the MS-ResNet family, a timm-style registry and weight loading.
+"""Spiking networks for I2E events: the MS-ResNet family, a timm-style registry and weights.
 
     >>> from i2e_train.models import create_model, load_checkpoint
     >>> model = create_model("ms_resnet18", num_classes=10)       # [T, B, 2, H, W] -> [B, 10]
     >>> report = load_checkpoint(model, "released:cifar10_baseline")  # cache or Hugging Face
+
+Files: ``ms_resnet`` (the networks), ``registry`` (names -> entry points), ``lif`` / ``layers``
+(neuron and layers with bit-identical fast CPU paths), ``released`` (the released-weights table),
+``hub`` (downloading a released file), ``checkpoint`` (reading, remapping and writing checkpoint
+files), ``loading`` (strict loading into a model), ``errors``.
 """
 
+from .checkpoint import export_safetensors, read_checkpoint, state_digest
+from .errors import CheckpointError, CheckpointFormatError, ReleasedWeightsUnavailable
+from .hub import resolve_released
+from .loading import CheckpointMismatchError, LoadReport, load_checkpoint, replace_head
 from .ms_resnet import BasicBlock, Bottleneck, MSResNet, NeuronConfig
-from .pretrained import (
-    RELEASED_WEIGHTS,
-    CheckpointError,
-    CheckpointFormatError,
-    CheckpointMismatchError,
-    LoadReport,
-    ReleasedWeight,
-    ReleasedWeightsUnavailable,
-    export_safetensors,
-    load_checkpoint,
-    replace_head,
-    resolve_released,
-)
 from .registry import create_model, is_model, list_models, register_model
+from .released import RELEASED_WEIGHTS, ReleasedWeight, find_released, get_released
 
 __all__ = [
     "MSResNet",
@@ -32,8 +29,12 @@ __all__ = [
     "is_model",
     "load_checkpoint",
     "replace_head",
+    "read_checkpoint",
+    "state_digest",
     "RELEASED_WEIGHTS",
     "ReleasedWeight",
+    "find_released",
+    "get_released",
     "resolve_released",
     "export_safetensors",
     "LoadReport",

@@ -80,7 +80,7 @@ def create_model(
         pretrained: ``None``, a checkpoint path (official ``.pth.tar``, Lightning ``.ckpt``,
             ``.safetensors``, raw state dict) or a released-weight name (``'released:<name>'``
             or the bare name), loaded strictly by
-            :func:`i2e_train.models.pretrained.load_checkpoint`.
+            :func:`i2e_train.models.loading.load_checkpoint`.
         replace_head: load the backbone only and re-initialise ``fc`` for ``num_classes``
             (fine-tuning on another label set).
         cache_dir: where released weights are looked for and downloaded to.
@@ -93,14 +93,14 @@ def create_model(
     if num_classes is None:
         num_classes = 1000
         if pretrained is not None:
-            from .pretrained import find_released
+            from .released import find_released
 
             released = find_released(str(pretrained))
             if released is not None and not replace_head:
                 num_classes = released.num_classes
     model = entry(num_classes=num_classes, **kwargs)
     if pretrained is not None:
-        from .pretrained import load_checkpoint
+        from .loading import load_checkpoint
 
         model.load_report = load_checkpoint(model, pretrained, replace_head=replace_head, cache_dir=cache_dir)
     return model

@@ -1,0 +1,127 @@
+"""Evaluation as a library call: a checkpoint (ours, official, safetensors or released) on the
+validation split of its data.
+
+Writes to the run folder: metrics.json (top-1, top-5, loss, checkpoint), confusion_matrix.json
+and confusion_matrix.png. A checkpoint written by ``i2e-train`` carries its model and data config,
+which are used unless chosen on the command line; a released weight picks its own model and data
+config (:func:`released_overrides`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from i2e_train.files import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate", "evaluate_from_overrides", "latest_checkpoint", "released_overrides"]
+
+
+def latest_checkpoint(log_dir: str | Path) -> Path:
+    """Best checkpoint of the most recent `i2e-train` run under ``log_dir``."""
+    runs = sorted(Path(log_dir).glob("train/runs/*/checkpoints"), key=lambda p: p.stat().st_mtime)
+    for ckpt_dir in reversed(runs):
+        best = sorted(ckpt_dir.glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if best:
+            return best[-1]
+    raise FileNotFoundError(
+        f"ckpt_path=latest: no checkpoint found under {Path(log_dir) / 'train/runs'}; run i2e-train first "
+        "or pass ckpt_path=<file> / ckpt_path=released:<name>"
+    )
+
+
+def _stored_config(path: Path) -> dict | None:
+    """The run config an i2e-train checkpoint carries (None for foreign checkpoints)."""
+    if path.suffix != ".ckpt":
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt.get("i2e_config") if isinstance(ckpt, dict) else None
+
+
+def _merge_stored(cfg: DictConfig, stored: dict, overrides: Sequence[str]) -> DictConfig:
+    """Model and data from the checkpoint's config unless chosen on the command line."""
+    chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    for group in ("model", "data"):
+        if group in chosen or group not in stored:
+            continue
+        base = OmegaConf.create(stored[group])
+        dotted = [o for o in overrides if o.lstrip("+~").startswith(group + ".")]
+        cfg[group] = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in dotted]))
+    cfg.module.num_classes = cfg.data.num_classes
+    return cfg
+
+
+def _write_results(cfg: DictConfig, module, source: str, metrics: dict[str, float]) -> dict[str, Any]:
+    from i2e_train.plots import plot_confusion
+
+    out_dir = Path(cfg.paths.output_dir)
+    result = {"checkpoint": source, "data": cfg.data.name, "model": cfg.model.name, **metrics}
+    atomic_write_json(out_dir / "metrics.json", result)
+    if module.last_confusion is not None:
+        cm = module.last_confusion.tolist()
+        atomic_write_json(out_dir / "confusion_matrix.json", cm, indent=None)
+        plot_confusion(cm, out_dir / "confusion_matrix.png", title=f"{cfg.data.name}: {Path(source).name}")
+    print(f"checkpoint: {source}\nvalidation top-1: {100 * metrics['val/top1']:.2f}%  "
+          f"top-5: {100 * metrics['val/top5']:.2f}%  loss: {metrics['val/loss']:.4f}\nresults: {out_dir}")
+    return result
+
+
+def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Validate ``cfg.ckpt_path`` on ``cfg.data``; ``overrides`` are the command line's (they win
+    over the model / data config stored in an i2e-train checkpoint)."""
+    from i2e_train.models import load_checkpoint
+
+    L.seed_everything(cfg.seed, workers=True)
+    source = str(cfg.ckpt_path)
+    if source == "latest":
+        source = str(latest_checkpoint(cfg.paths.log_dir))
+    if not source.startswith("released:"):
+        stored = _stored_config(Path(source))
+        if stored is not None:
+            cfg = _merge_stored(cfg, stored, overrides)
+    log.info("evaluating %s", source)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    log.info("loaded: %s", load_checkpoint(model, source, cache_dir=cfg.paths.checkpoint_dir))
+    module = instantiate(cfg.module, model=model)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    res = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    return _write_results(cfg, module, source, {k: float(v) for k, v in res.items()})
+
+
+def released_overrides(source: str, overrides: Sequence[str]) -> list[str]:
+    """`model=` and `data=` for a released weight, unless chosen on the command line."""
+    from i2e_train.models.released import find_released
+
+    info = find_released(source)
+    if info is None:
+        return []
+    chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    extra = []
+    if "model" not in chosen:
+        extra.append(f"model={info.model}")
+    if "data" not in chosen:
+        extra.append(f"data={info.data_config}")
+    return extra
+
+
+def evaluate_from_overrides(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
+    """:func:`evaluate` for a config composed from ``overrides``; a released weight recomposes it
+    with its own model and data config first."""
+    from i2e_train.config import compose
+
+    if str(cfg.ckpt_path).startswith("released:"):
+        extra = released_overrides(str(cfg.ckpt_path), overrides)
+        if extra:
+            cfg = compose("eval", list(overrides) + extra)
+    return evaluate(cfg, overrides=overrides)

@@ -1,0 +1,106 @@
+"""Multi-stage recipes: run training stages in order, feeding checkpoints forward.
+
+A pipeline config (configs/pipeline/*.yaml) lists named stages, each a set of `i2e-train`
+overrides (typically one `experiment=...`), optionally `init_from: <earlier stage name>` (that
+stage's best checkpoint) or any checkpoint path / released:<name>. The run folder holds one
+sub-folder per stage and `pipeline.json`, which records what each stage ran and which
+checkpoint fed which stage. A stage that finished (its `stage.json` exists) is skipped on
+re-run; an interrupted one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from i2e_train.files import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_pipeline"]
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _init_path(name: str, stage: DictConfig, stages: DictConfig, done: dict[str, Any]) -> str | None:
+    """The checkpoint stage ``name`` starts from: an earlier stage's best, a path, or None."""
+    init = stage.get("init_from")
+    if not init:
+        return None
+    if init in done:
+        if not done[init]["best_checkpoint"]:
+            raise RuntimeError(f"stage {name!r} starts from stage {init!r}, which saved no checkpoint")
+        return done[init]["best_checkpoint"]
+    if init in stages:
+        raise ValueError(f"stage {name!r} starts from stage {init!r}, which comes later in the pipeline")
+    return str(init)
+
+
+def _stage_overrides(cfg: DictConfig, name: str, stage: DictConfig, init_path: str | None, stage_dir: Path
+                     ) -> list[str]:
+    """The ``i2e-train`` overrides of one stage: its own, the common ones, its initial weights
+    and its fixed run folder (so that a re-run resumes it from ``last.ckpt``)."""
+    overrides = list(stage.get("overrides") or []) + list(cfg.get("common_overrides") or [])
+    if init_path is not None:
+        overrides.append(f"init_from={_quote(init_path)}")
+        overrides.append(f"replace_head={str(bool(stage.get('replace_head', False))).lower()}")
+    return overrides + [f"paths.output_dir={_quote(str(stage_dir))}", f"task_name={name}", "ckpt_path=last"]
+
+
+def _run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict[str, Any], run_dir: Path,
+               train: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any]:
+    from i2e_train.config import compose
+
+    init_path = _init_path(name, stage, cfg.pipeline.stages, done)
+    overrides = _stage_overrides(cfg, name, stage, init_path, run_dir / name)
+    log.info("stage %s: i2e-train %s", name, " ".join(overrides))
+    result = train(compose("train", overrides))
+    record = {
+        "overrides": overrides,
+        "init_from": init_path,
+        "init_from_stage": stage.get("init_from") if stage.get("init_from") in done else None,
+        "init_digest": result.get("init_digest"),
+        "best_checkpoint": result.get("best_checkpoint"),
+        "metrics": result.get("best", result.get("fit")),
+        "skipped": False,
+    }
+    atomic_write_json(run_dir / name / "stage.json", record)
+    return record
+
+
+def run_pipeline(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run ``cfg.pipeline.stages`` in order; each stage is the ``train`` config composed from its
+    overrides and run by ``train`` (:func:`i2e_train.tasks.train.train` by default). Returns the
+    manifest written to ``<run_dir>/pipeline.json``."""
+    if train is None:
+        from i2e_train.tasks.train import train
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {"pipeline": cfg.pipeline.name, "stages": {}}
+    if not cfg.pipeline.stages:
+        raise ValueError(f"pipeline {cfg.pipeline.name!r} has no stages")
+    for name, stage in cfg.pipeline.stages.items():
+        finished = run_dir / name / "stage.json"
+        if finished.is_file():
+            record = dict(json.loads(finished.read_text()), skipped=True)
+            log.info("stage %s finished earlier: skipped (%s)", name, record.get("best_checkpoint"))
+        else:
+            record = _run_stage(cfg, name, stage, manifest["stages"], run_dir, train)
+        manifest["stages"][name] = record
+        atomic_write_json(run_dir / "pipeline.json", manifest)
+    return manifest
+
+
+def report(manifest: dict[str, Any]) -> str:
+    """One line per stage: done or skipped, its best checkpoint, where it started from."""
+    lines = []
+    for name, rec in manifest["stages"].items():
+        state = "skipped (done earlier)" if rec.get("skipped") else "done"
+        lines.append(f"{name}: {state}; best checkpoint {rec.get('best_checkpoint')}; init from {rec.get('init_from')}")
+    return "\n".join(lines)
