@@ -246,3 +246,10 @@ class CSVLogger(_LightningCSVLogger):
         if old and hasattr(exp, "metrics"):
             exp.metrics[:0] = old
         return exp
+
+
+def find_wandb_logger(trainer: Any):
+    """The first ``WandbLogger`` attached to the trainer, or None."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)

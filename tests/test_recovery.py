@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from i2e_train.data.sampler import ResumableSampler
-from i2e_train.recovery import (AtomicCheckpointIO, NonFiniteLossError, StepCheckpoint, StopOnNonFinite,
-                                recovery_callbacks)
+from i2e_train.callbacks import NonFiniteLossError, StepCheckpoint, StopOnNonFinite
+from i2e_train.recovery import AtomicCheckpointIO, recovery_callbacks
 
 # The demo, small and deterministic: 2 epochs of 5 batches of 8, a mid-epoch last.ckpt every 2 steps, and
 # event augmentation on the device (random crops and flips from the global RNG, which the resume must restore).

@@ -11,7 +11,7 @@ number of batches already trained; on resume the sampler of that epoch starts af
 ``ResumableSampler`` is a ``DistributedSampler``, so Lightning never replaces it under DDP; it
 splits the epoch's permutation between ranks itself. Its ``generator`` is handed to the
 DataLoader: the workers' base seed is then a function of (seed, epoch) too, never a draw from
-the global RNG (which ``i2e_train.recovery.RestoreRNGState`` restores exactly).
+the global RNG (which ``i2e_train.callbacks.RestoreRNGState`` restores exactly).
 """
 
 from __future__ import annotations

@@ -1,20 +1,7 @@
-"""Lightning callbacks that tell a person what a run did (configs/callbacks/default.yaml).
-
-* :class:`SpikeStats`: firing rate of every spiking layer and synaptic operations per sample,
-  measured on the validation set (``spikes/*`` metrics, ``spike_stats.json``, ``spike_rates.png``).
-* :class:`EventMediaLogger`: a few validation samples as event animations and the confusion
-  matrix, logged to Weights & Biases (does nothing without a ``WandbLogger``).
-* :class:`LearningCurves`: train / validation loss and top-1 per epoch as a PNG at the end of fit.
-* :class:`RunInfo`: the resolved config, parameter counts and hardware sent to every logger at
-  the start of fit (wandb: config + summary; CSV: hparams.yaml; TensorBoard: hparams).
-
-All of them are cheap: SpikeStats hooks the network during validation epochs only (no hook
-exists during training steps, nor during the sanity check), media and plots are made on rank 0.
-"""
+"""Firing rate of every spiking layer and synaptic operations per sample, on the validation set."""
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from pathlib import Path
@@ -25,20 +12,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from i2e_train.files import atomic_write_json
+from i2e_train.tracking import find_wandb_logger
+
+__all__ = ["SpikeStats", "spiking_layers"]
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpikeStats", "EventMediaLogger", "LearningCurves", "RunInfo", "find_wandb_logger", "spiking_layers"]
-
 _SYNAPSES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def find_wandb_logger(trainer: Trainer):
-    """The first ``WandbLogger`` attached to the trainer, or None."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-
 
 def spiking_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every SpikingJelly neuron (``BaseNode``: LIF, IF, ...) of ``module``, in forward-definition
@@ -302,182 +282,3 @@ class SpikeStats(Callback):
         wb = find_wandb_logger(trainer)
         if wb is not None:
             wb.log_image("plots/spike_rates", [str(png)], step=trainer.global_step)
-
-
-class EventMediaLogger(Callback):
-    """Validation samples as event-stream animations and the confusion matrix, to wandb.
-
-    Only active when a ``WandbLogger`` is attached (otherwise it does nothing, not even
-    keep a batch). The first ``num_samples`` samples of the first validation batch become GIF
-    videos (``media/val_events``: one frame per time step, ON red / OFF blue, drawn by
-    :func:`i2e_train.viz.event_frames`, ``fps`` frames per second) captioned with the label and
-    the prediction; the confusion matrix of the epoch (``pl_module.last_confusion``) is drawn by
-    :func:`i2e_train.plots.plot_confusion` (``media/confusion_matrix``). Every
-    ``every_n_epochs`` validation epochs, on rank 0, never during the sanity check.
-    """
-
-    def __init__(self, num_samples: int = 4, fps: float = 4.0, min_side: int = 128, confusion: bool = True,
-                 every_n_epochs: int = 1) -> None:
-        self.num_samples = int(num_samples)
-        self.fps = float(fps)
-        self.min_side = int(min_side)
-        self.confusion = bool(confusion)
-        self.every_n_epochs = max(1, int(every_n_epochs))
-        self._events: torch.Tensor | None = None
-        self._labels: torch.Tensor | None = None
-        self._preds: torch.Tensor | None = None
-        self._hook = None
-
-    def _active(self, trainer: Trainer) -> bool:
-        if trainer.sanity_checking or find_wandb_logger(trainer) is None:
-            return False
-        if trainer.state.fn is not None and trainer.state.fn.value == "fit":
-            return trainer.current_epoch % self.every_n_epochs == 0
-        return True
-
-    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
-        if batch_idx != 0 or dataloader_idx != 0 or self.num_samples <= 0 or not self._active(trainer):
-            return
-        n = self.num_samples
-
-        def grab(module, inputs, output):
-            if torch.is_tensor(output) and output.dim() == 2 and self._preds is None:
-                self._preds = output[:n].detach().argmax(-1).cpu()
-
-        self._preds = None
-        self._hook = pl_module.register_forward_hook(grab)
-
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if batch_idx != 0 or dataloader_idx != 0 or self.num_samples <= 0 or not self._active(trainer):
-            return
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2 and torch.is_tensor(batch[0]) and batch[0].dim() == 5:
-            self._events = batch[0][:, : self.num_samples].detach().cpu()  # [T, n, C, H, W]
-            self._labels = batch[1][: self.num_samples].detach().cpu()
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        try:
-            if self._active(trainer) and trainer.is_global_zero:
-                self._log(trainer, pl_module)
-        finally:
-            self._events = self._labels = self._preds = None
-
-    def _gif(self, events: torch.Tensor) -> io.BytesIO:
-        from PIL import Image
-
-        from i2e_train.viz import event_frames
-
-        frames = event_frames(events > 0, scale=None, min_side=self.min_side)  # [T, H, W, 3] uint8
-        images = [Image.fromarray(f).convert("P", palette=Image.ADAPTIVE, colors=16) for f in frames]
-        buf = io.BytesIO()
-        images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
-                       duration=int(round(1000 / self.fps)), loop=0)
-        buf.seek(0)
-        return buf
-
-    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        import numpy as np
-        import wandb
-        from PIL import Image
-
-        wb = find_wandb_logger(trainer)
-        names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule is not None else None
-        names = list(names) if names else None
-
-        def label(i: int) -> str:
-            return names[i] if names and 0 <= i < len(names) else str(i)
-
-        media: dict[str, Any] = {}
-        if self._events is not None and self._events.shape[2] == 2:
-            videos = []
-            for k in range(self._events.shape[1]):
-                caption = f"label {label(int(self._labels[k]))}"
-                if self._preds is not None and k < len(self._preds):
-                    caption += f" | predicted {label(int(self._preds[k]))}"
-                videos.append(wandb.Video(self._gif(self._events[:, k]), caption=caption, format="gif"))
-            media["media/val_events"] = videos
-        elif self._events is not None:
-            log.info("EventMediaLogger: events have %d channels (expected ON/OFF = 2): no animation",
-                     self._events.shape[2])
-        cm = getattr(pl_module, "last_confusion", None)
-        if self.confusion and cm is not None:
-            import tempfile
-
-            from i2e_train.plots import plot_confusion
-
-            with tempfile.TemporaryDirectory() as tmp:
-                png = plot_confusion(np.asarray(cm), Path(tmp) / "confusion.png", class_names=names,
-                                     title=f"validation, epoch {trainer.current_epoch}")
-                with Image.open(png) as im:
-                    media["media/confusion_matrix"] = wandb.Image(np.asarray(im.convert("RGB")))
-        if media:
-            wb.log_metrics(media, step=trainer.global_step)
-
-
-class LearningCurves(Callback):
-    """At the end of fit (rank 0): ``<output_dir>/learning_curves.png`` (train / validation loss
-    and top-1 per epoch) drawn from the ``CSVLogger``'s ``metrics.csv``; also logged to wandb
-    (``plots/learning_curves``) when attached. Does nothing without a CSV logger."""
-
-    def __init__(self, output_dir: str | Path | None = None, filename: str = "learning_curves.png") -> None:
-        self.output_dir = output_dir
-        self.filename = filename
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning.pytorch.loggers import CSVLogger
-
-        if not trainer.is_global_zero:
-            return
-        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        if csv_logger is None:
-            log.info("LearningCurves: no CSV logger attached (logger=csv or logger=many): no learning curves")
-            return
-        csv_logger.save()  # flush what is buffered
-        metrics = Path(csv_logger.log_dir) / "metrics.csv"
-        if not metrics.is_file():
-            return
-        from i2e_train.plots import plot_learning_curves
-
-        png = plot_learning_curves(metrics, _output_dir(trainer, self.output_dir) / self.filename)
-        log.info("learning curves: %s", png)
-        wb = find_wandb_logger(trainer)
-        if wb is not None:
-            wb.log_image("plots/learning_curves", [str(png)], step=trainer.global_step)
-
-
-class RunInfo(Callback):
-    """At the start of fit, send every logger the run's facts as hyper-parameters:
-
-    * the full resolved config (``pl_module.run_config``, set by ``i2e-train``; the module's
-      ``hparams`` otherwise) -- model, data (resolution, T, batch size, encoder...), optimiser...;
-    * ``params``: total / trainable / frozen parameter counts of the network;
-    * ``hardware``: CPU and GPU names, device counts, torch / CUDA / cuDNN / Lightning /
-      SpikingJelly versions, accelerator, strategy and precision.
-
-    wandb gets them in the run config and the counts / hardware in the run summary too
-    (``params/*``, ``hardware/*``); CSV writes ``hparams.yaml``, TensorBoard its hparams tab.
-    """
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from i2e_train.tracking import hardware_info, parameter_counts
-
-        if not trainer.loggers:
-            return
-        config = getattr(pl_module, "run_config", None)
-        if config is None:
-            config = dict(pl_module.hparams)
-        model = getattr(pl_module, "model", pl_module)
-        params = parameter_counts(model)
-        hardware = hardware_info(trainer)
-        facts = {**config, "params": params, "hardware": hardware}
-        for lg in trainer.loggers:
-            lg.log_hyperparams(facts)
-        wb = find_wandb_logger(trainer)
-        if wb is not None and trainer.is_global_zero:
-            summary = {f"params/{k}": v for k, v in params.items()}
-            summary.update({f"hardware/{k}": v for k, v in hardware.items()})
-            wb.experiment.summary.update(summary)

@@ -1,0 +1,36 @@
+"""Lightning callbacks, one per file (configs/callbacks/default.yaml; the recovery ones are added
+to every run by :func:`i2e_train.recovery.recovery_callbacks`).
+
+What a run tells a person:
+
+* :class:`SpikeStats`: firing rate of every spiking layer and synaptic operations per sample,
+  measured on the validation set (``spikes/*`` metrics, ``spike_stats.json``, ``spike_rates.png``).
+* :class:`EventMediaLogger`: a few validation samples as event animations and the confusion
+  matrix, logged to Weights & Biases (does nothing without a ``WandbLogger``).
+* :class:`LearningCurves`: train / validation loss and top-1 per epoch as a PNG at the end of fit.
+* :class:`RunInfo`: the resolved config, parameter counts and hardware sent to every logger at
+  the start of fit.
+
+What keeps a run recoverable:
+
+* :class:`StepCheckpoint`: ``last.ckpt`` every N optimiser steps (mid-epoch recovery points).
+* :class:`RestoreRNGState`: RNG states saved in checkpoints and restored on resume.
+* :class:`StopOnNonFinite`: stop at a NaN/Inf loss; never checkpoint NaN/Inf weights.
+* :class:`BadRecordsReport`: records skipped under ``data.on_bad_record=skip``, counted and written.
+
+All of them are cheap: SpikeStats hooks the network during validation epochs only, media and
+plots are made on rank 0.
+"""
+
+from .bad_records import BadRecordsReport
+from .event_media import EventMediaLogger
+from .learning_curves import LearningCurves
+from .nonfinite import NonFiniteLossError, StopOnNonFinite
+from .rng_state import RestoreRNGState, rng_states, set_rng_states
+from .run_info import RunInfo
+from .spike_stats import SpikeStats, spiking_layers
+from .step_checkpoint import StepCheckpoint
+
+__all__ = ["SpikeStats", "EventMediaLogger", "LearningCurves", "RunInfo", "StepCheckpoint", "RestoreRNGState",
+           "StopOnNonFinite", "NonFiniteLossError", "BadRecordsReport", "rng_states", "set_rng_states",
+           "spiking_layers"]
