@@ -36,6 +36,9 @@ __all__ = [
     "packed_payloads",
     "pack_events",
     "unpack_events",
+    "records_from_packed",
+    "records_from_events",
+    "count_events",
 ]
 
 _MAGIC = b"\x93NUMPY"
@@ -229,6 +232,29 @@ def unpack_events(
     bits = (packed.unsqueeze(-1) >> shifts) & 1  # [B, N, 8]
     bits = bits.view(b, -1)[:, :count].view(b, *shape)  # [B, T, C, H, W]
     return bits.transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)  # [T, B, C, H, W]
+
+
+def records_from_packed(packed: np.ndarray, shape: Sequence[int]) -> list[bytes]:
+    """Packed payloads uint8 [B, N] -> record bytes (the same bytes as :func:`encode_record`)."""
+    prefix = record_prefix(shape)
+    return [prefix + row.tobytes() for row in packed]
+
+
+def records_from_events(events: torch.Tensor) -> list[bytes]:
+    """Events [T, B, C, H, W] (any device) -> B records, packed on the events' device."""
+    t, _, c, h, w = events.shape
+    packed = pack_events(events).cpu().numpy()
+    return records_from_packed(packed, (t, c, h, w))
+
+
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.int64)
+
+
+def count_events(packed: np.ndarray) -> int:
+    """Number of set bits (= events) in packed payloads."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return int(np.bitwise_count(packed).sum(dtype=np.int64))
+    return int(_POPCOUNT[packed].sum())
 
 
 def save_npy(arr: np.ndarray) -> bytes:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from i2e_train import config_dir
 
-__all__ = ["compose", "expand_nested_globs", "group_options", "NESTED_GROUPS"]
+__all__ = ["compose", "call_target", "expand_nested_globs", "group_options", "NESTED_GROUPS", "FRAMEWORK_KEYS"]
 
 # Groups whose options live in sub-folders (experiment=cifar10/baseline1). Hydra's glob() lists
 # only the top level of a group, so `experiment=glob(*)` is expanded here over all depths.
@@ -70,3 +70,23 @@ def compose(config_name: str, overrides: Sequence[str] = (), return_hydra_config
         return _compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir()), job_name=config_name):
         return _compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+# Keys of a config that configure the run itself, not the function its root `_target_` names.
+FRAMEWORK_KEYS = ("paths", "task_name")
+
+
+def call_target(cfg: DictConfig):
+    """Call the function named by the root ``_target_`` of ``cfg`` with every other key of the
+    config (resolved; ``paths`` and ``task_name`` left out) as keyword arguments. So a config
+    file is the one list of a function's arguments (configs/convert.yaml, configs/viz.yaml)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    args = {}
+    for key in cfg:
+        if key in FRAMEWORK_KEYS:
+            continue
+        value = cfg[key]  # interpolations (e.g. ${paths.data_dir}) resolve here
+        args[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return instantiate(args, _convert_="all")

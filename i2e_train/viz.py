@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from i2e_train.files import atomic_write
+
 __all__ = [
     "BACKGROUND", "ON_COLOR", "OFF_COLOR", "BOTH_COLOR",
-    "as_events", "event_frames", "image_events", "load_row", "render", "VizFiles",
+    "as_events", "event_frames", "image_events", "load_row", "render", "render_input", "VizFiles",
 ]
 
 BACKGROUND = (16, 16, 16)
@@ -95,8 +97,8 @@ def image_events(image, resolution: int | Sequence[int] | None = None, ratio: fl
 
     Standard preprocessing (RGB, bicubic resize to ``resolution``; None keeps the size) and the
     converter in eval mode."""
-    from i2e_train.convert import load_image
     from i2e_train.data.preprocess import preprocess_image
+    from i2e_train.data.sources import load_image
     from i2e_train.i2e import I2E
 
     img = load_image(image, str(image) if isinstance(image, (str, Path)) else where)
@@ -212,8 +214,8 @@ def _source_panel(image: Any, h: int, w: int) -> np.ndarray:
             arr = np.repeat(arr, 3, axis=-1)
         pil = Image.fromarray(arr[..., :3])
     else:
-        from i2e_train.convert import load_image
         from i2e_train.data.preprocess import to_rgb
+        from i2e_train.data.sources import load_image
 
         pil = to_rgb(load_image(image))
     if pil.size != (w, h):
@@ -302,11 +304,57 @@ def render(events: Any, out_dir: str | Path, name: str = "events", image: Any = 
         gif_frames.append(np.concatenate([panel, _timeline(i, t, panel.shape[1])], axis=0))
     fixed = [BACKGROUND, ON_COLOR, OFF_COLOR, BOTH_COLOR, _BAR_DONE, _BAR_TODO, _GAP_COLOR]
     pimgs = _to_palette(gif_frames, fixed)
-    gif = out_dir / f"{name}.gif"
-    pimgs[0].save(gif, save_all=True, append_images=pimgs[1:], duration=int(round(1000 / fps)), loop=loop,
-                  optimize=False, disposal=1)
-
-    strip = _hstack(([src] if src is not None else []) + list(frames))
-    png = out_dir / f"{name}.png"
-    Image.fromarray(strip).save(png)
+    gif = atomic_write(out_dir / f"{name}.gif", lambda fh: pimgs[0].save(
+        fh, format="GIF", save_all=True, append_images=pimgs[1:], duration=int(round(1000 / fps)), loop=loop,
+        optimize=False, disposal=1))
+    strip = Image.fromarray(_hstack(([src] if src is not None else []) + list(frames)))
+    png = atomic_write(out_dir / f"{name}.png", lambda fh: strip.save(fh, format="PNG"))
     return VizFiles(gif=gif, png=png)
+
+
+# --------------------------------------------------------------------------- i2e-viz
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+
+
+def _image_input(src: Path, config: str | None, resolution, ratio, order, show_source: bool):
+    """An image through the converter: (events, source image or None); the catalog config's
+    resolution and ratio when not given (else the image's size and 0.07), order 4 by default."""
+    from i2e_train.data.catalog import CATALOG
+
+    info = CATALOG.get(config or "")
+    resolution = resolution or (info.resolution if info is not None else None)
+    ratio = ratio if ratio is not None else (info.ratio if info and info.ratio else 0.07)
+    events, img = image_events(src, resolution, ratio, order if order is not None else 4)
+    return events, (img if show_source else None)
+
+
+def _row_input(src: Path, config: str | None, split: str, index: int) -> tuple[np.ndarray, str]:
+    """A dataset row: (events, a name from split, index and file_path); prints what it shows."""
+    row = load_row(src, config, split, index)
+    fp = str(row.get("file_path") or f"row{index}")
+    print(f"{row['where']}: file_path {row.get('file_path')!r}, label {row.get('label')}"
+          + (f" ({row['label_name']})" if row.get("label_name") is not None else ""))
+    return as_events(row), f"{split}-{index}-" + fp.replace("/", "_").removesuffix(".npy")
+
+
+def render_input(input: str | Path, config: str | None = None, split: str = "train", index: int = 0,
+                 resolution: int | Sequence[int] | None = None, ratio: float | None = None,
+                 order: int | Sequence[int] | None = None, out: str | Path = "viz", name: str | None = None,
+                 scale: int | None = None, min_side: int = 128, fps: float = 4, show_source: bool = True) -> VizFiles:
+    """``i2e-viz``: render an image (through the converter), a ``.npy`` record, or row ``index`` of
+    ``split`` of a parquet file / dataset folder (``config``: its config folder) as GIF + PNG in
+    ``out``. ``name`` defaults to one made from the input. See configs/viz.yaml."""
+    src = Path(str(input))
+    image = None
+    if src.suffix.lower() in _IMAGE_SUFFIXES:
+        events, image = _image_input(src, config, resolution, ratio, order, show_source)
+        default = src.stem
+    elif src.suffix.lower() == ".npy":
+        events, default = as_events(src), src.stem
+    elif src.suffix == ".parquet" or src.is_dir():
+        events, default = _row_input(src, config, split, int(index))
+    else:
+        raise FileNotFoundError(f"input {str(src)!r}: expected an image, a .npy record, a parquet file or a dataset folder")
+    files = render(events, out, name=name or default, image=image, scale=scale, min_side=int(min_side), fps=float(fps))
+    print(f"wrote {files.gif} and {files.png}", flush=True)
+    return files

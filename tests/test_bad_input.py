@@ -137,7 +137,8 @@ def test_non_rgb_images_in_convert(tmp_path):
     one (2 channels) stops the conversion, naming the file and row."""
     from PIL import Image
 
-    from i2e_train.convert import BadImageError, convert
+    from i2e_train.convert import convert
+    from i2e_train.data.sources import BadImageError
 
     src = tmp_path / "folder"
     (src / "a").mkdir(parents=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
 from i2e_train import config_dir
 from i2e_train.config import compose

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from i2e_train.codec import decode_record, encode_record
-from i2e_train.convert import BadImageError, ConvertError, convert, load_image, parse_splits, records_from_events
+from i2e_train.codec import decode_record, encode_record, records_from_events
+from i2e_train.convert import ConvertError, convert, parse_splits
 from i2e_train.data.preprocess import preprocess_image
+from i2e_train.data.sources import BadImageError, load_image
 from i2e_train.i2e import I2E
 
 SIZE, RATIO = 16, 0.07

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from i2e_train.i2e import DIRECTION_GROUPS, I2E, ORDER_PRESETS, cell_offset, resolve_order
+from i2e_train.i2e import (
+    DIRECTION_GROUPS,
+    I2E,
+    ORDER_PRESETS,
+    cell_offset,
+    resolve_order,
+)
 
 
 def official_i2e(images: torch.Tensor, ratio: float, order: int) -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 
 from i2e_train.codec import RecordError, decode_record, encode_record
 from i2e_train.data import I2EDataModule
-from i2e_train.data.digits import digits_split
 from i2e_train.data.base import DatasetUnavailableError
+from i2e_train.data.digits import digits_split
 from i2e_train.data.parquet import find_data_files
 from i2e_train.data.splits import stratified_split
 from i2e_train.data.writer import shard_name, write_card, write_shard

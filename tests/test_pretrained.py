@@ -14,13 +14,16 @@ from safetensors import safe_open
 from i2e_train.i2e import I2E
 from i2e_train.models import (
     RELEASED_WEIGHTS,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    ReleasedWeightsUnavailable,
     create_model,
     export_safetensors,
+    hub,
     load_checkpoint,
     replace_head,
     resolve_released,
 )
-from i2e_train.models import CheckpointFormatError, CheckpointMismatchError, ReleasedWeightsUnavailable, hub
 
 
 @dataclasses.dataclass

@@ -15,8 +15,8 @@ import lightning as L
 import pytest
 import torch
 
-from i2e_train.data.sampler import ResumableSampler
 from i2e_train.callbacks import NonFiniteLossError, StepCheckpoint, StopOnNonFinite
+from i2e_train.data.sampler import ResumableSampler
 from i2e_train.recovery import AtomicCheckpointIO, recovery_callbacks
 
 # The demo, small and deterministic: 2 epochs of 5 batches of 8, a mid-epoch last.ckpt every 2 steps, and

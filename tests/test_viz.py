@@ -86,18 +86,17 @@ def test_render_without_source_and_cli_on_a_dataset_row(tmp_path):
 
     from hydra.core.global_hydra import GlobalHydra
 
-    from i2e_train.config import compose
-    from i2e_train.cli.viz import run
+    from i2e_train.config import call_target, compose
 
     GlobalHydra.instance().clear()
     cfg = compose("viz", [f"input={tmp_path / 'ds'}", "config=I2E-X", "index=1", f"out={tmp_path / 'cli'}"])
     GlobalHydra.instance().clear()
-    got = run(cfg)
+    got = call_target(cfg)
     assert got.gif.name == "train-1-1_1.gif" and Image.open(got.gif).n_frames == 8
 
     rec = tmp_path / "sample.npy"
     rec.write_bytes(encode_record(events[0]))
     cfg = compose("viz", [f"input={rec}", f"out={tmp_path / 'cli'}", "scale=1"])
     GlobalHydra.instance().clear()
-    got = run(cfg)
+    got = call_target(cfg)
     assert np.array_equal(np.asarray(Image.open(got.png).convert("RGB"))[:, :8], viz.event_frames(events[0])[0])

@@ -8,7 +8,7 @@ Sources (``source``, kind auto-detected or given as ``source_type``):
   ``label_column`` override);
 - an ImageFolder tree: ``root/<split>/<class>/<image>`` (ImageNet: train/ and val/), or
   ``root/<class>/<image>`` with a seeded stratified validation split (Caltech, Mini-ImageNet).
-Sources are read by the same code as ``i2e-convert`` (``i2e_train.convert``), so labels and
+Sources are read by the same code as ``i2e-convert`` (:mod:`i2e_train.data.sources`), so labels and
 errors agree between the online and the offline route.
 
 Labels: class names that are the numbers 0..K-1 (ClassLabel indices, digit folders) are the
@@ -58,6 +58,13 @@ from i2e_train.data.base import (
     resolve_info,
 )
 from i2e_train.data.preprocess import preprocess_image, to_rgb
+from i2e_train.data.sources import (
+    BadImageError,
+    SourceError,
+    detect_kind,
+    load_image,
+    open_source,
+)
 from i2e_train.data.splits import stratified_split
 from i2e_train.i2e import I2E
 
@@ -192,8 +199,6 @@ class ImageSet(Dataset):
         return len(self.rows)
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        from i2e_train.convert import BadImageError, load_image
-
         idx = np.asarray(indices, dtype=np.int64)
         rows = self.rows[idx]
         try:
@@ -341,8 +346,6 @@ class ImageDataModule(EventDataModule):
 
     # ---- loading
     def _kind(self) -> str:
-        from i2e_train.convert import ConvertError, _detect_kind
-
         if self.source_type in ("imagefolder", "parquet") and not any(ch in self.source for ch in "*?["):
             if not Path(self.source).exists():
                 layout = "parquet files"
@@ -354,8 +357,8 @@ class ImageDataModule(EventDataModule):
         if self.source_type != "auto":
             return self.source_type
         try:
-            return _detect_kind(self.source)
-        except ConvertError as exc:
+            return detect_kind(self.source)
+        except SourceError as exc:
             raise DatasetUnavailableError(f"{self.name}: {exc}") from None
 
     def _resolved_val_split(self, kind: str) -> str | None:
@@ -370,13 +373,11 @@ class ImageDataModule(EventDataModule):
         return None
 
     def _open(self, kind: str, wanted: "OrderedDict[str, str]"):
-        from i2e_train.convert import ConvertError, _open_source
-
         cache = str(self.data_dir / "hf-cache")
         try:
-            return _open_source(self.source, kind, wanted, self.hf_config, self.image_column, self.label_column,
+            return open_source(self.source, kind, wanted, self.hf_config, self.image_column, self.label_column,
                                 cache, None)
-        except ConvertError as exc:
+        except SourceError as exc:
             if exc.__cause__ is None:  # bad content (columns, labels, empty): the message says what
                 raise
             hint = ""

@@ -20,11 +20,12 @@ from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from datasets import ClassLabel, Features, Value
 
 from i2e_train.files import atomic_write, atomic_write_text
 
-__all__ = ["features", "shard_name", "write_shard", "write_card", "SHARD_RE"]
+__all__ = ["features", "shard_name", "write_shard", "write_card", "read_card", "update_card", "CardError", "SHARD_RE"]
 
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.parquet$")
 
@@ -75,3 +76,56 @@ def write_card(folder: str | Path, configs: dict[str, Sequence[str]], body: str 
             lines += [f"  - split: {split}", f"    path: {name}/{split}-*"]
     lines += ["---", "", body.strip(), ""]
     return atomic_write_text(Path(folder) / "README.md", "\n".join(lines))
+
+
+class CardError(ValueError):
+    """A dataset card (README.md) whose front matter cannot be read."""
+
+
+def read_card(path: Path) -> tuple[dict, str]:
+    """(front matter, body text) of a dataset card; ({}, "") when there is none."""
+    if not path.is_file():
+        return {}, ""
+    text = path.read_text(encoding="utf-8")
+    if not text.startswith("---"):
+        return {}, text
+    parts = text.split("---", 2)
+    if len(parts) < 3:
+        return {}, text
+    try:
+        meta = yaml.safe_load(parts[1]) or {}
+    except yaml.YAMLError as exc:
+        raise CardError(f"{path}: unreadable dataset card front matter ({exc})") from None
+    return (meta if isinstance(meta, dict) else {}), parts[2].strip()
+
+
+def update_card(out: Path, config: str, splits: Sequence[str], description: str) -> Path:
+    """Add/extend ``config`` in the card's configs block; other configs and text are kept."""
+    card = out / "README.md"
+    meta, body = read_card(card)
+    entries = list(meta.get("configs") or [])
+    order = {"train": 0, "validation": 1, "test": 2}
+    existing = next((e for e in entries if isinstance(e, dict) and e.get("config_name") == config), None)
+    have = [d.get("split") for d in (existing or {}).get("data_files", []) or [] if isinstance(d, dict)]
+    merged = sorted(dict.fromkeys([*have, *splits]), key=lambda s: (order.get(s, 3), s))
+    new_entry = {"config_name": config, "data_files": [{"split": s, "path": f"{config}/{s}-*"} for s in merged]}
+
+    def standard(e) -> bool:
+        return isinstance(e, dict) and set(e) == {"config_name", "data_files"} and all(
+            isinstance(d, dict) and set(d) == {"split", "path"} and d["path"] == f"{e['config_name']}/{d['split']}-*"
+            for d in e["data_files"] or []
+        )
+
+    entries = [e for e in entries if e is not existing] + [new_entry]
+    header = "# I2E event datasets\n\nConverted with `i2e-convert` (i2e-train):\n"
+    if not body:
+        body = header
+    if body.startswith(header.strip()):  # our own card: one line per config, the latest parameters
+        lines = [ln for ln in body.strip().splitlines() if not ln.startswith(f"- {config}: ")]
+        body = "\n".join(lines + [f"- {description}"]) + "\n"
+    if set(meta) <= {"configs"} and all(standard(e) for e in entries):
+        return write_card(out, {e["config_name"]: [d["split"] for d in e["data_files"]] for e in entries}, body)
+    meta["configs"] = sorted(entries, key=lambda e: str(e.get("config_name")))
+    text = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + body.strip() + "\n"
+    atomic_write_text(card, text)
+    return card
