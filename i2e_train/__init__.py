@@ -16,3 +16,8 @@ def config_dir() -> Path:
     if repo.is_dir():
         return repo
     raise FileNotFoundError(f"i2e-train configs not found (looked in {packaged} and {repo})")
+
+
+from i2e_train.config import register_resolvers  # noqa: E402 - needs config_dir above
+
+register_resolvers()

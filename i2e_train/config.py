@@ -1,7 +1,17 @@
-"""Hydra configs as a library: composing them, listing a group's options, nested globs.
+"""Hydra configs as a library: composing them, listing a group's options, nested globs, and the
+resolvers through which configs read facts instead of restating them.
 
 The entry points (:mod:`i2e_train.cli`) and the library (the pipeline composes one ``train``
 config per stage; tests and notebooks compose configs in-process) share these.
+
+Resolvers (registered when :mod:`i2e_train` is imported):
+
+* ``${i2e.catalog:<config name>,<fact>[,<default>]}``: a fact of the dataset catalog
+  (:mod:`i2e_train.data.catalog`): ``num_classes``, ``resolution``, ``timesteps``, ``ratio``,
+  ``order`` ... Data configs read their classes, resolution, T and converter ratio this way. For
+  a name outside the catalog (data of your own) the default, or an error saying what to give.
+* ``${i2e.paper_top1:<released name or null>}``: the paper's top-1 of a released weight
+  (:mod:`i2e_train.models.released`), null for null.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from omegaconf import DictConfig
 
 from i2e_train import config_dir
 
-__all__ = ["compose", "call_target", "expand_nested_globs", "group_options", "NESTED_GROUPS", "FRAMEWORK_KEYS"]
+__all__ = ["compose", "call_target", "register_resolvers", "expand_nested_globs", "group_options", "NESTED_GROUPS", "FRAMEWORK_KEYS"]
 
 # Groups whose options live in sub-folders (experiment=cifar10/baseline1). Hydra's glob() lists
 # only the top level of a group, so `experiment=glob(*)` is expanded here over all depths.
@@ -90,3 +100,39 @@ def call_target(cfg: DictConfig):
         value = cfg[key]  # interpolations (e.g. ${paths.data_dir}) resolve here
         args[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return instantiate(args, _convert_="all")
+
+
+_NO_DEFAULT = object()
+
+
+def _catalog_fact(name: str, fact: str, default=_NO_DEFAULT):
+    from i2e_train.data.catalog import CATALOG, get_info
+
+    if str(name) not in CATALOG and default is not _NO_DEFAULT:
+        return default
+    try:
+        info = get_info(str(name))
+    except KeyError as exc:
+        raise KeyError(f"{exc.args[0]}\nFor data of your own, give the facts the catalog cannot: e.g. "
+                       f"data.num_classes=<K> data.resolution=[H,W] (and data.encoder.ratio for images)") from None
+    if not hasattr(info, fact):
+        raise KeyError(f"${{i2e.catalog:{name},{fact}}}: the catalog has no fact {fact!r}")
+    value = getattr(info, fact)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _paper_top1(released):
+    if released is None:
+        return None
+    from i2e_train.models.released import get_released
+
+    return get_released(str(released)).top1
+
+
+def register_resolvers() -> None:
+    """Register the ``i2e.*`` resolvers with OmegaConf (once)."""
+    from omegaconf import OmegaConf
+
+    for name, fn in (("i2e.catalog", _catalog_fact), ("i2e.paper_top1", _paper_top1)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
