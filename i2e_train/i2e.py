@@ -321,7 +321,7 @@ class I2E(nn.Module):
 
         Comparisons are written straight into a float32 output. For other outputs they go
         through a float32 scratch map and a cast: PyTorch's comparison kernels vectorise only
-        when the output dtype equals the input dtype (3x faster here than writing bool)."""
+        when the output dtype equals the input dtype."""
         h, w = vpad.shape[1] - 2, vpad.shape[2] - 2
         dev = vpad.device
         direct = not packed and out.dtype == vpad.dtype
@@ -352,8 +352,7 @@ class I2E(nn.Module):
                     dense[t, s:e, c].copy_(scratch)
 
 
-# Pixels per CPU chunk (16 MiB of float32 differences): few, large kernels; more, smaller ones
-# measured no faster on 2 cores and suffer more when other processes share the cores.
+# Pixels per CPU chunk (16 MiB of float32 differences): few, large kernels.
 _CHUNK_PIXELS = 1 << 22
 # Multiplying 8 little-endian 0/1 bytes by this constant gathers them, first byte in the most
 # significant bit, into the top byte of the product (the partial products never overlap).

@@ -40,8 +40,8 @@ class SNNClassifier(LightningModule):
             a checkpoint alone says how to rebuild its model and data.
         fast_kernels: the bit-identical fast CPU paths of the model zoo's layers (fused LIF,
             GEMM weight gradient of small convolutions, max pooling; see
-            :mod:`i2e_train.models.layers`): same results to the bit, about 1.3x faster training
-            steps on CPU. ``False`` runs the plain ``torch.nn`` / SpikingJelly layers.
+            :mod:`i2e_train.models.layers`): same results to the bit, faster training steps on
+            CPU (README, Measured). ``False`` runs the plain ``torch.nn`` / SpikingJelly layers.
         channels_last: keep convolution weights (and so activations) in channels-last memory
             format, the fast layout for tensor cores. The float sums run in another order, so
             membrane values differ in the last bits and spikes right at threshold may flip.

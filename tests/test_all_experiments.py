@@ -7,8 +7,6 @@ weights, which are stood in for by official-format files built from our own mode
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import run_cli
 from i2e_train.config import group_options
 from i2e_train.models import create_model
 
@@ -72,10 +71,7 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path):
         f"paths.cifar10={tmp_path / 'cifar10'}", f"paths.cifar100={tmp_path / 'cifar100'}",
         f"paths.imagenet={tmp_path / 'imagenet'}", f"paths.cifar10dvs={tmp_path / 'cifar10dvs'}",
     ]
-    env = dict(os.environ, I2E_ROOT=str(tmp_path), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "i2e_train.cli.train", "-m", *overrides], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = run_cli("i2e_train.cli.train", "-m", *overrides, cwd=tmp_path, timeout=1800)
     launched = [line for line in proc.stdout.splitlines() if "experiment=" in line and "#" in line]
     assert len(launched) == len(group_options("experiment")) == 14, proc.stdout[-3000:]
 
@@ -94,10 +90,7 @@ def test_sim2real_pipeline_end_to_end_on_tiny_data(tmp_path):
               "data.batch_size=2", "data.num_workers=0", "trainer.precision=32-true", "~logger",
               f"paths.cifar10={tmp_path / 'cifar10'}", f"paths.cifar10dvs={tmp_path / 'cifar10dvs'}"]
     arg = "common_overrides=[" + ",".join(f"'{o}'" for o in common) + "]"
-    env = dict(os.environ, I2E_ROOT=str(tmp_path), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "i2e_train.cli.pipeline", "pipeline=sim2real", arg], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_cli("i2e_train.cli.pipeline", "pipeline=sim2real", arg, cwd=tmp_path, timeout=1800)
     manifest = json.loads((tmp_path / "logs" / "pipeline" / "sim2real" / "pipeline.json").read_text())
     pre, fine = manifest["stages"]["pretrain"], manifest["stages"]["finetune"]
     assert "experiment=cifar10/baseline2" in pre["overrides"] and "experiment=cifar10dvs/transfer2" in fine["overrides"]

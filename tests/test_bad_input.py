@@ -27,8 +27,6 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +34,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers import run_cli, train_in_process
 from i2e_train.codec import RecordError, encode_record
 from i2e_train.data import I2EDataModule
 from i2e_train.data.base import DataFileError, DatasetUnavailableError
@@ -167,28 +166,22 @@ def test_converter_refuses_non_finite_images(bad):
 
 
 # --------------------------------------------------------------------------- CLI
-def _cli(module, args, cwd, timeout=300):
-    env = dict(os.environ, I2E_ROOT=str(cwd), PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def test_bad_hydra_override_is_named(tmp_path):
-    proc = _cli("i2e_train.cli.train", ["trainer.max_epoch=1"], tmp_path)
+    proc = run_cli("i2e_train.cli.train", "trainer.max_epoch=1", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "Could not override 'trainer.max_epoch'" in proc.stderr and "max_epoch" in proc.stderr
 
 
-def test_checkpoint_for_another_class_count_is_named(tmp_path):
-    from i2e_train.models import create_model
+def test_checkpoint_for_another_class_count_is_named(tmp_path, monkeypatch):
+    from i2e_train.models import CheckpointMismatchError, create_model
 
     ckpt = tmp_path / "five.pth.tar"
     torch.save({"epoch": 1, "state_dict": create_model("ms_resnet_tiny", num_classes=5).state_dict()}, ckpt)
-    proc = _cli("i2e_train.cli.train", [f"init_from={ckpt}", "debug=fast", "~logger"], tmp_path)
-    assert proc.returncode != 0
-    err = proc.stderr
-    assert str(ckpt) in err and "fc.weight: checkpoint [5, " in err and "vs model [10, " in err, err[-3000:]
-    assert "replace_head" in err
+    with pytest.raises(CheckpointMismatchError) as err:
+        train_in_process(tmp_path, monkeypatch, f"init_from={ckpt}", "debug=fast", "~logger")
+    msg = str(err.value)
+    assert str(ckpt) in msg and "fc.weight: checkpoint [5, 128] vs model [10, 128]" in msg, msg
+    assert "fc.bias: checkpoint [5] vs model [10]" in msg and "replace_head=True" in msg
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
@@ -212,7 +205,7 @@ def test_skipped_records_from_loader_workers_reach_the_counter(tmp_path, streami
 
 
 @pytest.mark.slow
-def test_skipped_records_are_counted_logged_and_written_to_the_run_folder(tmp_path):
+def test_skipped_records_are_counted_logged_and_written_to_the_run_folder(tmp_path, monkeypatch, caplog):
     """on_bad_record=skip with DataLoader workers (each holds a copy of the counter) and 2 epochs (bad
     rows are read twice): every bad record is counted once, logged and listed in bad_records.json."""
     data = tmp_path / "own"
@@ -224,11 +217,9 @@ def test_skipped_records_are_counted_logged_and_written_to_the_run_folder(tmp_pa
     val[5] = encode_record(np.zeros((8, 2, 16, 16), dtype=bool))  # another resolution
     _shard(data, "train", train, labels=[i % 10 for i in range(16)])
     _shard(data, "validation", val, labels=[i % 10 for i in range(8)])
-    run = tmp_path / "run"
-    proc = _cli("i2e_train.cli.train", [
-        "data.name=I2E-MNIST", f"data.path={data}", "data.on_bad_record=skip", "data.num_workers=2",
-        "data.batch_size=4", "trainer.max_epochs=2", "eval_after_fit=false", f"hydra.run.dir={run}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, run = train_in_process(tmp_path, monkeypatch, "data.name=I2E-MNIST", f"data.path={data}",
+                              "data.on_bad_record=skip", "data.num_workers=2", "data.batch_size=4",
+                              "trainer.max_epochs=2", "eval_after_fit=false")
     report = json.loads((run / "bad_records.json").read_text())
     assert report["total"] == 3 and report["counts"] == {"train": 2, "validation": 1}
     assert any("row 3, file_path '3/train3.npy'" in m and "truncated" in m for m in report["examples"])
@@ -236,4 +227,5 @@ def test_skipped_records_are_counted_logged_and_written_to_the_run_folder(tmp_pa
     assert any("split 'validation', row 5" in m and "(8, 2, 16, 16)" in m for m in report["examples"])
     rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
     assert [float(r["data/bad_records"]) for r in rows if r.get("data/bad_records")] == [3.0, 3.0]
-    assert "skipping bad record" in proc.stdout + proc.stderr
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping bad record: ")]
+    assert len(logged) == 3 and {m.removeprefix("skipping bad record: ") for m in logged} == set(report["examples"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
+from helpers import run_cli, train_in_process
 from i2e_train import config_dir
 from i2e_train.config import compose
 
@@ -47,22 +48,21 @@ def test_unknown_config_name_is_named():
         compose("train", ["model=no_such_model"])
 
 
-def _run(args, cwd, timeout=600):
-    env = dict(os.environ, I2E_ROOT=str(cwd), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def test_demo_fast_dev_run(tmp_path):
-    _run(["i2e_train.cli.train", "debug=fast", "~logger"], tmp_path)
-    assert (tmp_path / "data" / "i2e-digits" / "I2E-Digits" / "train-00000-of-00001.parquet").is_file()
+def test_demo_fast_dev_run(tmp_path, monkeypatch):
+    """The default config in-process: the digits are built on first use, one batch trains."""
+    result, run = train_in_process(tmp_path, monkeypatch, "debug=fast", "~logger")
+    built = tmp_path / "data" / "i2e-digits" / "I2E-Digits"
+    assert sorted(p.name for p in built.glob("*.parquet")) == ["train-00000-of-00001.parquet",
+                                                                "validation-00000-of-00001.parquet"]
+    fit = result["fit"]
+    assert 0 < fit["train/loss_step"] < 10 and 0 <= fit["val/top1"] <= 1, fit
+    assert len(result["init_digest"]) == 64 and result["best_checkpoint"] == ""  # fast_dev_run: no checkpoint
+    assert json.loads((run / "metrics.json").read_text())["fit"] == fit
 
 
 @pytest.mark.slow
 def test_train_checkpoint_then_eval_reproduces_validation_top1(tmp_path):
-    _run(["i2e_train.cli.train", "trainer.max_epochs=1", "+trainer.limit_train_batches=15"], tmp_path)
+    run_cli("i2e_train.cli.train", "trainer.max_epochs=1", "+trainer.limit_train_batches=15", cwd=tmp_path)
     (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     trained = json.loads((run / "metrics.json").read_text())
     ckpt = Path(trained["best_checkpoint"])
@@ -80,7 +80,7 @@ def test_train_checkpoint_then_eval_reproduces_validation_top1(tmp_path):
     load_checkpoint(a, str(run / "model.safetensors"))
     load_checkpoint(b, str(ckpt))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    _run(["i2e_train.cli.eval", "ckpt_path=latest"], tmp_path)
+    run_cli("i2e_train.cli.eval", "ckpt_path=latest", cwd=tmp_path)
     (erun,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
     evaluated = json.loads((erun / "metrics.json").read_text())
     assert evaluated["val/top1"] == pytest.approx(trained["best"]["val/top1"], abs=1e-6)
@@ -114,7 +114,8 @@ def test_wheel_ships_configs_and_composes_outside_the_repo(tmp_path):
         "assert str(d).startswith(%r), d; "
         "cfg = compose('train', ['model=ms_resnet18']); print(cfg.model.name, cfg.data.name)" % str(venv)
     )
-    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the wheel may provide i2e_train
+    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["ms_resnet18", "I2E-Digits"]
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import run_cli
 from i2e_train.codec import decode_record, encode_record, records_from_events
 from i2e_train.convert import ConvertError, convert, parse_splits
 from i2e_train.data.preprocess import preprocess_image
@@ -243,15 +242,12 @@ def test_cli_and_datamodule_read_the_output(tmp_path):
     make_folder(src / "train", classes=digits, per_class=1, seed=2)
     make_folder(src / "validation", classes=digits, per_class=1, seed=3)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", I2E_ROOT=str(tmp_path))
-    proc = subprocess.run(
-        [sys.executable, "-m", "i2e_train.cli.convert", f"source={src}", f"out={out}", "config=I2E-MNIST",
-         "num_workers=0", "batch_size=4", "progress=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_cli("i2e_train.cli.convert", f"source={src}", f"out={out}", "config=I2E-MNIST", "num_workers=0",
+                   "batch_size=4", "progress=false", cwd=tmp_path, timeout=300)
     assert "mean event rate" in proc.stdout and "published for I2E-MNIST: 9.56%" in proc.stdout
-    assert list((tmp_path / "logs" / "convert").rglob("convert_summary.json"))
+    (summary,) = (tmp_path / "logs" / "convert").rglob("convert_summary.json")
+    summary = json.loads(summary.read_text())
+    assert summary["splits"] == {"train": 10, "validation": 10} and summary["complete"] and summary["bad_images"] == 0
 
     from i2e_train.data import I2EDataModule
 

@@ -4,27 +4,15 @@ launcher, metrics synced across ranks, files written by rank 0 only."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
+from helpers import cli_env, run_cli
 
-def _run(args, cwd, timeout=400):
-    env = dict(os.environ, I2E_ROOT=str(cwd), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    # own process group: a hang is ended with the rank-1 process Lightning started
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s (a collective waiting for the other rank?)\n{err[-3000:]}")
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+def _run(args, cwd):
+    # one OpenMP thread per rank; run_cli's own process group ends rank 1 too if a collective hangs
+    return run_cli(*args, cwd=cwd, timeout=400, env=cli_env(cwd, OMP_NUM_THREADS="1"))
 
 
 @pytest.mark.slow

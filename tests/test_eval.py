@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import compose_in
 from i2e_train.codec import encode_record
 from i2e_train.data.writer import shard_name, write_shard
 from i2e_train.models import create_model
+from i2e_train.tasks.evaluate import evaluate_from_overrides
 
 
 @pytest.mark.slow
-def test_eval_released_name_uses_its_model_and_data(tmp_path):
+def test_eval_released_name_uses_its_model_and_data(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = create_model("ms_resnet18", num_classes=10).eval()
     state = {"module." + k: v for k, v in model.state_dict().items()}
@@ -33,19 +32,21 @@ def test_eval_released_name_uses_its_model_and_data(tmp_path):
         write_shard(tmp_path / "i2e" / "I2E-CIFAR10" / shard_name(split, 0, 1),
                     [f"{lab}/{i}.npy" for i, lab in enumerate(labels)], labels,
                     [encode_record(e) for e in events], names)
-    env = dict(os.environ, I2E_ROOT=str(tmp_path), PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-m", "i2e_train.cli.eval", "ckpt_path=released:cifar10_baseline",
-         f"data.path={tmp_path / 'i2e'}", "data.num_workers=0", "data.batch_size=3"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (run,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
+    overrides = ["ckpt_path=released:cifar10_baseline", f"data.path={tmp_path / 'i2e'}", "data.num_workers=0",
+                 "data.batch_size=3"]
+    cfg = compose_in(tmp_path, monkeypatch, "eval", overrides)
+    assert cfg.model.name == "ms_resnet_tiny" and cfg.data.name == "I2E-Digits"  # before the released name picks
+    result = evaluate_from_overrides(cfg, overrides + [f"paths.output_dir={tmp_path / 'run'}"])
+    run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["model"] == "ms_resnet18" and metrics["data"] == "I2E-CIFAR10"
+    assert metrics == result and metrics["model"] == "ms_resnet18" and metrics["data"] == "I2E-CIFAR10"
     with torch.no_grad():
         logits = model(torch.from_numpy(events).float().transpose(0, 1))
     expected = (logits.argmax(1) == torch.tensor(labels)).float().mean().item()
     assert metrics["val/top1"] == pytest.approx(expected, abs=1e-6)
     cm = json.loads((run / "confusion_matrix.json").read_text())
     assert np.asarray(cm).sum() == 6
-    assert (run / "confusion_matrix.png").is_file()
+    from PIL import Image
+
+    with Image.open(run / "confusion_matrix.png") as png:
+        assert png.format == "PNG" and min(png.size) > 100

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import compose_in
 from i2e_train.data.base import DatasetUnavailableError
 from i2e_train.data.images import ImageDataModule, class_targets
 from i2e_train.data.preprocess import preprocess_image
@@ -166,15 +164,19 @@ def test_errors_name_the_problem(image_folder, tmp_path):
     assert class_targets(["2", "0", "1"], 3, "x") == {"2": 2, "0": 0, "1": 1}
 
 
-def test_train_cli_fast_dev_run_online(hub_parquet, tmp_path):
+def test_train_fast_dev_run_online_with_own_data(hub_parquet, tmp_path, monkeypatch):
+    """data=cifar10 on images of your own (a name outside the catalog): classes and resolution given,
+    the converter ratio defaults to 0.07, the order is overridden; one batch trains."""
     root, _ = hub_parquet
-    env = dict(os.environ, I2E_ROOT=str(tmp_path), PYTHONWARNINGS="ignore")
-    args = ["i2e_train.cli.train", "debug=fast", "~logger", "data=cifar10", f"data.source={root}", "data.name=tiny",
-            "data.num_classes=3", "data.resolution=[32,32]", "data.source_size=16", "data.batch_size=4",
-            "data.num_workers=0", "data.encoder.order=0"]
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = compose_in(tmp_path, monkeypatch, "train", [
+        "debug=fast", "~logger", "data=cifar10", f"data.source={root}", "data.name=tiny", "data.num_classes=3",
+        "data.resolution=[32,32]", "data.source_size=16", "data.batch_size=4", "data.num_workers=0",
+        "data.encoder.order=0"])
+    assert cfg.data.encoder.ratio == 0.07 and cfg.data.timesteps == 8 and cfg.model.num_classes == 3
+    from i2e_train.tasks.train import train
+
+    fit = train(cfg)["fit"]
+    assert 0 < fit["train/loss_step"] < 10 and 0 <= fit["val/top1"] <= 1, fit
 
 
 def test_eval_events_equal_the_i2e_convert_records(hub_parquet, tmp_path):

@@ -3,31 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from i2e_train.config import expand_nested_globs, group_options
+from i2e_train.config import compose, expand_nested_globs, group_options
 from i2e_train.models import state_digest
 
 FAST = ("common_overrides=['trainer.max_epochs=1','+trainer.limit_train_batches=3',"
         "'+trainer.limit_val_batches=2','~logger']")
 
 
-def _run(args, cwd):
-    env = dict(os.environ, I2E_ROOT=str(cwd), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "i2e_train.cli.pipeline", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def _run(root, monkeypatch) -> str:
+    """``i2e-pipeline pipeline=demo`` in-process (the CLI itself: tests/test_all_experiments.py)."""
+    from i2e_train.tasks.pipeline import report, run_pipeline
+
+    monkeypatch.setenv("I2E_ROOT", str(root))
+    return report(run_pipeline(compose("pipeline", ["pipeline=demo", FAST])))
 
 
 @pytest.mark.slow
-def test_pipeline_feeds_stage1_best_checkpoint_into_stage2_and_skips_on_rerun(tmp_path):
-    _run(["pipeline=demo", FAST], tmp_path)
+def test_pipeline_feeds_stage1_best_checkpoint_into_stage2_and_skips_on_rerun(tmp_path, monkeypatch):
+    _run(tmp_path, monkeypatch)
     run_dir = tmp_path / "logs" / "pipeline" / "demo"
     manifest = json.loads((run_dir / "pipeline.json").read_text())
     pre, fine = manifest["stages"]["pretrain"], manifest["stages"]["finetune"]
@@ -37,11 +34,13 @@ def test_pipeline_feeds_stage1_best_checkpoint_into_stage2_and_skips_on_rerun(tm
     assert fine["init_digest"] == state_digest(stage1), "stage 2 starts from exactly stage 1's best weights"
     assert pre["init_digest"] != fine["init_digest"]
     stamp = (run_dir / "pretrain" / "stage.json").stat().st_mtime_ns
-    out = _run(["pipeline=demo", FAST], tmp_path)
+    out = _run(tmp_path, monkeypatch)
     again = json.loads((run_dir / "pipeline.json").read_text())
     assert all(s["skipped"] for s in again["stages"].values())
     assert (run_dir / "pretrain" / "stage.json").stat().st_mtime_ns == stamp
-    assert "skipped" in out.stdout
+    assert out.splitlines() == [f"pretrain: skipped (done earlier); best checkpoint {pre['best_checkpoint']}; init from None",
+                                f"finetune: skipped (done earlier); best checkpoint {fine['best_checkpoint']}; "
+                                f"init from {pre['best_checkpoint']}"]
 
 
 def test_experiment_glob_expands_over_nested_folders():

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 
+from helpers import cli_env, run_cli
 from i2e_train.callbacks import NonFiniteLossError, StepCheckpoint, StopOnNonFinite
 from i2e_train.data.sampler import ResumableSampler
 from i2e_train.recovery import AtomicCheckpointIO, recovery_callbacks
@@ -28,12 +29,12 @@ FAST = ["trainer.max_epochs=2", "+trainer.limit_train_batches=5", "+trainer.limi
 
 def _env(root: Path) -> dict:
     # one thread: the float reductions of both runs are done in the same order
-    return dict(os.environ, I2E_ROOT=str(root), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return cli_env(root, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def _train(root: Path, run_dir: Path, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "i2e_train.cli.train", *FAST, f"hydra.run.dir={run_dir}", *extra],
-                          cwd=root, env=_env(root), capture_output=True, text=True, timeout=timeout)
+def _train(root: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("i2e_train.cli.train", *FAST, f"hydra.run.dir={run_dir}", *extra, cwd=root, timeout=400,
+                   env=_env(root), check=False)
 
 
 def _load(path: Path) -> dict:
@@ -289,9 +290,7 @@ def test_convert_killed_mid_way_resumes_to_the_same_shards(tmp_path):
     def cmd(out):
         return [sys.executable, "-m", "i2e_train.cli.convert", *args, f"out={out}"]
 
-    clean = subprocess.run(cmd(tmp_path / "clean"), cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
-                           timeout=300)
-    assert clean.returncode == 0, clean.stderr[-2000:]
+    run_cli("i2e_train.cli.convert", *args, f"out={tmp_path / 'clean'}", cwd=tmp_path, timeout=300, env=_env(tmp_path))
     want = shard_bytes(tmp_path / "clean", "K")
     assert len(want) == 12
 

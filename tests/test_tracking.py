@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +15,7 @@ from spikingjelly.activation_based import functional, neuron
 from torch import nn
 from torch.nn import functional as F
 
+from helpers import cli_env, run_cli
 from i2e_train.callbacks import SpikeStats
 
 FAST = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2"]
@@ -288,14 +286,10 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _train(args, cwd: Path, data_dir: Path):
-    env = dict(os.environ, I2E_ROOT=str(cwd), PYTHONWARNINGS="ignore", WANDB_MODE="offline", WANDB_SILENT="true",
-               WANDB_CONFIG_DIR=str(cwd / ".wandb-config"), WANDB_CACHE_DIR=str(cwd / ".wandb-cache"),
-               WANDB_DATA_DIR=str(cwd / ".wandb-data"))
+    env = cli_env(cwd, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONFIG_DIR=str(cwd / ".wandb-config"),
+                  WANDB_CACHE_DIR=str(cwd / ".wandb-cache"), WANDB_DATA_DIR=str(cwd / ".wandb-data"))
     env.pop("WANDB_RUN_ID", None)
-    proc = subprocess.run([sys.executable, "-m", "i2e_train.cli.train", f"paths.data_dir={data_dir}", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_cli("i2e_train.cli.train", f"paths.data_dir={data_dir}", *args, cwd=cwd, env=env)
 
 
 @pytest.mark.slow

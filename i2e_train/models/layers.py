@@ -9,16 +9,15 @@ layer. :func:`set_fast_kernels` switches these two and the fused LIF
 * :class:`Conv2d`: the forward is the same ``F.conv2d`` call. In the backward the input gradient
   comes from the same oneDNN primitive, and for small outputs (``H_out * W_out <= 4``: the last
   stage of MS-ResNet at 64x64 input and the strided convolution entering it) the weight gradient
-  is one im2col + GEMM, about twice as fast there as oneDNN's kernel, which for these shapes
-  falls back to the same GEMM formulation. Whether the two agree to the bit is not assumed: the
+  is one im2col + GEMM, faster there than oneDNN's kernel, which for these shapes falls back to
+  the same GEMM formulation (README, Measured). Whether the two agree to the bit is not assumed: the
   first backward of every shape computes both and compares them, and a shape whose results differ
   keeps oneDNN's (the decision is cached per shape, :func:`gemm_weight_grad_decisions`).
 * :class:`MaxPool2d`: on CPU a numba kernel that does what PyTorch's NCHW kernel does, element
   for element (window clipped to the input, first maximum in row-major order kept, NaN wins;
   ties are common after a batch norm of sparse events), with 32-bit argmax indices, and a
   backward that adds the output gradients at the argmax in PyTorch's order. Values and
-  gradients are the same; about 1.3x faster than PyTorch's kernel (forward and backward) at
-  the stem of MS-ResNet on 2 cores.
+  gradients are the same.
 
 The numba kernels (:mod:`i2e_train.kernels.pooling`) are compiled on first use and cached on disk;
 when numba cannot be imported the layers log a warning once and run the parent layers.
