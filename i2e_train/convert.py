@@ -501,6 +501,29 @@ def _summary(job: _Job, plans: list[_SplitPlan], manifest: dict, out: Path, sour
     )
 
 
+def _params(s: _Settings, src: ImageSource, padding_mode: str, train_mode: bool, seed: int, batch_size: int) -> dict:
+    """What the output depends on (recorded in the manifest; a resume with other params is refused)."""
+    params = {"resolution": list(s.size), "ratio": s.ratio, "order": s.groups, "timesteps": TIMESTEPS,
+              "padding_mode": padding_mode, "train_mode": train_mode, "rows_per_shard": s.rows,
+              "class_names": src.class_names}
+    if train_mode:  # the random draws depend on these too
+        params.update(seed=seed, batch_size=batch_size, device_type=s.device.type)
+    return params
+
+
+def _converter(s: _Settings, padding_mode: str, train_mode: bool) -> I2E:
+    """The converter on the device: eval mode (canonical directions) unless ``train_mode``."""
+    conv = I2E(ratio=s.ratio, order=s.groups, padding_mode=padding_mode, dtype=torch.bool).to(s.device)
+    return conv.train(train_mode)
+
+
+def _progress_bar(s: _Settings, plans: list[_SplitPlan], progress: bool):
+    from tqdm.auto import tqdm
+
+    pending = sum(p.rows_of(k, s.rows) for p in plans for k in p.pending)
+    return tqdm(total=pending, unit="img", desc=f"i2e-convert {s.config}", disable=not progress, dynamic_ncols=True)
+
+
 def _start_manifest(cfg_dir: Path, s: _Settings, src: ImageSource, params: dict, overwrite: bool
                     ) -> tuple[dict, list[_SplitPlan]]:
     """The manifest to continue (or a fresh one) and the shard plans; unfinished shard files of a
@@ -578,29 +601,19 @@ def convert(
     src = open_source(source, source_type, parse_splits(splits), hf_config, image_column, label_column, cache_dir,
                       limit)
     out, cfg_dir = Path(out), Path(out) / config
-    params = {"resolution": list(s.size), "ratio": s.ratio, "order": s.groups, "timesteps": TIMESTEPS,
-              "padding_mode": padding_mode, "train_mode": bool(train_mode), "rows_per_shard": s.rows,
-              "class_names": src.class_names}
-    if train_mode:  # the random draws depend on these too
-        params.update(seed=int(seed), batch_size=int(batch_size), device_type=s.device.type)
+    params = _params(s, src, padding_mode, bool(train_mode), int(seed), int(batch_size))
     manifest, plans = _start_manifest(cfg_dir, s, src, params, overwrite)
-
-    from tqdm.auto import tqdm
-
-    conv = I2E(ratio=s.ratio, order=s.groups, padding_mode=padding_mode, dtype=torch.bool).to(s.device)
-    conv.train(bool(train_mode))
-    pending = sum(p.rows_of(k, s.rows) for p in plans for k in p.pending)
-    bar = tqdm(total=pending, unit="img", desc=f"i2e-convert {config}", disable=not progress, dynamic_ncols=True)
     writer = _ShardWriter(cfg_dir, src.class_names, manifest, cfg_dir / MANIFEST, on_shard)
-    job = _Job(conv, s, writer, {n: i for i, n in enumerate(src.class_names)}, batch_size, num_workers,
-               bool(train_mode), int(seed), on_bad_image, max_shards, bar)
+    job = _Job(_converter(s, padding_mode, bool(train_mode)), s, writer, {n: i for i, n in enumerate(src.class_names)},
+               batch_size, num_workers, bool(train_mode), int(seed), on_bad_image, max_shards,
+               _progress_bar(s, plans, progress))
     try:
         for plan in plans:
             if plan.pending and not job.stopped:
                 _convert_split(job, plan)
         writer.finish()
     finally:
-        bar.close()
+        job.bar.close()
         writer.close()  # a shard already handed to the writer is finished, never lost
     seconds = time.perf_counter() - t0
     summary = _summary(job, plans, manifest, out, source, bool(train_mode), int(seed), seconds)

@@ -91,11 +91,7 @@ def wandb_logger(
     """
     from lightning.pytorch.loggers import WandbLogger
 
-    mode = (mode if mode is not None else os.environ.get("WANDB_MODE", "")) or ""
-    offline = bool(offline) or mode.lower() in _OFFLINE_MODES
-    if offline and log_model:
-        log.warning("wandb is offline: log_model=%s ignored (checkpoints cannot be uploaded)", log_model)
-        log_model = False
+    offline, log_model = _offline(offline, mode, log_model)
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     run_id = wandb_run_id(save_dir, id=id, id_file=id_file)
@@ -123,6 +119,17 @@ def wandb_logger(
         notes=notes,
         **kwargs,
     )
+
+
+def _offline(offline: bool, mode: str | None, log_model: bool | str) -> tuple[bool, bool | str]:
+    """(offline, log_model): offline when asked or ``mode`` (default: env WANDB_MODE) says so;
+    then no checkpoint upload."""
+    mode = (mode if mode is not None else os.environ.get("WANDB_MODE", "")) or ""
+    offline = bool(offline) or mode.lower() in _OFFLINE_MODES
+    if offline and log_model:
+        log.warning("wandb is offline: log_model=%s ignored (checkpoints cannot be uploaded)", log_model)
+        log_model = False
+    return offline, log_model
 
 
 def _experiment_name() -> str | None:

@@ -231,6 +231,33 @@ def collate_images(batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- the DataModule
+def _check_settings(source, source_type, train_aug, aug_family, pad_mode, hflip, crop_padding) -> None:
+    if train_aug not in TRAIN_AUGS:
+        raise ValueError(f"train_aug must be one of {TRAIN_AUGS}, got {train_aug!r}")
+    if aug_family not in AUG_FAMILIES:
+        raise ValueError(f"aug_family must be one of {AUG_FAMILIES}, got {aug_family!r}")
+    if pad_mode not in _PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {sorted(_PAD_MODES)}, got {pad_mode!r}")
+    if not 0.0 <= float(hflip) <= 1.0 or int(crop_padding) < 0:
+        raise ValueError(f"hflip must be in [0, 1] and crop_padding >= 0, got {hflip}, {crop_padding}")
+    if source_type not in ("auto", "hub", "parquet", "imagefolder"):
+        raise ValueError(f"source_type must be auto, hub, parquet or imagefolder, got {source_type!r}")
+    if source is None or str(source) == "":
+        raise ValueError("source is required: a hub dataset id, a local copy of one, parquet files or an image folder")
+
+
+def _encoder_for(encoder, info) -> I2E:
+    """The converter of the data: its T must be the data's; a ratio other than the catalog's is logged."""
+    enc = build_encoder(encoder, info.ratio)
+    if enc.timesteps != info.timesteps:
+        raise ValueError(f"data config for {info.name}: timesteps={info.timesteps} but the I2E converter "
+                         f"makes {enc.timesteps}")
+    if info.ratio is not None and abs(enc.ratio - info.ratio) > 1e-12:
+        log.warning("%s: encoder ratio %g differs from the catalog's %g (the released data's)",
+                    info.name, enc.ratio, info.ratio)
+    return enc
+
+
 class ImageDataModule(EventDataModule):
     """Static images converted to I2E events on the training device (online mode).
 
@@ -296,28 +323,10 @@ class ImageDataModule(EventDataModule):
         rrc_ratio: Sequence[float] = (3 / 4, 4 / 3),
         encoder: I2E | Mapping[str, Any] | None = None,
     ) -> None:
-        if train_aug not in TRAIN_AUGS:
-            raise ValueError(f"train_aug must be one of {TRAIN_AUGS}, got {train_aug!r}")
-        if aug_family not in AUG_FAMILIES:
-            raise ValueError(f"aug_family must be one of {AUG_FAMILIES}, got {aug_family!r}")
-        if pad_mode not in _PAD_MODES:
-            raise ValueError(f"pad_mode must be one of {sorted(_PAD_MODES)}, got {pad_mode!r}")
-        if not 0.0 <= float(hflip) <= 1.0 or int(crop_padding) < 0:
-            raise ValueError(f"hflip must be in [0, 1] and crop_padding >= 0, got {hflip}, {crop_padding}")
-        if source_type not in ("auto", "hub", "parquet", "imagefolder"):
-            raise ValueError(f"source_type must be auto, hub, parquet or imagefolder, got {source_type!r}")
-        if source is None or str(source) == "":
-            raise ValueError("source is required: a hub dataset id, a local copy of one, parquet files "
-                             "or an image folder")
+        _check_settings(source, source_type, train_aug, aug_family, pad_mode, hflip, crop_padding)
         super().__init__(resolve_info(name, num_classes, resolution, timesteps, kind="online"), batch_size,
                          num_workers, pin_memory, drop_last, seed)
-        self.encoder = build_encoder(encoder, self.info.ratio)
-        if self.encoder.timesteps != self.info.timesteps:
-            raise ValueError(f"data config for {name}: timesteps={self.info.timesteps} but the I2E converter "
-                             f"makes {self.encoder.timesteps}")
-        if self.info.ratio is not None and abs(self.encoder.ratio - self.info.ratio) > 1e-12:
-            log.warning("%s: encoder ratio %g differs from the catalog's %g (the released data's)",
-                        name, self.encoder.ratio, self.info.ratio)
+        self.encoder = _encoder_for(encoder, self.info)
         self.name, self.source, self.source_type, self.hf_config = name, str(source), source_type, hf_config
         self.data_dir = Path(data_dir)
         self.train_split, self.val_split = train_split, val_split

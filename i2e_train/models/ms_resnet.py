@@ -287,7 +287,11 @@ class MSResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.sn1 = self.neuron_cfg.build()
         self.fc = nn.Linear(self.num_features, self.num_classes)
+        self._init_weights(zero_init_residual)
 
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        """Kaiming-normal convolutions (fan_in, relu), BN weight 1 and bias 0; optionally the last
+        BN of every block 0 (each block then starts as an identity on the membrane path)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
