@@ -20,11 +20,22 @@ import fnmatch
 import re
 from typing import Sequence
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
-from i2e_train import config_dir
+__all__ = ["config_dir", "compose", "call_target", "register_resolvers", "expand_nested_globs", "group_options", "NESTED_GROUPS", "FRAMEWORK_KEYS"]
 
-__all__ = ["compose", "call_target", "register_resolvers", "expand_nested_globs", "group_options", "NESTED_GROUPS", "FRAMEWORK_KEYS"]
+def config_dir() -> Path:
+    """The Hydra config folder: inside the installed wheel, else the repository's top level."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    if packaged.is_dir():
+        return packaged
+    repo = Path(__file__).resolve().parent.parent / "configs"
+    if repo.is_dir():
+        return repo
+    raise FileNotFoundError(f"i2e-train configs not found (looked in {packaged} and {repo})")
+
 
 # Groups whose options live in sub-folders (experiment=cifar10/baseline1). Hydra's glob() lists
 # only the top level of a group, so `experiment=glob(*)` is expanded here over all depths.

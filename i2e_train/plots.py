@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from i2e_train.files import atomic_write
+
 __all__ = ["plot_confusion", "plot_learning_curves", "plot_spike_rates", "read_epoch_metrics"]
 
 
@@ -128,8 +130,7 @@ def _save(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda fh: fig.savefig(fh, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

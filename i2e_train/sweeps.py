@@ -26,6 +26,8 @@ from typing import Any, Iterable, Mapping
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
+from i2e_train.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 __all__ = ["OptunaStorage", "in_multirun", "record_failure", "sqlite_path", "sweep_values", "wandb_sweep_commands",
@@ -67,11 +69,8 @@ def in_multirun() -> bool:
 
 def record_failure(output_dir: str | Path, error: BaseException, overrides: Iterable[str] = ()) -> Path:
     """Write ``<output_dir>/error.txt``: the trial's overrides and the traceback of ``error``."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    path = out / "error.txt"
-    path.write_text("overrides: " + " ".join(overrides) + "\n\n" + text)
+    path = atomic_write_text(Path(output_dir) / "error.txt", "overrides: " + " ".join(overrides) + "\n\n" + text)
     log.error("trial failed (%s: %s); traceback in %s", type(error).__name__, error, path)
     return path
 

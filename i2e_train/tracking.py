@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 
+from i2e_train.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CSVLogger", "ID_FILE", "wandb_logger", "wandb_run_id", "hardware_info", "parameter_counts", "finish_wandb"]
@@ -55,8 +57,7 @@ def wandb_run_id(save_dir: str | Path, id: str | None = None, id_file: str = ID_
     if not run_id:
         run_id = _new_id()
     if run_id != saved and _is_rank_zero():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
+        atomic_write_text(path, run_id + "\n")
     return run_id
 
 

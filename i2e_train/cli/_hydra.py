@@ -9,8 +9,7 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
-from i2e_train import config_dir
-from i2e_train.config import expand_nested_globs
+from i2e_train.config import config_dir, expand_nested_globs
 
 __all__ = ["entry_point"]
 

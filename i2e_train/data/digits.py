@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from i2e_train.files import atomic_write_json
 from i2e_train.codec import encode_record
 from i2e_train.data.catalog import get_info
 from i2e_train.data.preprocess import preprocess_image
@@ -88,5 +89,5 @@ def build_digits(root: str | Path, force: bool = False) -> Path:
             f"{info.order}, {info.resolution[0]}x{info.resolution[1]}), released I2E schema.\n"
         ),
     )
-    stamp.write_text(json.dumps(params, indent=1))
+    atomic_write_json(stamp, params, indent=1)
     return root
