@@ -166,6 +166,7 @@ def test_converter_refuses_non_finite_images(bad):
 
 
 # --------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_bad_hydra_override_is_named(tmp_path):
     proc = run_cli("i2e_train.cli.train", "trainer.max_epoch=1", cwd=tmp_path, check=False)
     assert proc.returncode != 0

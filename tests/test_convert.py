@@ -234,6 +234,7 @@ def test_local_copy_of_a_hub_dataset(tmp_path):
 
 
 # --------------------------------------------------------------------------- CLI + DataModule
+@pytest.mark.slow
 def test_cli_and_datamodule_read_the_output(tmp_path):
     """10 numeric class folders at 32x32 under config name I2E-MNIST (I2EDataModule needs a catalog
     name): the Hydra CLI converts train/ and validation/, the DataModule reads it back."""
