@@ -61,7 +61,8 @@ def resolve_info(name: str, num_classes: int | None = None, resolution: int | Se
         return DatasetInfo(name=name, source="local", resolution=res, num_classes=int(num_classes),
                            timesteps=int(timesteps or 8), ratio=None, kind=kind, hub_repo=None)
     if info.kind == "dvs" and kind != "dvs":
-        raise ValueError(f"{name} is real DVS data: use data=cifar10dvs (CIFAR10DVSDataModule)")
+        raise ValueError(f"{name} is real event-sensor data: use data=cifar10dvs, cifar10dvs_tonic, nmnist or "
+                         "ncaltech101 (CIFAR10DVSDataModule / RealEventsDataModule)")
     return check_facts(info, num_classes, res, timesteps)
 
 
