@@ -9,11 +9,21 @@ import sys
 from typing import Callable, Sequence
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from i2e_train import config_dir
 
 __all__ = ["entry_point", "compose", "expand_nested_globs", "group_options"]
+
+
+def _local_fact(key: str, path: str, name: str | None = None):
+    """``${i2e_local:<fact>,<folder>,<config>}``: a fact of i2e-convert output (configs/data/local.yaml)."""
+    from i2e_train.data.local import local_fact
+
+    return local_fact(key, path, name)
+
+
+OmegaConf.register_new_resolver("i2e_local", _local_fact, replace=True)
 
 # Groups whose options live in sub-folders (experiment=cifar10/baseline1). Hydra's glob() lists
 # only the top level of a group, so `experiment=glob(*)` is expanded here over all depths.
