@@ -182,8 +182,8 @@ class RealEventsDataModule(EventDataModule):
         timesteps: frames per sample (T).
         num_classes, resolution: checked against the catalog (the twin's classes and resolution).
         spatial: "crop", "area" or "none" (frame grid -> resolution). split: "official",
-            "stratified" or "per_class"; val_fraction / seed: the stratified split's;
-            train_ratio: the per-class split's.
+            "stratified" or "per_class"; val_fraction / seed: the stratified split's (seed None: 0
+            for the split, the run's seed for the training order); train_ratio: the per-class split's.
         twin_classes: the twin's class names by label index; None = the catalog's.
         exclude_classes, absent_classes: declared class mismatches (see ``align_classes``).
         batch_size, num_workers, pin_memory, drop_last: the DataLoaders'.
@@ -251,7 +251,7 @@ class RealEventsDataModule(EventDataModule):
             return train, [i for i, r in enumerate(recordings) if r.split == "test"]
         if self.split == "per_class":
             return per_class_split(targets, self.train_ratio, self.num_classes)
-        train, val = stratified_split(np.asarray(targets), self.val_fraction, self.seed)
+        train, val = stratified_split(np.asarray(targets), self.val_fraction, getattr(self, "seed", 0))
         return train.tolist(), val.tolist()
 
     def setup(self, stage: str | None = None) -> None:

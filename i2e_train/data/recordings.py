@@ -30,7 +30,7 @@ ATIS files store p = 1 for ON, so channel = 1 - p; a DVS128's raw polarity bit i
 (jAER's DVS128 extractor), so channel = p. CIFAR10-DVS frames are turned by 180 degrees
 (row = 127 - y, column = 127 - x of tonic's decoding), the orientation SpikingJelly gives them.
 
-Cache: ``FrameCache`` keeps one ``<rel path>.npz`` (uint16 counts [T, 2, H, W]) per recording
+Cache: ``FrameCache`` keeps one ``<rel path, suffix .npz>`` (uint16 counts [T, 2, H, W]) per recording
 under its folder, each written atomically, so a killed build leaves finished files and no
 half-written one, and the next build resumes; ``frames.json`` records the parameters and the
 file listing ("complete": false while building). Opening a cache whose build did not finish is
