@@ -29,8 +29,8 @@ MNIST_CLASSES = tuple(str(d) for d in range(10))  # torchvision MNIST: target = 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # torchvision.datasets.Caltech101: sorted(os.listdir("101_ObjectCategories")) without
 # "BACKGROUND_Google" (8,677 images, the sample count of I2E-Caltech101). Python's sort puts the
-# four capitalised folders first. This order is torchvision's; the I2E card's ClassLabel names
-# are only the indices "0".."100", so if a copy of I2E-Caltech101 was made from another source
+# four capitalised folders first. That I2E-Caltech101 follows this order is inferred (the authors
+# publish no Caltech conversion script and the labels are indices): for a copy made from another
 # order, pass that order to the N-Caltech101 DataModule (data.twin_classes=[...]).
 CALTECH101_CLASSES = (
     "Faces", "Faces_easy", "Leopards", "Motorbikes", "accordion", "airplanes", "anchor", "ant", "barrel", "bass",
