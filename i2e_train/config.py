@@ -10,6 +10,8 @@ Resolvers (registered when :mod:`i2e_train` is imported):
   (:mod:`i2e_train.data.catalog`): ``num_classes``, ``resolution``, ``timesteps``, ``ratio``,
   ``order`` ... Data configs read their classes, resolution, T and converter ratio this way. For
   a name outside the catalog (data of your own) the default, or an error saying what to give.
+* ``${i2e.local:<fact>,<folder>,<config or null>}``: a fact of ``i2e-convert`` output (its card
+  and manifest, :mod:`i2e_train.data.local`); ``data=local`` reads classes, resolution, T, ratio.
 * ``${i2e.paper_top1:<released name or null>}``: the paper's top-1 of a released weight
   (:mod:`i2e_train.models.released`), null for null.
 """
@@ -140,10 +142,16 @@ def _paper_top1(released):
     return get_released(str(released)).top1
 
 
+def _local_fact(fact: str, path: str, name: str | None = None):
+    from i2e_train.data.local import local_fact
+
+    return local_fact(fact, path, name)
+
+
 def register_resolvers() -> None:
     """Register the ``i2e.*`` resolvers with OmegaConf (once)."""
     from omegaconf import OmegaConf
 
-    for name, fn in (("i2e.catalog", _catalog_fact), ("i2e.paper_top1", _paper_top1)):
+    for name, fn in (("i2e.catalog", _catalog_fact), ("i2e.paper_top1", _paper_top1), ("i2e.local", _local_fact)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

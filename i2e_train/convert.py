@@ -57,7 +57,7 @@ from i2e_train.data.sources import (
     load_image,
     open_source,
 )
-from i2e_train.data.writer import shard_name, update_card, write_shard
+from i2e_train.data.writer import MANIFEST, shard_name, update_card, write_shard
 from i2e_train.files import atomic_write_json
 from i2e_train.i2e import I2E, resolve_order
 
@@ -65,7 +65,6 @@ __all__ = ["ConvertError", "ConvertSummary", "convert", "parse_splits", "resolve
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "convert-manifest.json"
 MANIFEST_FORMAT = 1
 TARGET_SHARD_BYTES = 500_000_000  # rows_per_shard=None aims at shards of about this size
 TIMESTEPS, CHANNELS = 8, 2

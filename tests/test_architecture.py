@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "i2e_train"
 # module or sub-package; data.catalog is the catalog of facts, importable from anywhere below tasks.
 ALLOWED = {
     "files": set(), "naming": set(), "kernels": set(), "codec": set(),
-    "config": {"data.catalog", "models.released"},  # the resolvers read facts
+    "config": {"data.catalog", "data.local", "models.released"},  # the resolvers read facts
     "i2e": {"kernels", "codec"},
     "data": {"codec", "i2e", "files", "naming"},
     "models": {"kernels", "files", "naming", "data.catalog"},

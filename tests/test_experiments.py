@@ -34,6 +34,22 @@ RECIPES = {
 }
 
 
+# Sim-to-real recipes beyond the paper (no paper row): I2E pre-training on a twin's released events,
+# then the CIFAR10-DVS fine-tuning recipe (D) on its real recordings read through tonic.
+P32 = dict(C, res=32, classes=10, data="I2E-MNIST", aug=None)  # the I2E-CIFAR optimiser recipe
+P224 = dict(I, classes=101, data="I2E-Caltech101", aug=None)  # the I2E-ImageNet optimiser recipe
+SIM2REAL = {
+    "nmnist/pretrain": dict(P32, model="ms_resnet18", init=None),
+    "nmnist/baseline": dict(D, res=32, data="N-MNIST", init=None),
+    "nmnist/transfer": dict(D, res=32, data="N-MNIST", head=False,
+                            init="./logs/pipeline/mnist2nmnist/pretrain/model.safetensors"),
+    "ncaltech101/pretrain": dict(P224, model="ms_resnet18", init=None),
+    "ncaltech101/baseline": dict(D, res=224, classes=101, data="N-Caltech101", init=None),
+    "ncaltech101/transfer": dict(D, res=224, classes=101, data="N-Caltech101", head=False,
+                                 init="./logs/pipeline/caltech2ncaltech/pretrain/model.safetensors"),
+}
+
+
 @pytest.fixture(autouse=True)
 def _clear():
     GlobalHydra.instance().clear()
@@ -42,7 +58,39 @@ def _clear():
 
 
 def test_one_experiment_per_table_row():
-    assert sorted(RECIPES) == sorted(n for n in group_options("experiment") if n != "demo")
+    assert sorted({**RECIPES, **SIM2REAL}) == sorted(n for n in group_options("experiment") if n != "demo")
+
+
+@pytest.mark.parametrize("name", sorted(SIM2REAL))
+def test_sim2real_experiment_matches_recipe(name):
+    r = SIM2REAL[name]
+    cfg = compose("train", [f"experiment={name}", "paths.output_dir=unused", "paths.root_dir=."])
+    assert cfg.data.name == r["data"] and cfg.model.name == r["model"] and cfg.seed == 2024
+    assert cfg.data.num_classes == cfg.model.num_classes == cfg.module.num_classes == r["classes"]
+    assert list(cfg.data.resolution) == [r["res"], r["res"]] and cfg.data.timesteps == 8
+    assert cfg.data.batch_size == r["batch"] and cfg.data.augment is r["aug"]
+    assert cfg.optim.opt == "momentum" and cfg.optim.lr == pytest.approx(r["lr"]) and cfg.optim.momentum == 0.9
+    assert cfg.optim.weight_decay == pytest.approx(r["wd"])
+    assert cfg.scheduler.lr_min == pytest.approx(r["lr_min"]) and cfg.scheduler.warmup_t == 0
+    assert cfg.trainer.max_epochs == cfg.scheduler.t_initial == r["epochs"]
+    assert cfg.module.label_smoothing == r["ls"] and cfg.trainer.precision == r["precision"]
+    assert cfg.init_from == r["init"] and bool(cfg.replace_head) == r.get("head", False)
+    assert cfg.paper_top1 is None and "sim2real" in cfg.tags
+    if r["data"].startswith("I2E-"):
+        assert cfg.data.path is None  # paths.i2e: the hub unless a local copy is given
+    else:
+        assert cfg.data.split == ("official" if r["data"] == "N-MNIST" else "stratified")
+        assert cfg.data.spatial == ("crop" if r["data"] == "N-MNIST" else "area")
+
+
+@pytest.mark.parametrize("pipeline, target", [("mnist2nmnist", "nmnist"), ("caltech2ncaltech", "ncaltech101")])
+def test_sim2real_pipelines_pretrain_on_the_twin_then_fine_tune(pipeline, target):
+    cfg = compose("pipeline", [f"pipeline={pipeline}"])
+    stages = cfg.pipeline.stages
+    assert list(stages) == ["pretrain", "finetune"] and cfg.pipeline.name == pipeline
+    assert list(stages.pretrain.overrides) == [f"experiment={target}/pretrain"]
+    assert list(stages.finetune.overrides) == [f"experiment={target}/transfer"]
+    assert stages.finetune.init_from == "pretrain" and stages.finetune.replace_head is False
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

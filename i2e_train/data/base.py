@@ -61,7 +61,8 @@ def resolve_info(name: str, num_classes: int | None = None, resolution: int | Se
         return DatasetInfo(name=name, source="local", resolution=res, num_classes=int(num_classes),
                            timesteps=int(timesteps or 8), ratio=None, kind=kind, hub_repo=None)
     if info.kind == "dvs" and kind != "dvs":
-        raise ValueError(f"{name} is real DVS data: use data=cifar10dvs (CIFAR10DVSDataModule)")
+        raise ValueError(f"{name} is real event-sensor data: use data=cifar10dvs, cifar10dvs_tonic, nmnist or "
+                         "ncaltech101 (CIFAR10DVSDataModule / RealEventsDataModule)")
     return check_facts(info, num_classes, res, timesteps)
 
 
@@ -98,3 +99,16 @@ class EventDataModule(ResumableTrainData, LightningDataModule):
     @property
     def resolution(self) -> tuple[int, int]:
         return self.info.resolution
+
+    def frames_to_events(self, batch) -> tuple:
+        """A loader batch of real-recording frames, (counts [B, T, C, H, W], targets [B]), as
+        (events [T, B, C, H, W] float32, targets int64), with ``self.augment`` in training."""
+        frames, targets = batch
+        if frames.dim() != 5 or tuple(frames.shape[1:]) != self.shape:
+            expected = ", ".join(map(str, self.shape))
+            raise ValueError(f"{self.info.name}: frames of shape {tuple(frames.shape)}, expected [B, {expected}]")
+        events = frames.transpose(0, 1).contiguous().float()  # [T, B, C, H, W]
+        augment = getattr(self, "augment", None)
+        if augment is not None and augment.active and self.trainer is not None and self.trainer.training:
+            events = augment(events)
+        return events, targets.long()

@@ -39,13 +39,14 @@ from torch.utils.data import Subset
 
 from i2e_train.data.augment import EventAugment
 from i2e_train.data.base import DatasetUnavailableError, EventDataModule, resolve_info
+from i2e_train.data.catalog import CIFAR10_CLASSES
 from i2e_train.data.splits import per_class_split
 
 __all__ = ["CIFAR10DVSDataModule", "build_events_np", "frames_dir_name", "DVSDatasetError", "CLASS_NAMES"]
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CLASS_NAMES = CIFAR10_CLASSES  # alphabetical, as CIFAR-10's; the catalog holds them
 _NAME = "CIFAR10-DVS"
 
 
@@ -251,14 +252,6 @@ class CIFAR10DVSDataModule(EventDataModule):
         log.info("%s: %d train / %d validation samples (%s per class, dataset order)", _NAME, len(train_idx),
                  len(val_idx), f"{self.train_ratio:g}")
 
-    # ---- loaders
     # ---- device side
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
-        frames, targets = batch  # [B, T, C, H, W] float32 counts
-        if frames.dim() != 5 or tuple(frames.shape[1:]) != self.shape:
-            expected = ", ".join(map(str, self.shape))
-            raise ValueError(f"{_NAME}: frames of shape {tuple(frames.shape)}, expected [B, {expected}]")
-        events = frames.transpose(0, 1).contiguous().float()  # [T, B, C, H, W]
-        if self.augment.active and self.trainer is not None and self.trainer.training:
-            events = self.augment(events)
-        return events, targets.long()
+        return self.frames_to_events(batch)  # [B, T, C, H, W] counts -> [T, B, C, H, W]

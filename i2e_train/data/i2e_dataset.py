@@ -214,7 +214,6 @@ class I2EDataModule(EventDataModule):
             self.datasets[key] = StreamingI2EDataset(stream, self.info, self.label_map, src if not made else
                                                      f"{src}[{key}]", keep, self.on_bad_record, self.bad_records)
 
-    # ---- loaders
     # ---- device side
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         packed, targets = batch[:2]

@@ -431,7 +431,6 @@ class ImageDataModule(EventDataModule):
             transform = self._train_transform() if key == "train" else self._eval_transform()
             self.datasets[key] = ImageSet(sp.reader, rows, targets, transform, labels[key])
 
-    # ---- loaders
     # ---- device side
     def augment_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training augmentation on the device: uint8 [B, 3, h, w] -> [B, 3, H, W] (uint8 or float in [0, 1])."""

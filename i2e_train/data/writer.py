@@ -25,8 +25,9 @@ from datasets import ClassLabel, Features, Value
 
 from i2e_train.files import atomic_write, atomic_write_text
 
-__all__ = ["features", "shard_name", "write_shard", "write_card", "read_card", "update_card", "CardError", "SHARD_RE"]
+__all__ = ["MANIFEST", "features", "shard_name", "write_shard", "write_card", "read_card", "update_card", "CardError", "SHARD_RE"]
 
+MANIFEST = "convert-manifest.json"  # <folder>/<config>/: what i2e-convert made them with (i2e_train.convert)
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.parquet$")
 
 

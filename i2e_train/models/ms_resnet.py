@@ -1,7 +1,7 @@
 """MS-ResNet (membrane-shortcut spiking ResNet), the variant used by I2E.
 
 The layout and the attribute names follow the networks behind the released I2E weights, so their
-state dicts load strictly (see ``i2e_train.models.pretrained``):
+state dicts load strictly (see ``i2e_train.models.loading``):
 
 * stem: ``conv1`` 7x7/2 (no bias) -> ``bn1`` -> ``maxpool`` 3x3/2; no neuron in the stem;
 * stages ``layer1`` .. ``layer4`` (strides 1, 2, 2, 2) of :class:`BasicBlock` (expansion 1) or

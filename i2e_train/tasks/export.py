@@ -21,7 +21,7 @@ __all__ = ["model_card", "export_run"]
 def model_card(cfg: DictConfig, metrics: Mapping[str, float], checkpoint: str) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     encoder = data.get("encoder") or {}
-    ratio, order = encoder.get("ratio"), encoder.get("order")
+    ratio, order = encoder.get("ratio", data.get("ratio")), encoder.get("order", data.get("order"))
     if ratio is None and str(data.get("_target_", "")).endswith("I2EDataModule"):
         from i2e_train.data.catalog import (
             CATALOG,  # pre-converted data: the catalog's converter settings
