@@ -67,6 +67,10 @@ ROOT = HERE.parent
 if "--cpu" in sys.argv[1:]:  # one thread, set before torch and numba start theirs (see Context.create)
     for _var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
+# Everything the check reads is made locally: no hub look-ups (a machine without network would wait
+# on them), no wandb.
+for _var, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WANDB_MODE", "offline")):
+    os.environ.setdefault(_var, _value)
 for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
