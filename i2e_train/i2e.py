@@ -145,6 +145,9 @@ class I2E(nn.Module):
         self.register_buffer(
             "group_sizes", torch.tensor([len(g) for g in DIRECTION_GROUPS]), persistent=False
         )
+        # The order as a buffer: on the device with the module, so that drawing directions never
+        # copies from the host (a copy from pageable memory makes the host wait for CUDA).
+        self.register_buffer("order_groups", torch.tensor(self.order), persistent=False)  # [T]
 
     @property
     def timesteps(self) -> int:
@@ -200,7 +203,7 @@ class I2E(nn.Module):
         Canonical vectors in eval mode (or with random_directions=False); otherwise one random
         vector of group order[t] per (t, sample).
         """
-        groups = torch.tensor(self.order, device=device)  # [T]
+        groups = self.order_groups.to(device)  # [T]
         vec_a, vec_b = self.vec_a.to(device), self.vec_b.to(device)
         if self.training and self.random_directions:
             sizes = self.group_sizes.to(device)[groups]  # [T]
