@@ -44,8 +44,9 @@ def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     return None
 
 
-def _use_kernel(x: torch.Tensor) -> bool:
-    return not FORCE_TORCH and x.device.type == "cpu" and x.dtype == torch.float32 and kernels.load("spikes") is not None
+def _use_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the numba kernel packs / unpacks tensors of this device and dtype."""
+    return not FORCE_TORCH and device.type == "cpu" and dtype == torch.float32 and kernels.load("spikes") is not None
 
 
 def _pack_torch(flat: torch.Tensor, trusted: bool) -> torch.Tensor | None:
@@ -72,7 +73,7 @@ def pack_spikes(x: torch.Tensor, trusted: bool = False) -> tuple[torch.Tensor, S
         return None
     flat, channels_last = order
     layout = SpikeLayout(x.shape, x.dtype, x.device, channels_last)
-    if _use_kernel(x):
+    if _use_kernel(x.device, x.dtype):
         kernels.use_threads(torch.get_num_threads())
         bits = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
         ok = kernels.load("spikes").pack_spikes(flat.view(torch.int32).numpy().view("uint32"), bits.numpy())
@@ -88,8 +89,7 @@ def unpack_spikes(bits: torch.Tensor, layout: SpikeLayout) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= int(s)
-    probe = torch.empty(0, dtype=dtype, device=device)
-    if _use_kernel(probe):
+    if _use_kernel(device, dtype):
         kernels.use_threads(torch.get_num_threads())
         flat = torch.empty(numel, dtype=dtype)
         kernels.load("spikes").unpack_spikes(bits.numpy(), flat.numpy())

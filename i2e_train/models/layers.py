@@ -20,6 +20,12 @@ layer. :func:`set_fast_kernels` switches these two and the fused LIF
   gradients are the same; about 1.3x faster than PyTorch's kernel (forward and backward) at
   the stem of MS-ResNet on 2 cores.
 
+Both also save less for the backward when :func:`i2e_train.models.memory.set_memory` asks them
+to, on any device and with the fast paths on or off: ``Conv2d.pack_input`` keeps a spike input
+as bits (:mod:`i2e_train.models.bitpack`), ``MaxPool2d.compact_indices`` keeps only the argmax
+(int8 window offsets in the numba kernel, int32 indices otherwise) instead of the input and
+int64 indices. Gradients stay the same to the bit.
+
 The numba kernels (:mod:`i2e_train.kernels.pooling`) are compiled on first use and cached on disk;
 when numba cannot be imported the layers log a warning once and run the parent layers.
 """
@@ -59,8 +65,9 @@ def _gemm_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor,
     return (g @ cols.transpose(0, 1).reshape(ci * kh * kw, -1).t()).reshape(co, ci, kh, kw)
 
 
-def _onednn_backward(grad, x, weight, stride, padding, mask_x: bool, mask_w: bool):
-    """``convolution_backward`` exactly as autograd calls it for ``F.conv2d`` without bias."""
+def _conv_backward(grad, x, weight, stride, padding, mask_x: bool, mask_w: bool):
+    """``convolution_backward`` exactly as autograd calls it for ``F.conv2d`` without bias (oneDNN
+    on CPU, cuDNN on CUDA)."""
     return torch.ops.aten.convolution_backward(
         grad, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [mask_x, mask_w, False]
     )
@@ -73,17 +80,17 @@ def _fast_weight_grad(ctx, grad, x, weight, stride, padding):
     grad = grad.contiguous()
     small = grad.shape[2] * grad.shape[3] <= _GEMM_MAX_OUTPUT_PIXELS
     if not need_w or not small:
-        gx, gw, _ = _onednn_backward(grad, x, weight, stride, padding, need_x, need_w)
+        gx, gw, _ = _conv_backward(grad, x, weight, stride, padding, need_x, need_w)
         return gx, gw
-    gx = _onednn_backward(grad, x, weight, stride, padding, True, False)[0] if need_x else None
+    gx = _conv_backward(grad, x, weight, stride, padding, True, False)[0] if need_x else None
     key = (tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), x.dtype)
     with _lock:
         decided = _decisions.get(key)
     if decided is False:
-        return gx, _onednn_backward(grad, x, weight, stride, padding, False, True)[1]
+        return gx, _conv_backward(grad, x, weight, stride, padding, False, True)[1]
     gw = _gemm_weight_grad(x, grad, weight, stride, padding)
     if decided is None:  # first time for this shape: keep the GEMM only if it is the same to the bit
-        reference = _onednn_backward(grad, x, weight, stride, padding, False, True)[1]
+        reference = _conv_backward(grad, x, weight, stride, padding, False, True)[1]
         same = torch.equal(gw, reference)
         with _lock:
             _decisions[key] = same
@@ -117,7 +124,7 @@ class _Conv2dFn(torch.autograd.Function):
         if ctx.fast:
             gx, gw = _fast_weight_grad(ctx, grad, x, weight, stride, padding)
         else:
-            gx, gw, _ = _onednn_backward(grad, x, weight, stride, padding, *ctx.needs_input_grad[:2])
+            gx, gw, _ = _conv_backward(grad, x, weight, stride, padding, *ctx.needs_input_grad[:2])
         return gx, gw, None, None, None, None
 
 

@@ -19,6 +19,10 @@ SpikingJelly neuron-precision override, and a surrogate whose gradient is plain 
 ``ATan`` (the I2E default), ``PiecewiseQuadratic``, ``SoftSign`` or ``SuperSpike``. On CUDA
 SpikingJelly's fused CUDA/Triton kernels are used. ``node.fast = False`` (or
 :func:`i2e_train.models.layers.set_fast_kernels`) switches a node back to SpikingJelly everywhere.
+
+For the backward the fused path keeps the charged membrane H, or with ``node.save_input = True``
+(set by :func:`i2e_train.models.memory.set_memory` where the input is kept anyway) the input and
+the initial membrane, from which the backward kernel recomputes H: the same gradients.
 """
 
 from __future__ import annotations
