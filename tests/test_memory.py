@@ -227,6 +227,31 @@ def test_ms_resnet18_training_bit_identical_to_the_official_network():
         _assert_same(official, _train("ms_resnet18", x, y, True, mode))
 
 
+def test_bn_lif_fused_path_and_recomputed_region_agree():
+    """bn -> LIF: the fused function (CPU fast path) and the checkpointed region (taken when the
+    neuron has a forward hook, whose calls it keeps) give the plain network's training."""
+    from i2e_train.models.bn_lif import bn_lif_ok
+
+    model = create_model("ms_resnet_tiny", num_classes=10)
+    block = model.layer1[0]
+    x = torch.randn(2, 2, 16, 8, 8, requires_grad=True)
+    assert bn_lif_ok(block.bn1, block.sn2, x)
+    calls = []
+    block.sn2.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    assert not bn_lif_ok(block.bn1, block.sn2, x)
+    x, y = _events(2, 2, 32), torch.tensor([2, 9])
+    ref = _train("ms_resnet_tiny", x, y, True, "none")
+    torch.manual_seed(0)
+    hooked = create_model("ms_resnet_tiny", num_classes=10)
+    hooked.layer2[0].sn2.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    set_memory(hooked, "bits")
+    loss = F.cross_entropy(hooked(x), y)
+    loss.backward()
+    assert torch.equal(loss.detach(), ref[0][0]) and calls  # forward (and recomputation) calls seen
+    for k, p in hooked.named_parameters():
+        assert torch.equal(p.grad, ref[1][0][k]), k
+
+
 def test_non_binary_input_and_no_grad_paths():
     """Non-event input is kept as it is (and still matches); no_grad and eval give the same logits."""
     x, y = torch.randn(2, 2, 2, 32, 32), torch.tensor([0, 5])

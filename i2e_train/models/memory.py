@@ -14,9 +14,9 @@ recomputation:
   - a downsampling block's first neuron and its downsampling neuron, which read the same input,
     keep that input once instead of one H each (:class:`~i2e_train.models.lif.LIFNode`
     ``save_input``); their backward recomputes H in cache;
-  - ``bn -> LIF`` inside a block is one recomputed region (:func:`bn_fire`): the batch norm's
-    input is kept, its output (the LIF input) is recomputed in the backward by the very same
-    batch-norm call, running statistics untouched;
+  - ``bn -> LIF`` inside a block keeps only the batch norm's input (:func:`bn_fire`): its output
+    (the LIF input) is recomputed in the backward by the very same batch-norm call, running
+    statistics untouched;
   - max pooling keeps only its argmax, as int8 window offsets.
 * ``"bits+checkpoint"``: ``"bits"``, and every residual block keeps only its input: its forward
   runs again in the backward (:func:`checkpointed`), as does the stem's convolution and batch
@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import bitpack
+from .bn_lif import bn_lif, bn_lif_ok
 from .layers import Conv2d, MaxPool2d
 from .lif import LIFNode
 
@@ -188,11 +189,15 @@ def _seq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     """``neuron(bn(x))`` for a convolution output ``x [T, B, C, H, W]`` -> spikes ``[T, B, C, H, W]``.
 
-    In the ``bits`` modes one recomputed region: only ``x`` (the batch norm's own saved input) is
-    kept, not the batch norm's output that the neuron would keep.
+    In the ``bits`` modes only ``x`` (the batch norm's own saved input) is kept, not the batch
+    norm's output that the neuron would keep: on the CPU fast path one autograd function that
+    recomputes the batch norm in its backward (:mod:`i2e_train.models.bn_lif`), elsewhere (CUDA,
+    plain layers, hooks) a recomputed region.
     """
     if mode == "none" or _plain(x.requires_grad or any(p.requires_grad for p in bn.parameters())):
         return neuron(_seq(bn, x))
+    if bn_lif_ok(bn, neuron, x):
+        return bn_lif(bn, neuron, x)
     return checkpointed(lambda c: neuron(_seq(bn, c)), (x,), (bn, neuron))
 
 
