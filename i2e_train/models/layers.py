@@ -43,12 +43,19 @@ from i2e_train import kernels
 
 from . import bitpack
 
-__all__ = ["Conv2d", "MaxPool2d", "gemm_weight_grad_decisions", "set_fast_kernels"]
+__all__ = ["Conv2d", "MaxPool2d", "gemm_weight_grad_decisions", "per_frame", "set_fast_kernels"]
 
 log = logging.getLogger(__name__)
 _GEMM_MAX_OUTPUT_PIXELS = 4
 _decisions: dict[tuple, bool] = {}  # shape key -> GEMM weight gradient equals oneDNN's
 _lock = threading.Lock()
+
+
+def per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a per-frame layer to a sequence: ``[T, B, ...] -> [T*B, ...] -> [T, B, ...]``."""
+    t, b = x.shape[0], x.shape[1]
+    y = module(x.flatten(0, 1))
+    return y.reshape(t, b, *y.shape[1:])
 
 
 def gemm_weight_grad_decisions() -> dict[tuple, bool]:

@@ -25,8 +25,9 @@ recomputation:
 Recomputed regions use PyTorch's non-reentrant checkpointing, so the backward graph is the one
 of the plain network (the same gradient accumulation order); a region's batch-norm running
 statistics and neuron states are put back after its recomputation (:class:`_Recompute`), and it
-starts from the neuron states its forward started from. Under ``torch.no_grad`` and
-``torch.compile`` every mode runs the plain forward.
+starts from the neuron states its forward started from. Forward hooks of the modules in a region
+run again when it is recomputed. Under ``torch.no_grad`` and ``torch.compile`` every mode runs
+the plain forward; under autocast, convolution inputs are kept as autocast keeps them.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import bitpack
 from .bn_lif import bn_lif, bn_lif_ok
-from .layers import Conv2d, MaxPool2d
+from .layers import Conv2d, MaxPool2d, per_frame
 from .lif import LIFNode
 
 __all__ = [
@@ -179,13 +180,6 @@ def checkpointed(fn: Callable[..., torch.Tensor], args: tuple, modules: Iterable
     )
 
 
-def _seq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A per-frame layer on ``[T, B, ...]`` via ``[T*B, ...]`` (as ``ms_resnet._seq``)."""
-    t, b = x.shape[0], x.shape[1]
-    y = module(x.flatten(0, 1))
-    return y.reshape(t, b, *y.shape[1:])
-
-
 def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     """``neuron(bn(x))`` for a convolution output ``x [T, B, C, H, W]`` -> spikes ``[T, B, C, H, W]``.
 
@@ -195,10 +189,10 @@ def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, mode: str) -> tor
     plain layers, hooks) a recomputed region.
     """
     if mode == "none" or _plain(x.requires_grad or any(p.requires_grad for p in bn.parameters())):
-        return neuron(_seq(bn, x))
+        return neuron(per_frame(bn, x))
     if bn_lif_ok(bn, neuron, x):
         return bn_lif(bn, neuron, x)
-    return checkpointed(lambda c: neuron(_seq(bn, c)), (x,), (bn, neuron))
+    return checkpointed(lambda c: neuron(per_frame(bn, c)), (x,), (bn, neuron))
 
 
 def linear_on_spikes(fc: nn.Linear, spikes: torch.Tensor, mode: str, trusted: bool) -> torch.Tensor:

@@ -39,6 +39,7 @@ from torch import nn
 
 from . import bitpack
 from .layers import Conv2d, MaxPool2d
+from .layers import per_frame as _seq  # [T, B, ...] -> [T*B, ...] -> layer -> [T, B, ...]
 from .lif import LIFNode
 from .memory import MemoryModeMixin, bn_fire, checkpointed, is_spiking, linear_on_spikes
 from .registry import register_model
@@ -116,13 +117,6 @@ class NeuronConfig:
 
 
 NeuronFactory = Callable[[], nn.Module]
-
-
-def _seq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a per-frame layer to a sequence: ``[T, B, ...] -> [T*B, ...] -> [T, B, ...]``."""
-    t, b = x.shape[0], x.shape[1]
-    y = module(x.flatten(0, 1))
-    return y.reshape(t, b, *y.shape[1:])
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> Conv2d:
