@@ -219,6 +219,24 @@ def test_plain_layers_in_every_mode_equal_the_official_network(mode, pack_path):
     _assert_same(_train("ms_resnet_tiny", x, y, False, "none"), _train("ms_resnet_tiny", x, y, False, mode))
 
 
+def test_channels_last_in_every_mode(pack_path):
+    """Channels-last activations (the GPU layout) are packed and rebuilt in that layout."""
+    x, y = _events(2, 2, 32), torch.tensor([5, 6])
+
+    def run(mode):
+        torch.manual_seed(0)
+        model = create_model("ms_resnet_tiny", num_classes=10).to(memory_format=torch.channels_last)
+        set_memory(model, mode)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    ref = run("none")
+    for mode in ("bits", "bits+checkpoint"):
+        loss, grads = run(mode)
+        assert torch.equal(loss, ref[0]) and all(torch.equal(a, b) for a, b in zip(grads, ref[1]))
+
+
 def test_ms_resnet18_training_bit_identical_to_the_official_network():
     """The benchmark's network at 64x64: official (plain, none) vs fast paths in every mode."""
     x, y = _events(2, 2, 64), torch.tensor([1, 7])
