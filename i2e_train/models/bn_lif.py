@@ -68,11 +68,14 @@ def bn_lif_ok(bn: nn.Module, neuron: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def bn_lif(bn: nn.BatchNorm2d, neuron: LIFNode, x: torch.Tensor) -> torch.Tensor:
+def bn_lif(bn: nn.BatchNorm2d, neuron: LIFNode, x: torch.Tensor) -> torch.Tensor | None:
     """``neuron(bn(x))`` for ``x [T, B, C, H, W]`` (see the module docstring; check
-    :func:`bn_lif_ok` first). Updates the neuron's membrane state as its own forward does."""
+    :func:`bn_lif_ok` first), or None, having done nothing, when the neuron's state cannot start
+    the kernel. Updates the neuron's membrane state as its own forward does."""
     t_steps = x.shape[0]
     v0 = neuron.initial_membrane(x, scalar_ok=True)
+    if v0 is None:
+        return None
     params = (float(neuron.tau), bool(neuron.decay_input), float(neuron.v_threshold),
               None if neuron.v_reset is None else float(neuron.v_reset), _surrogate_constants(neuron.surrogate_function))  # fmt: skip
     spikes, v_last = _BatchNormLIF.apply(x.flatten(0, 1), bn.weight, bn.bias, v0, bn, t_steps, params)

@@ -190,8 +190,9 @@ def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, mode: str) -> tor
     """
     if mode == "none" or _plain(x.requires_grad or any(p.requires_grad for p in bn.parameters())):
         return neuron(per_frame(bn, x))
-    if bn_lif_ok(bn, neuron, x):
-        return bn_lif(bn, neuron, x)
+    spikes = bn_lif(bn, neuron, x) if bn_lif_ok(bn, neuron, x) else None
+    if spikes is not None:
+        return spikes
     return checkpointed(lambda c: neuron(per_frame(bn, c)), (x,), (bn, neuron))
 
 
