@@ -3,6 +3,7 @@
     python benchmarks/memory.py                  # MS-ResNet18, T=8, 64x64 and 128x128, batch 16
     python benchmarks/memory.py --quick          # a reduced run (seconds): the same code paths
     python benchmarks/memory.py --json out.json --budget-mib 1024
+    python benchmarks/memory.py --parts time --repeats 5 --time-steps 8   # step times only
 
 Variants (same batch, same initial weights, same losses to the bit, checked):
 - ``official``: the plain torch.nn + SpikingJelly network (``set_fast_kernels(model, False)``),
@@ -16,7 +17,8 @@ set over the set-up (libraries and kernels loaded by a warm-up step of a tiny ne
 optimiser and data built) during ``--steps`` SGD steps (momentum, so the step after the first
 holds gradients and momentum buffers: the peak); on CUDA ``torch.cuda.max_memory_allocated``
 too. Step time: each repeat is one fresh process that steps every variant in turn (who goes
-first rotates), the median per process, then the median over processes. Largest batch: per
+first rotates) for ``--time-steps`` steps after one untimed step, the median per process, then
+the median over processes (the ratio to the official model likewise, per process). Largest batch: per
 variant, the largest batch whose peak stays within ``--budget-mib``, by bisection on fresh
 processes. Every number is a median over ``--repeats`` fresh processes.
 
@@ -159,20 +161,20 @@ def peak_memory(args, name: str, size: int, batch: int, repeats: int) -> dict:
 
 
 def step_times(args, size: int, batch: int) -> tuple[dict, bool]:
-    """Per variant: median step time and its ratio to the official's, each the median over
-    ``repeats`` fresh processes that step all variants side by side; and whether every
-    variant's losses equal the official's to the bit."""
+    """Per variant: median step time and its ratios to the official model's and to today's fast
+    path (``fast``), each the median over ``repeats`` fresh processes that step all variants side
+    by side; and whether every variant's losses equal the official's to the bit."""
     names = list(VARIANTS)
-    secs: dict[str, list[float]] = {n: [] for n in names}
-    ratios: dict[str, list[float]] = {n: [] for n in names}
+    out: dict[str, dict[str, list[float]]] = {n: {"sec": [], "time_vs_official": [], "time_vs_fast": []} for n in names}
     identical = True
     for _ in range(args.repeats):
-        res = run_child(_spec(args, size, batch, names, args.steps + 1), args.mmap_threshold)
+        res = run_child(_spec(args, size, batch, names, args.time_steps + 1), args.mmap_threshold)
         for n in names:
-            secs[n].append(res["sec"][n])
-            ratios[n].append(res["sec"][n] / res["sec"]["official"])
+            out[n]["sec"].append(res["sec"][n])
+            out[n]["time_vs_official"].append(res["sec"][n] / res["sec"]["official"])
+            out[n]["time_vs_fast"].append(res["sec"][n] / res["sec"]["fast"])
             identical &= res["losses"][n] == res["losses"]["official"]
-    return {n: {"sec": statistics.median(secs[n]), "time_vs_official": statistics.median(ratios[n])} for n in names}, identical
+    return {n: {k: statistics.median(v) for k, v in out[n].items()} for n in names}, identical
 
 
 def largest_batch(args, name: str, size: int, budget_mib: float, start: int, cap: int = 1024) -> int:
@@ -198,32 +200,39 @@ def largest_batch(args, name: str, size: int, budget_mib: float, start: int, cap
 
 # --------------------------------------------------------------------------- report
 def bench_size(args, size: int) -> list[dict]:
-    """Every variant at one input size: peak memory, step time, largest batch in the budget."""
-    times, identical = step_times(args, size, args.batch)
-    rows = []
-    for name in VARIANTS:
-        row = {"size": size, "batch": args.batch, "variant": name, **peak_memory(args, name, size, args.batch, args.repeats),
-               **times[name], "losses_identical": identical}  # fmt: skip
-        if args.budget_mib:
-            row["largest_batch"] = largest_batch(args, name, size, args.budget_mib, args.batch)
-        rows.append(row)
-    official, fast = rows[0], rows[1]
-    for row in rows:
-        row["memory_vs_official"] = row["peak_mib"] / official["peak_mib"]
-        row["time_vs_fast"] = row["sec"] / fast["sec"]
+    """Every variant at one input size: peak memory, step time, largest batch in the budget
+    (the parts asked for)."""
+    rows = [{"size": size, "batch": args.batch, "variant": name} for name in VARIANTS]
+    if "time" in args.parts:
+        times, identical = step_times(args, size, args.batch)
+        for row in rows:
+            row.update(times[row["variant"]], losses_identical=identical)
+    if "memory" in args.parts:
+        for row in rows:
+            row.update(peak_memory(args, row["variant"], size, args.batch, args.repeats))
+        for row in rows:
+            row["memory_vs_official"] = row["peak_mib"] / rows[0]["peak_mib"]
+    if args.budget_mib:
+        for row in rows:
+            row["largest_batch"] = largest_batch(args, row["variant"], size, args.budget_mib, args.batch)
     return rows
+
+
+def _cell(row: dict, key: str, fmt: str, width: int, suffix: str = "") -> str:
+    return format(format(row[key], fmt) + suffix if key in row else "-", f">{width}")
 
 
 def print_table(rows: list[dict], args) -> None:
     budget = f"batch in {args.budget_mib:.0f} MiB" if args.budget_mib else ""
-    print(f"\n{'input':>8} {'variant':<16}{'peak MiB':>10}{'x official':>11}{'step s':>9}{'x official':>11}"
+    print(f"\n{'input':<8} {'variant':<16}{'peak MiB':>10}{'x official':>11}{'step s':>9}{'x official':>11}"
           f"{'x fast':>8}{budget:>22}  losses")  # fmt: skip
     for r in rows:
-        extra = f"{r['largest_batch']:>22}" if "largest_batch" in r else " " * len(budget)
         cuda = f"  (cuda {r['cuda_peak_mib']:.0f} MiB)" if "cuda_peak_mib" in r else ""
-        print(f"{r['size']:>5}x{r['size']:<3}{r['variant']:<16}{r['peak_mib']:>10.0f}{r['memory_vs_official']:>10.2f}x"
-              f"{r['sec']:>9.3f}{r['time_vs_official']:>10.2f}x{r['time_vs_fast']:>7.2f}x{extra}  "
-              f"{'identical' if r['losses_identical'] else 'DIFFERENT'}{cuda}")  # fmt: skip
+        same = {True: "identical", False: "DIFFERENT"}.get(r.get("losses_identical"), "-")
+        print(f"{str(r['size']) + 'x' + str(r['size']):<8} {r['variant']:<16}{_cell(r, 'peak_mib', '.0f', 10)}"
+              f"{_cell(r, 'memory_vs_official', '.2f', 11, 'x')}{_cell(r, 'sec', '.3f', 9)}"
+              f"{_cell(r, 'time_vs_official', '.2f', 11, 'x')}{_cell(r, 'time_vs_fast', '.2f', 8, 'x')}"
+              f"{_cell(r, 'largest_batch', 'd', 22) if budget else ''}  {same}{cuda}")  # fmt: skip
 
 
 def main(argv=None) -> list[dict]:
@@ -234,8 +243,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--t", type=int, default=8, help="time steps T")
-    ap.add_argument("--steps", type=int, default=3, help="SGD steps per process")
+    ap.add_argument("--steps", type=int, default=3, help="SGD steps per memory process")
+    ap.add_argument("--time-steps", type=int, default=6, help="timed SGD steps per variant and process")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement")
+    ap.add_argument("--parts", nargs="+", choices=["memory", "time"], default=["memory", "time"])
     ap.add_argument("--budget-mib", type=float, default=None, help="find the largest batch within this peak")
     ap.add_argument("--mmap-threshold", type=int, default=None, help="MALLOC_MMAP_THRESHOLD_ of the children")
     ap.add_argument("--device", default="cpu")
@@ -245,11 +256,12 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(_child(json.loads(args.child))))
         return []
     if args.quick:
-        args.arch, args.sizes, args.t, args.batch, args.steps, args.repeats = "ms_resnet_tiny", [32], 4, 4, 2, 1
+        args.arch, args.sizes, args.t, args.batch, args.steps, args.time_steps, args.repeats = (
+            "ms_resnet_tiny", [32], 4, 4, 2, 2, 1)  # fmt: skip
     rows = [r for size in args.sizes for r in bench_size(args, size)]
-    print(f"{args.arch}, T={args.t}, batch {args.batch}, {args.steps} SGD steps, medians of {args.repeats} "
-          f"fresh processes, device {args.device}" + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"
-                                                      if args.mmap_threshold else ""))  # fmt: skip
+    print(f"{args.arch}, T={args.t}, batch {args.batch}, {args.steps} SGD steps (memory), {args.time_steps} timed "
+          f"steps, medians of {args.repeats} fresh processes, device {args.device}"
+          + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else ""))  # fmt: skip
     print_table(rows, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
