@@ -99,6 +99,7 @@ sys.path.insert(0, {root!r})
 from i2e_train.models import create_model
 from i2e_train.models.layers import MaxPool2d, set_fast_kernels
 from i2e_train.models.lif import LIFNode
+from i2e_train.models.memory import set_memory
 variants, device, steps = {variants!r}, torch.device({device!r}), {steps}
 
 def rss():  # current resident set size, bytes
@@ -113,6 +114,7 @@ def make(variant):
     torch.manual_seed(0)
     model = create_model("ms_resnet18", num_classes=10).to(device)
     set_fast_kernels(model, variant != "baseline")  # off: plain torch.nn layers and SpikingJelly's LIF
+    set_memory(model, "bits" if variant.startswith("ours_bits") else "none")  # what the backward keeps
     if "channels_last" in variant:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if variant.endswith("compile") else model
@@ -151,7 +153,8 @@ print(json.dumps({{v: {{"sec": statistics.median(ts[v]), "peak": peak, "losses":
 
 TRAIN_VARIANTS = {
     "baseline": "eager float32, torch.nn + SpikingJelly LIF (baseline)",
-    "ours": "ours: fast kernels, float32 (default)",
+    "ours": "ours: fast kernels, float32, module.memory=none",
+    "ours_bits": "ours: fast kernels, float32, module.memory=bits (default)",
     "ours_channels_last": "ours + channels_last",
     "ours_bf16": "ours + bf16 autocast (precision=bf16-mixed)",
     "ours_compile": "ours + torch.compile",
@@ -251,7 +254,8 @@ def main(argv=None) -> list[dict]:
             for size in (128, 224):
                 rows += [dict(r, device=dev.type) for r in bench_convert(dev, size, 64, max(3 * args.repeats, 15))]
         if "train" in parts:
-            variants = ["baseline", "ours", "ours_channels_last", "ours_bf16"] + (["ours_compile"] if args.compile else [])
+            variants = ["baseline", "ours", "ours_bits", "ours_channels_last", "ours_bf16"] + (
+                ["ours_compile"] if args.compile else [])
             rows += [dict(r, device=dev.type) for r in bench_train(dev, args.repeats, args.train_steps, variants)]
     if "loader" in parts:
         rows += [dict(r, device="cpu") for r in bench_loader(args.repeats, args.loader_rows, args.workers)]

@@ -23,6 +23,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from .models.layers import set_fast_kernels
+from .models.memory import check_memory_mode, set_memory
 
 __all__ = ["SNNClassifier"]
 
@@ -42,6 +43,11 @@ class SNNClassifier(LightningModule):
             GEMM weight gradient of small convolutions, max pooling; see
             :mod:`i2e_train.models.layers`): same results to the bit, faster training steps on
             CPU (README, Measured). ``False`` runs the plain ``torch.nn`` / SpikingJelly layers.
+        memory: what training keeps for the backward pass (:mod:`i2e_train.models.memory`):
+            ``"bits"`` (spikes saved as bits, cheap recomputation instead of storage),
+            ``"bits+checkpoint"`` (also every residual block recomputed from its input: less
+            memory, about one more forward pass per step) or ``"none"`` (autograd's default).
+            The same losses and gradients to the bit in every mode.
         channels_last: keep convolution weights (and so activations) in channels-last memory
             format, the fast layout for tensor cores. The float sums run in another order, so
             membrane values differ in the last bits and spikes right at threshold may flip.
@@ -60,6 +66,7 @@ class SNNClassifier(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         fast_kernels: bool = True,
+        memory: str = "bits",
     ) -> None:
         super().__init__()
         self.model = model
@@ -71,6 +78,7 @@ class SNNClassifier(LightningModule):
         self.channels_last = bool(channels_last)
         self.compile = bool(compile)
         self.fast_kernels = bool(fast_kernels)
+        self.memory = check_memory_mode(memory)
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         top5 = min(5, self.num_classes)
         self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
@@ -81,6 +89,7 @@ class SNNClassifier(LightningModule):
 
     def configure_model(self) -> None:
         set_fast_kernels(self.model, self.fast_kernels)
+        set_memory(self.model, self.memory)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.compile and self._compiled is None:

@@ -9,8 +9,9 @@ and cached on disk (about 7 s once per machine, then loaded).
 logs why once and returns None, and callers take their plain tensor path.
 
 Modules: ``converter`` (I2E intensity, dense and packed events), ``lif`` (multi-step LIF
-forward / backward), ``pooling`` (max pooling forward / backward), ``bits`` (the LLVM
-intrinsic that turns 32 comparisons into a bit mask), ``_jit`` (shared options, thread count).
+forward / backward), ``pooling`` (max pooling forward / backward), ``spikes`` (spike tensors
+packed to bits and back), ``bits`` (the LLVM intrinsics that turn 32 comparisons into a bit mask
+and back), ``_jit`` (shared options, thread count).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["load", "unavailable_reason", "use_threads", "MODULES"]
 
 log = logging.getLogger(__name__)
 
-MODULES = ("converter", "lif", "pooling", "bits")
+MODULES = ("converter", "lif", "pooling", "bits", "spikes")
 _loaded: dict[str, ModuleType] = {}
 _error: str | None = None
 

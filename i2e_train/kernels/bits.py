@@ -1,7 +1,10 @@
-"""Bit masks from vector comparisons: a small LLVM intrinsic that plain numba loops cannot express.
+"""Bit masks from vector comparisons: small LLVM intrinsics that plain numba loops cannot express.
 
 :func:`event_bits` turns n (8 or 32) float32 comparisons into one n-bit word at once (on x86 a
 mask move), in ``np.packbits`` bit order. Used by the packed converter kernel.
+:func:`spike_bits_32` / :func:`bits_spikes_32` pack 32 float32 spikes (0.0 / 1.0) into one
+32-bit word and back, in little bit order (element k of a byte is its bit k). Used by
+:mod:`i2e_train.kernels.spikes`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["event_bits", "event_bits_8", "event_bits_32"]
+__all__ = ["event_bits", "event_bits_8", "event_bits_32", "spike_bits_32", "bits_spikes_32"]
 
 
 def _splat(builder, value, n):
@@ -68,3 +71,66 @@ def event_bits(n):
 
 event_bits_8 = event_bits(8)
 event_bits_32 = event_bits(32)
+
+
+_ONE_F32_BITS = 0x3F800000  # the bit pattern of float32 1.0
+
+
+def _is_array(t, dtype) -> bool:
+    return isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C"
+
+
+@intrinsic
+def spike_bits_32(typingctx, xi, at, out, out_at):
+    """Intrinsic ``valid = f(xi, at, out, out_at)``: 32 spikes into one 32-bit word.
+
+    ``xi`` is the uint32 view of a float32 array; lanes ``xi.flat[at : at + 32]`` are compared as
+    bit patterns: bit k of the word is ``lane k != +0.0`` and the word is stored at the 4 bytes
+    ``out.flat[out_at : out_at + 4]`` (little-endian, so byte j holds lanes 8j..8j+7, bit k of
+    the byte = lane 8j+k). Returns the mask of lanes that are exactly +0.0 or +1.0 (all ones when
+    the 32 values are spikes; -0.0, NaN or any other value clears its bit). No bounds checks.
+    """
+    if not (_is_array(xi, types.uint32) and _is_array(out, types.uint8)):
+        return None
+    sig = types.uint32(xi, at, out, out_at)
+
+    def codegen(context, builder, sig, args):
+        src_arr, src_at, dst_arr, dst_at = args
+        src = context.make_array(sig.args[0])(context, builder, src_arr).data
+        dst = context.make_array(sig.args[2])(context, builder, dst_arr).data
+        lanes = ir.VectorType(ir.IntType(32), 32)
+        v = builder.load(builder.bitcast(builder.gep(src, [src_at]), lanes.as_pointer()), align=4)
+        zero = ir.Constant(lanes, [0] * 32)
+        one = ir.Constant(lanes, [_ONE_F32_BITS] * 32)
+        word = ir.IntType(32)
+        nonzero = builder.bitcast(builder.icmp_unsigned("!=", v, zero), word)
+        builder.store(nonzero, builder.bitcast(builder.gep(dst, [dst_at]), word.as_pointer()), align=1)
+        valid = builder.or_(builder.icmp_unsigned("==", v, zero), builder.icmp_unsigned("==", v, one))
+        return builder.bitcast(valid, word)
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_spikes_32(typingctx, bits, at, out, out_at):
+    """Intrinsic ``f(bits, at, out, out_at)``: the inverse of :func:`spike_bits_32`.
+
+    Reads the 32-bit word at bytes ``bits.flat[at : at + 4]`` (little-endian) and writes its 32
+    bits as float32 0.0 / 1.0 to ``out.flat[out_at : out_at + 32]``. No bounds checks.
+    """
+    if not (_is_array(bits, types.uint8) and _is_array(out, types.float32)):
+        return None
+    sig = types.void(bits, at, out, out_at)
+
+    def codegen(context, builder, sig, args):
+        src_arr, src_at, dst_arr, dst_at = args
+        src = context.make_array(sig.args[0])(context, builder, src_arr).data
+        dst = context.make_array(sig.args[2])(context, builder, dst_arr).data
+        word = ir.IntType(32)
+        w = builder.load(builder.bitcast(builder.gep(src, [src_at]), word.as_pointer()), align=1)
+        floats = ir.VectorType(ir.FloatType(), 32)
+        vals = builder.uitofp(builder.bitcast(w, ir.VectorType(ir.IntType(1), 32)), floats)
+        builder.store(vals, builder.bitcast(builder.gep(dst, [dst_at]), floats.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -19,6 +19,12 @@ layer. :func:`set_fast_kernels` switches these two and the fused LIF
   backward that adds the output gradients at the argmax in PyTorch's order. Values and
   gradients are the same.
 
+Both also save less for the backward when :func:`i2e_train.models.memory.set_memory` asks them
+to, on any device and with the fast paths on or off: ``Conv2d.pack_input`` keeps a spike input
+as bits (:mod:`i2e_train.models.bitpack`), ``MaxPool2d.compact_indices`` keeps only the argmax
+(int8 window offsets in the numba kernel, int32 indices otherwise) instead of the input and
+int64 indices. Gradients stay the same to the bit.
+
 The numba kernels (:mod:`i2e_train.kernels.pooling`) are compiled on first use and cached on disk;
 when numba cannot be imported the layers log a warning once and run the parent layers.
 """
@@ -34,12 +40,21 @@ from torch import nn
 
 from i2e_train import kernels
 
-__all__ = ["Conv2d", "MaxPool2d", "gemm_weight_grad_decisions", "set_fast_kernels"]
+from . import bitpack
+
+__all__ = ["Conv2d", "MaxPool2d", "gemm_weight_grad_decisions", "per_frame", "set_fast_kernels"]
 
 log = logging.getLogger(__name__)
 _GEMM_MAX_OUTPUT_PIXELS = 4
 _decisions: dict[tuple, bool] = {}  # shape key -> GEMM weight gradient equals oneDNN's
 _lock = threading.Lock()
+
+
+def per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a per-frame layer to a sequence: ``[T, B, ...] -> [T*B, ...] -> [T, B, ...]``."""
+    t, b = x.shape[0], x.shape[1]
+    y = module(x.flatten(0, 1))
+    return y.reshape(t, b, *y.shape[1:])
 
 
 def gemm_weight_grad_decisions() -> dict[tuple, bool]:
@@ -56,43 +71,67 @@ def _gemm_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor,
     return (g @ cols.transpose(0, 1).reshape(ci * kh * kw, -1).t()).reshape(co, ci, kh, kw)
 
 
+def _conv_backward(grad, x, weight, stride, padding, mask_x: bool, mask_w: bool):
+    """``convolution_backward`` exactly as autograd calls it for ``F.conv2d`` without bias (oneDNN
+    on CPU, cuDNN on CUDA)."""
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [mask_x, mask_w, False]
+    )
+
+
+def _fast_weight_grad(ctx, grad, x, weight, stride, padding):
+    """The CPU backward: oneDNN, or for small outputs the GEMM weight gradient when it was found
+    bit-identical for this shape (decided on first use)."""
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad = grad.contiguous()
+    small = grad.shape[2] * grad.shape[3] <= _GEMM_MAX_OUTPUT_PIXELS
+    if not need_w or not small:
+        gx, gw, _ = _conv_backward(grad, x, weight, stride, padding, need_x, need_w)
+        return gx, gw
+    gx = _conv_backward(grad, x, weight, stride, padding, True, False)[0] if need_x else None
+    key = (tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), x.dtype)
+    with _lock:
+        decided = _decisions.get(key)
+    if decided is False:
+        return gx, _conv_backward(grad, x, weight, stride, padding, False, True)[1]
+    gw = _gemm_weight_grad(x, grad, weight, stride, padding)
+    if decided is None:  # first time for this shape: keep the GEMM only if it is the same to the bit
+        reference = _conv_backward(grad, x, weight, stride, padding, False, True)[1]
+        same = torch.equal(gw, reference)
+        with _lock:
+            _decisions[key] = same
+        gw = gw if same else reference
+    return gx, gw
+
+
 class _Conv2dFn(torch.autograd.Function):
+    """conv2d without bias whose backward is either the fast CPU one (``fast``) or autograd's own
+    ``convolution_backward``; with ``pack`` ("spikes" or "events") the input is saved as bits
+    (:mod:`i2e_train.models.bitpack`) when it holds only 0 and 1, and rebuilt in the backward."""
+
     @staticmethod
-    def forward(ctx, x, weight, stride, padding):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, stride, padding, fast=True, pack=None):
+        packed = bitpack.pack_spikes(x, trusted=pack == "spikes") if pack else None
+        if packed is None:
+            ctx.save_for_backward(x, weight)
+            ctx.layout = None
+        else:
+            ctx.save_for_backward(packed[0], weight)
+            ctx.layout = packed[1]
         ctx.conv = (stride, padding)
+        ctx.fast = fast
         return F.conv2d(x, weight, None, stride, padding)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        saved, weight = ctx.saved_tensors
+        x = saved if ctx.layout is None else bitpack.unpack_spikes(saved, ctx.layout)
         stride, padding = ctx.conv
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad = grad.contiguous()
-
-        def onednn(mask_x: bool, mask_w: bool):
-            return torch.ops.aten.convolution_backward(
-                grad, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, [mask_x, mask_w, False]
-            )
-
-        small = grad.shape[2] * grad.shape[3] <= _GEMM_MAX_OUTPUT_PIXELS
-        if not need_w or not small:
-            gx, gw, _ = onednn(need_x, need_w)
-            return gx, gw, None, None
-        gx = onednn(True, False)[0] if need_x else None
-        key = (tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), x.dtype)
-        with _lock:
-            decided = _decisions.get(key)
-        if decided is False:
-            return gx, onednn(False, True)[1], None, None
-        gw = _gemm_weight_grad(x, grad, weight, stride, padding)
-        if decided is None:  # first time for this shape: keep the GEMM only if it is the same to the bit
-            reference = onednn(False, True)[1]
-            same = torch.equal(gw, reference)
-            with _lock:
-                _decisions[key] = same
-            gw = gw if same else reference
-        return gx, gw, None, None
+        if ctx.fast:
+            gx, gw = _fast_weight_grad(ctx, grad, x, weight, stride, padding)
+        else:
+            gx, gw, _ = _conv_backward(grad, x, weight, stride, padding, *ctx.needs_input_grad[:2])
+        return gx, gw, None, None, None, None
 
 
 def _fast_input(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -108,25 +147,37 @@ def _fast_input(layer: nn.Module, x: torch.Tensor) -> bool:
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` with the bit-identical faster CPU backward described in the module docstring."""
+    """``nn.Conv2d`` with the bit-identical faster CPU backward described in the module docstring.
+
+    ``pack_input`` (set by :func:`i2e_train.models.memory.set_memory`): None keeps the input for
+    the backward as it is; ``"spikes"`` (the input is the output of a spiking neuron) or
+    ``"events"`` (it may be, e.g. the network input: checked) save it as bits when it holds only
+    0 and 1, on any device.
+    """
 
     fast: bool = True
+    pack_input: str | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            not _fast_input(self, x)
-            or self.bias is not None
+    def _custom_ok(self, x: torch.Tensor) -> bool:
+        """Settings the custom autograd function covers (the others run ``nn.Conv2d``)."""
+        return not (
+            self.bias is not None
             or self.groups != 1
             or self.dilation != (1, 1)
             or self.padding_mode != "zeros"
             or isinstance(self.padding, str)
             or not torch.is_grad_enabled()
-            or torch.is_autocast_enabled("cpu")
+            or torch.is_autocast_enabled(x.device.type)
             or not (x.requires_grad or self.weight.requires_grad)
-            or not self.weight.is_contiguous()
-        ):
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._custom_ok(x):
             return super().forward(x)
-        return _Conv2dFn.apply(x, self.weight, self.stride, self.padding)
+        fast = _fast_input(self, x) and self.weight.is_contiguous()
+        if not fast and self.pack_input is None:
+            return super().forward(x)
+        return _Conv2dFn.apply(x, self.weight, self.stride, self.padding, fast, self.pack_input)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -134,42 +185,79 @@ def _pair(v) -> tuple[int, int]:
 
 
 class _MaxPoolFn(torch.autograd.Function):
+    """The numba max pooling; argmax saved as int32 plane indices or (``relative``) int8 window offsets."""
+
     @staticmethod
-    def forward(ctx, x, kernel, stride, padding):
+    def forward(ctx, x, kernel, stride, padding, relative=False):
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
         oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
         y = torch.empty(n, c, oh, ow, dtype=x.dtype)
-        idx = torch.empty(n, c, oh, ow, dtype=torch.int32)
+        idx = torch.empty(n, c, oh, ow, dtype=torch.int8 if relative else torch.int32)
         kernels.use_threads(torch.get_num_threads())
         kernels.load("pooling").maxpool_forward(x.reshape(n * c, h, w).numpy(), y.view(n * c, oh, ow).numpy(),
-                                idx.view(n * c, oh, ow).numpy(), kh, kw, sh, sw, ph, pw)  # fmt: skip
+                                idx.view(n * c, oh, ow).numpy(), kh, kw, sh, sw, ph, pw, relative)  # fmt: skip
         ctx.save_for_backward(idx)
-        ctx.input_hw = (h, w)
+        ctx.geometry = (h, w, kw, sh, sw, ph, pw, relative)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
         n, c, oh, ow = idx.shape
-        h, w = ctx.input_hw
+        h, w, *window = ctx.geometry
         grad = grad.to(torch.float32).contiguous()
         gx = torch.empty(n, c, h, w, dtype=torch.float32)
         kernels.load("pooling").maxpool_backward(grad.view(n * c, oh, ow).numpy(), idx.view(n * c, oh, ow).numpy(),
-                                         gx.view(n * c, h, w).numpy())  # fmt: skip
-        return gx, None, None, None
+                                         gx.view(n * c, h, w).numpy(), *window)  # fmt: skip
+        return gx, None, None, None, None
+
+
+class _MaxPoolIndicesFn(torch.autograd.Function):
+    """``max_pool2d_with_indices`` on any device, saving only its argmax, as int32 (autograd saves
+    the input and int64 indices); the backward is the same ATen kernel, which reads the input's
+    shape, dtype and memory format only, so it gets an uninitialised tensor of that kind."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        y, idx = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(idx.to(torch.int32))
+        ctx.pool = (kernel, stride, padding, dilation, ceil_mode)
+        fmt = torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) else None
+        ctx.input = (x.shape, x.dtype, x.device, fmt or torch.contiguous_format)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        shape, dtype, device, fmt = ctx.input
+        placeholder = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(grad, placeholder, *ctx.pool, idx.to(torch.int64))
+        return gx, None, None, None, None, None
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` with the bit-identical numba kernel on CPU (see the module docstring)."""
+    """``nn.MaxPool2d`` with the bit-identical numba kernel on CPU (see the module docstring).
+
+    ``compact_indices`` (set by :func:`i2e_train.models.memory.set_memory`): keep only the argmax
+    for the backward, as int8 window offsets (numba path) or int32 indices (any device), never the
+    input; same gradients.
+    """
 
     fast: bool = True
+    compact_indices: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast_input(self, x) or self.return_indices or self.ceil_mode or _pair(self.dilation) != (1, 1):
+        kernel, padding, dilation = _pair(self.kernel_size), _pair(self.padding), _pair(self.dilation)
+        stride = _pair(self.stride if self.stride is not None else self.kernel_size)
+        if self.return_indices:
             return super().forward(x)
-        stride = self.stride if self.stride is not None else self.kernel_size
-        return _MaxPoolFn.apply(x, _pair(self.kernel_size), _pair(stride), _pair(self.padding))
+        if _fast_input(self, x) and not self.ceil_mode and dilation == (1, 1):
+            relative = self.compact_indices and kernel[0] * kernel[1] <= 127
+            return _MaxPoolFn.apply(x, kernel, stride, padding, relative)
+        if self.compact_indices and torch.is_grad_enabled() and x.requires_grad and x.dim() == 4:
+            return _MaxPoolIndicesFn.apply(x, kernel, stride, padding, dilation, self.ceil_mode)
+        return super().forward(x)
 
 
 def set_fast_kernels(model: nn.Module, enabled: bool) -> int:

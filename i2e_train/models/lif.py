@@ -19,6 +19,10 @@ SpikingJelly neuron-precision override, and a surrogate whose gradient is plain 
 ``ATan`` (the I2E default), ``PiecewiseQuadratic``, ``SoftSign`` or ``SuperSpike``. On CUDA
 SpikingJelly's fused CUDA/Triton kernels are used. ``node.fast = False`` (or
 :func:`i2e_train.models.layers.set_fast_kernels`) switches a node back to SpikingJelly everywhere.
+
+For the backward the fused path keeps the charged membrane H, or with ``node.save_input = True``
+(set by :func:`i2e_train.models.memory.set_memory` where the input is kept anyway) the input and
+the initial membrane, from which the backward kernel recomputes H: the same gradients.
 """
 
 from __future__ import annotations
@@ -67,45 +71,80 @@ def _surrogate_constants(sg: nn.Module) -> tuple[int, float, float] | None:
     return sid, alpha, 0.0  # SuperSpike: z = 1 + |x|; alpha / (z*z)
 
 
+def _kernel_forward(x: torch.Tensor, v0: torch.Tensor, params: tuple, store_h: bool):
+    """The forward kernel on x [T, ...] (contiguous float32) from v0 [...]: spikes [T, ...], the final
+    membrane [...] and, if ``store_h``, H [T, ...]. ``params``: (tau, decay_input, v_threshold,
+    v_reset, surrogate constants)."""
+    tau, decay_input, v_threshold, v_reset, _ = params
+    t_steps, n = x.shape[0], x[0].numel()
+    v = v0.to(torch.float32, copy=True).contiguous().reshape(-1)  # updated in place: final V
+    spikes = torch.empty_like(x)
+    h = torch.empty_like(x) if store_h else torch.empty(1, dtype=torch.float32)
+    kernels.use_threads(torch.get_num_threads())
+    kernels.load("lif").lif_forward(
+        x.reshape(-1).numpy(), v.numpy(), h.reshape(-1).numpy(), spikes.reshape(-1).numpy(),
+        t_steps, n, tau, v_threshold, 0.0 if v_reset is None else v_reset,
+        bool(decay_input), v_reset is not None, store_h, _BLOCK,
+    )  # fmt: skip
+    return spikes, v.reshape(v0.shape), h
+
+
+def _kernel_backward(grad_spikes, grad_v, params: tuple, h=None, x=None, v0=None):
+    """The backward kernel: (gradient of the input [T, ...], of the initial membrane [N]), from the
+    charged membrane ``h`` or, recomputing it, from the input ``x`` and the initial membrane ``v0``."""
+    tau, decay_input, v_threshold, v_reset, (sid, c1, c2) = params
+    ref = h if h is not None else x
+    t_steps, n = ref.shape[0], ref[0].numel()
+    gs = torch.zeros_like(ref) if grad_spikes is None else grad_spikes.to(torch.float32).contiguous()
+    carry = torch.zeros(n, dtype=torch.float32) if grad_v is None else grad_v.to(torch.float32, copy=True)
+    carry = carry.contiguous().reshape(-1)
+    gx = torch.empty(ref.shape, dtype=torch.float32)
+    k, hard = kernels.load("lif"), v_reset is not None
+    kernels.use_threads(torch.get_num_threads())
+    if h is not None:
+        k.lif_backward(gs.reshape(-1).numpy(), h.reshape(-1).numpy(), carry.numpy(), gx.reshape(-1).numpy(),
+                       t_steps, n, tau, v_threshold, bool(decay_input), hard, sid, c1, c2, _BLOCK)  # fmt: skip
+        return gx, carry
+    # a reset state expanded from one value goes to the kernel as that one value
+    v0 = v0[(0,) * v0.dim()].reshape(1) if v0.dim() and v0.stride() == (0,) * v0.dim() else v0
+    v0 = v0.to(torch.float32).contiguous().reshape(-1)
+    k.lif_backward_from_input(
+        gs.reshape(-1).numpy(), x.reshape(-1).numpy(), v0.numpy(), carry.numpy(), gx.reshape(-1).numpy(),
+        t_steps, n, tau, v_threshold, 0.0 if v_reset is None else v_reset, bool(decay_input), hard,
+        sid, c1, c2, _BLOCK,
+    )  # fmt: skip
+    return gx, carry
+
+
 class _FusedLIF(torch.autograd.Function):
-    """x_seq [T, ...], v0 [...] -> spikes [T, ...], v_T [...]; saves H [T, ...] for backward."""
+    """x_seq [T, ...], v0 [...] -> spikes [T, ...], v_T [...].
+
+    Saves for the backward either the charged membrane H [T, ...] (``save_input=False``) or, with
+    ``save_input=True``, the input x_seq itself and v0, from which the backward kernel recomputes
+    H block by block: no [T, ...] tensor of its own is kept, and x_seq costs nothing extra when it
+    is kept anyway (an input that other layers keep too). Both give the same gradients to the bit.
+    """
 
     @staticmethod
-    def forward(ctx, x_seq, v0, tau, decay_input, v_threshold, v_reset, sg_consts):
-        k = kernels.load("lif")
-        t_steps = x_seq.shape[0]
-        n = x_seq[0].numel()
+    def forward(ctx, x_seq, v0, tau, decay_input, v_threshold, v_reset, sg_consts, save_input=False):
         x = x_seq.contiguous()
-        v = v0.to(torch.float32, copy=True).contiguous().reshape(-1)  # updated in place: final V
-        spikes = torch.empty_like(x)
-        need_h = torch.is_grad_enabled() or x_seq.requires_grad or v0.requires_grad
-        h = torch.empty_like(x) if need_h else torch.empty(1, dtype=torch.float32)
-        hard = v_reset is not None
-        k.lif_forward(
-            x.reshape(-1).numpy(), v.numpy(), h.reshape(-1).numpy(), spikes.reshape(-1).numpy(),
-            t_steps, n, tau, v_threshold, 0.0 if v_reset is None else v_reset,
-            bool(decay_input), hard, need_h, _BLOCK,
-        )  # fmt: skip
-        ctx.save_for_backward(h)
-        ctx.params = (tau, decay_input, v_threshold, hard, sg_consts)
+        params = (tau, decay_input, v_threshold, v_reset, sg_consts)
+        need_h = not save_input and (torch.is_grad_enabled() or x_seq.requires_grad or v0.requires_grad)
+        spikes, v, h = _kernel_forward(x, v0, params, need_h)
+        ctx.save_for_backward(*((x, v0) if save_input else (h,)))
+        ctx.save_input = save_input
+        ctx.params = params
         ctx.v0_shape = v0.shape
-        return spikes, v.reshape(v0.shape)
+        return spikes, v
 
     @staticmethod
     def backward(ctx, grad_spikes, grad_v):
-        (h,) = ctx.saved_tensors
-        tau, decay_input, v_threshold, hard, (sid, c1, c2) = ctx.params
-        t_steps = h.shape[0]
-        n = h[0].numel()
-        gs = torch.zeros_like(h) if grad_spikes is None else grad_spikes.to(torch.float32).contiguous()
-        carry = torch.zeros(n, dtype=torch.float32) if grad_v is None else grad_v.to(torch.float32, copy=True)
-        carry = carry.contiguous().reshape(-1)
-        gx = torch.empty_like(h)
-        kernels.load("lif").lif_backward(
-            gs.reshape(-1).numpy(), h.reshape(-1).numpy(), carry.numpy(), gx.reshape(-1).numpy(),
-            t_steps, n, tau, v_threshold, bool(decay_input), hard, sid, c1, c2, _BLOCK,
-        )  # fmt: skip
-        return gx, carry.reshape(ctx.v0_shape), None, None, None, None, None
+        saved = ctx.saved_tensors
+        if ctx.save_input:
+            gx, carry = _kernel_backward(grad_spikes, grad_v, ctx.params, x=saved[0], v0=saved[1])
+        else:
+            gx, carry = _kernel_backward(grad_spikes, grad_v, ctx.params, h=saved[0])
+        return gx, carry.reshape(ctx.v0_shape), None, None, None, None, None, None
 
 
 def lif_multi_step(
@@ -116,11 +155,14 @@ def lif_multi_step(
     v_threshold: float,
     v_reset: float | None,
     surrogate_function: nn.Module,
+    save_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused LIF over ``x_seq [T, ...]`` from membrane ``v0 [...]`` (``detach_reset=True``).
 
-    Returns ``(spikes [T, ...], final membrane [...])``, both differentiable. Raises
-    ``ValueError`` for a setting the kernel does not cover (see the module docstring).
+    Returns ``(spikes [T, ...], final membrane [...])``, both differentiable. ``save_input``: keep
+    x_seq and v0 for the backward instead of the charged membrane (see :class:`_FusedLIF`; same
+    gradients). Raises ``ValueError`` for a setting the kernel does not cover (see the module
+    docstring).
     """
     consts = _surrogate_constants(surrogate_function)
     if consts is None:
@@ -133,15 +175,19 @@ def lif_multi_step(
         raise RuntimeError(f"the fused LIF kernel is unavailable: {kernels.unavailable_reason()}")
     kernels.use_threads(torch.get_num_threads())
     return _FusedLIF.apply(x_seq, v0, float(tau), bool(decay_input), float(v_threshold),
-                           None if v_reset is None else float(v_reset), consts)  # fmt: skip
+                           None if v_reset is None else float(v_reset), consts, bool(save_input))  # fmt: skip
 
 
 class LIFNode(neuron.LIFNode):
     """SpikingJelly's ``LIFNode`` with the fused CPU kernel for multi-step input (see module doc).
 
     Same arguments and state as ``spikingjelly.activation_based.neuron.LIFNode``; ``fast=False``
-    turns the kernel off for this node.
+    turns the kernel off for this node. ``save_input=True`` (set by the ``bits`` memory modes,
+    :mod:`i2e_train.models.memory`) makes the fused path keep its input for the backward instead
+    of the charged membrane, and a reset membrane as one scalar instead of a ``[N]`` tensor.
     """
+
+    save_input: bool = False
 
     def __init__(self, *args: Any, fast: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -160,15 +206,27 @@ class LIFNode(neuron.LIFNode):
             and kernels.load("lif") is not None
         )
 
+    def initial_membrane(self, x_seq: torch.Tensor, scalar_ok: bool) -> torch.Tensor | None:
+        """The membrane the fused kernel starts from for input ``x_seq [T, ...]``, as SpikingJelly
+        materialises it (``[...]`` float32), or None when the kernel cannot take it. ``scalar_ok``:
+        a reset state may come as one value expanded to ``[...]`` (no ``[N]`` tensor)."""
+        v = self._memories.get("v")
+        if scalar_ok and isinstance(v, float):
+            return torch.full((), v, dtype=torch.float32).expand(x_seq.shape[1:])
+        v = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")[0]
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or tuple(v.shape) != tuple(x_seq.shape[1:]):
+            return None
+        return v
+
     def multi_step_forward(self, x_seq: torch.Tensor, *args: torch.Tensor, **kwargs: object):
         if args or kwargs or not self._fused_ok(x_seq):
             return super().multi_step_forward(x_seq, *args, **kwargs)
-        # the initial membrane exactly as SpikingJelly materialises it ([N, ...] float32)
-        v = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")[0]
-        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or tuple(v.shape) != tuple(x_seq.shape[1:]):
+        v = self.initial_membrane(x_seq, scalar_ok=self.save_input)
+        if v is None:
             return super().multi_step_forward(x_seq)
         spikes, v_last = lif_multi_step(
-            x_seq, v, self.tau, self.decay_input, self.v_threshold, self.v_reset, self.surrogate_function
+            x_seq, v, self.tau, self.decay_input, self.v_threshold, self.v_reset, self.surrogate_function,
+            self.save_input,
         )
         self._memories["v"] = v_last
         self.v_seq = None

@@ -22,6 +22,10 @@ Every forward starts by resetting all neuron states (``functional.reset_net``), 
 the same input give the same output and callers never need to reset by hand; it resets them
 again when it ends, so no membrane tensor keeps a reference to the autograd graph (which would
 make ``copy.deepcopy`` of the model fail).
+
+What training keeps for the backward pass follows the network's ``memory`` mode
+(:mod:`i2e_train.models.memory`: ``none`` by default here, ``bits`` by default in
+``SNNClassifier``, or ``bits+checkpoint``): the same outputs and gradients in every mode.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ import torch
 from spikingjelly.activation_based import functional, surrogate
 from torch import nn
 
+from . import bitpack
 from .layers import Conv2d, MaxPool2d
+from .layers import per_frame as _seq  # [T, B, ...] -> [T*B, ...] -> layer -> [T, B, ...]
 from .lif import LIFNode
+from .memory import MemoryModeMixin, bn_fire, checkpointed, is_spiking, linear_on_spikes
 from .registry import register_model
 
 __all__ = [
@@ -112,13 +119,6 @@ class NeuronConfig:
 NeuronFactory = Callable[[], nn.Module]
 
 
-def _seq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a per-frame layer to a sequence: ``[T, B, ...] -> [T*B, ...] -> [T, B, ...]``."""
-    t, b = x.shape[0], x.shape[1]
-    y = module(x.flatten(0, 1))
-    return y.reshape(t, b, *y.shape[1:])
-
-
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> Conv2d:
     """3x3 convolution, padding 1, no bias."""
     return Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -129,7 +129,7 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> Conv2d:
     return Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class _Downsample(nn.Sequential):
+class _Downsample(MemoryModeMixin, nn.Sequential):
     """``Sequential(LIF, conv1x1/stride, BN)`` on ``[T, B, C, H, W]`` -> ``[T, B, C', H', W']``.
 
     A ``Sequential`` subclass so that the keys stay ``downsample.1.*`` / ``downsample.2.*``.
@@ -138,16 +138,21 @@ class _Downsample(nn.Sequential):
     def __init__(self, in_planes: int, out_planes: int, stride: int, make_neuron: NeuronFactory):
         super().__init__(make_neuron(), conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
 
+    def fire_conv_pairs(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
+        return ((self[0], self[1]),)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self[0](x)  # spikes           [T, B, C, H, W]
         x = _seq(self[1], x)  # conv 1x1/s  [T, B, C', H', W']
         return _seq(self[2], x)  # BN       [T, B, C', H', W']
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(MemoryModeMixin, nn.Module):
     """Two 3x3 convolutions with a membrane shortcut (expansion 1).
 
-    ``[T, B, inplanes, H, W] -> [T, B, planes, H/stride, W/stride]``.
+    ``[T, B, inplanes, H, W] -> [T, B, planes, H/stride, W/stride]``. The forward follows
+    ``self.memory`` (:mod:`i2e_train.models.memory`): with ``"bits+checkpoint"`` only the block's
+    input is kept and the block runs again in the backward.
     """
 
     expansion = 1
@@ -170,17 +175,30 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
+    def fire_conv_pairs(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
+        return ((self.sn1, self.conv1), (self.sn2, self.conv2))
+
+    def shared_input_neurons(self) -> tuple[nn.Module, ...]:
+        return () if self.downsample is None else (self.sn1, self.downsample[0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.memory == "bits+checkpoint":
+            return checkpointed(self._forward, (x,), self.modules())
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)  # [T, B, planes, H', W']
-        out = _seq(self.bn1, _seq(self.conv1, self.sn1(x)))  # [T, B, planes, H', W']
-        out = _seq(self.bn2, _seq(self.conv2, self.sn2(out)))  # [T, B, planes, H', W']
+        out = _seq(self.conv1, self.sn1(x))  # [T, B, planes, H', W']
+        out = bn_fire(self.bn1, self.sn2, out, self.memory)  # sn2(bn1(out)): spikes [T, B, planes, H', W']
+        out = _seq(self.bn2, _seq(self.conv2, out))  # [T, B, planes, H', W']
         return out + identity  # membrane shortcut: pre-spike values are added
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(MemoryModeMixin, nn.Module):
     """1x1 -> 3x3 (stride) -> 1x1 convolutions with a membrane shortcut (expansion 4).
 
-    ``[T, B, inplanes, H, W] -> [T, B, 4*planes, H/stride, W/stride]``.
+    ``[T, B, inplanes, H, W] -> [T, B, 4*planes, H/stride, W/stride]``; ``self.memory`` as in
+    :class:`BasicBlock`.
     """
 
     expansion = 4
@@ -206,18 +224,29 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
+    def fire_conv_pairs(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
+        return ((self.sn1, self.conv1), (self.sn2, self.conv2), (self.sn3, self.conv3))
+
+    def shared_input_neurons(self) -> tuple[nn.Module, ...]:
+        return () if self.downsample is None else (self.sn1, self.downsample[0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.memory == "bits+checkpoint":
+            return checkpointed(self._forward, (x,), self.modules())
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)  # [T, B, 4p, H', W']
-        out = _seq(self.bn1, _seq(self.conv1, self.sn1(x)))  # [T, B, p, H, W]
-        out = _seq(self.bn2, _seq(self.conv2, self.sn2(out)))  # [T, B, p, H', W']
-        out = _seq(self.bn3, _seq(self.conv3, self.sn3(out)))  # [T, B, 4p, H', W']
-        return out + identity
+        out = _seq(self.conv1, self.sn1(x))  # [T, B, p, H, W]
+        out = _seq(self.conv2, bn_fire(self.bn1, self.sn2, out, self.memory))  # [T, B, p, H', W']
+        out = _seq(self.conv3, bn_fire(self.bn2, self.sn3, out, self.memory))  # [T, B, 4p, H', W']
+        return _seq(self.bn3, out) + identity
 
 
 Block = Type[Union[BasicBlock, Bottleneck]]
 
 
-class MSResNet(nn.Module):
+class MSResNet(MemoryModeMixin, nn.Module):
     """Membrane-shortcut spiking ResNet: events ``[T, B, C, H, W]`` -> logits ``[B, classes]``.
 
     Args:
@@ -232,7 +261,9 @@ class MSResNet(nn.Module):
             parameters of every LIF neuron (see :class:`NeuronConfig`).
 
     Any number of timesteps T is accepted; the logits are the mean of the per-step ``fc``
-    outputs. Neuron states are reset at the start of every forward.
+    outputs. Neuron states are reset at the start of every forward. What the training keeps for
+    the backward pass follows ``memory`` (``"none"`` unless set by
+    :func:`i2e_train.models.memory.set_memory`; the results are the same in every mode).
     """
 
     def __init__(
@@ -331,13 +362,29 @@ class MSResNet(nn.Module):
                 f"expected {self.in_channels} input channels at dim 2 of [T, B, C, H, W], got shape {tuple(x.shape)}"
             )
         self.reset_state()
-        x = _seq(self.conv1, x)  # [T, B, w0, H/2, W/2]
-        x = _seq(self.bn1, x)
-        x = _seq(self.maxpool, x)  # [T, B, w0, H/4, W/4]
+        x = self._stem(x)  # [T, B, w0, H/4, W/4]
         x = self.layer1(x)  # [T, B, F1, H/4, W/4]
         x = self.layer2(x)  # [T, B, F2, H/8, W/8]
         x = self.layer3(x)  # [T, B, F3, H/16, W/16]
         return self.layer4(x)  # [T, B, F4, H/32, W/32]
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 -> bn1 -> maxpool: ``[T, B, C_in, H, W] -> [T, B, w0, H/4, W/4]``. With
+        ``"bits+checkpoint"`` and event input, only the packed events are kept and conv1 -> bn1
+        runs again in the backward."""
+        packed = None
+        if self.memory == "bits+checkpoint" and torch.is_grad_enabled() and not x.requires_grad:
+            packed = bitpack.pack_spikes(x)
+        if packed is None:
+            x = _seq(self.bn1, _seq(self.conv1, x))  # [T, B, w0, H/2, W/2]
+        else:
+            bits, layout = packed
+
+            def stem(b: torch.Tensor) -> torch.Tensor:
+                return _seq(self.bn1, _seq(self.conv1, bitpack.unpack_spikes(b, layout)))
+
+            x = checkpointed(stem, (bits,), (self.conv1, self.bn1))
+        return _seq(self.maxpool, x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Features ``[T, B, F, h, w]`` -> logits ``[B, classes]`` (or spikes ``[T, B, F]``)."""
@@ -346,7 +393,7 @@ class MSResNet(nn.Module):
         x = torch.flatten(x, 2)  # [T, B, F]
         if pre_logits:
             return x
-        x = self.fc(x)  # [T, B, classes]
+        x = linear_on_spikes(self.fc, x, self.memory, is_spiking(self.sn1))  # [T, B, classes]
         return x.mean(0)  # [B, classes]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
