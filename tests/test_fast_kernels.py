@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import neuron, surrogate
 from torch import nn
 
+from i2e_train import kernels
 from i2e_train.models import create_model
 from i2e_train.models import layers as fast_layers
 from i2e_train.models.layers import Conv2d, MaxPool2d, set_fast_kernels
@@ -176,3 +177,15 @@ def test_ms_resnet_training_identical_with_and_without_fast_kernels():
     assert torch.equal(runs[0][0], runs[1][0])
     for key, value in runs[0][1].items():
         assert torch.equal(value, runs[1][1][key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int8, torch.int32, torch.uint8])
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 5, 7), (8, 16, 64, 16, 16)])
+def test_kernel_outputs_are_aligned_contiguous_host_tensors(dtype, shape):
+    t = kernels.empty(shape, dtype)
+    assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+    assert t.data_ptr() % 64 == 0
+    t.fill_(1)  # writable, and its numpy view is the same memory (the kernels write through it)
+    if t.numel():
+        t.numpy().reshape(-1)[0] = 7
+        assert t.reshape(-1)[0].item() == 7 and t.sum().item() == t.numel() + 6

@@ -20,7 +20,7 @@ import importlib
 import logging
 from types import ModuleType
 
-__all__ = ["load", "unavailable_reason", "use_threads", "MODULES"]
+__all__ = ["load", "unavailable_reason", "use_threads", "empty", "MODULES"]
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +60,29 @@ def use_threads(n: int) -> None:
     from ._jit import use_threads as _use
 
     _use(n)
+
+
+
+
+def empty(shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
+    """An uninitialised contiguous CPU tensor for a kernel's output, 64-byte aligned, whose memory
+    comes from ``malloc`` (through numpy) rather than PyTorch's CPU allocator.
+
+    Why: PyTorch allocates host tensors with ``posix_memalign(64, n)``, for which glibc asks its
+    heap for ``n`` plus about 96 bytes and returns the spare bytes; a freed n-byte block is then
+    too small for the next request of the same size, so a training step that allocates and frees
+    tensors of a few sizes keeps growing the heap (peak memory about twice the live tensors). A
+    plain ``malloc`` of the same size fits those freed blocks, and its own freed blocks fit the
+    next one: the activations, gradients and unpacked spikes that the kernels write recycle the
+    heap instead of growing it (``benchmarks/memory.py``). The values are whatever the kernel
+    writes; nothing else differs from ``torch.empty``.
+    """
+    import numpy as np
+    import torch
+
+    shape = tuple(int(d) for d in shape)
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    raw = np.empty(nbytes + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64
+    return torch.from_numpy(raw[start : start + nbytes].view(np_dtype).reshape(shape))

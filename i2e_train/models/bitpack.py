@@ -75,7 +75,7 @@ def pack_spikes(x: torch.Tensor, trusted: bool = False) -> tuple[torch.Tensor, S
     layout = SpikeLayout(x.shape, x.dtype, x.device, channels_last)
     if _use_kernel(x.device, x.dtype):
         kernels.use_threads(torch.get_num_threads())
-        bits = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
+        bits = kernels.empty(((flat.numel() + 7) // 8,), torch.uint8)
         ok = kernels.load("spikes").pack_spikes(flat.view(torch.int32).numpy().view("uint32"), bits.numpy())
         return (bits, layout) if ok else None
     bits = _pack_torch(flat, trusted)
@@ -91,7 +91,7 @@ def unpack_spikes(bits: torch.Tensor, layout: SpikeLayout) -> torch.Tensor:
         numel *= int(s)
     if _use_kernel(device, dtype):
         kernels.use_threads(torch.get_num_threads())
-        flat = torch.empty(numel, dtype=dtype)
+        flat = kernels.empty((numel,), dtype)
         kernels.load("spikes").unpack_spikes(bits.numpy(), flat.numpy())
     else:
         shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)

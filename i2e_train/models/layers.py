@@ -192,8 +192,8 @@ class _MaxPoolFn(torch.autograd.Function):
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
         oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        y = torch.empty(n, c, oh, ow, dtype=x.dtype)
-        idx = torch.empty(n, c, oh, ow, dtype=torch.int8 if relative else torch.int32)
+        y = kernels.empty((n, c, oh, ow), x.dtype)
+        idx = kernels.empty((n, c, oh, ow), torch.int8 if relative else torch.int32)
         kernels.use_threads(torch.get_num_threads())
         kernels.load("pooling").maxpool_forward(x.reshape(n * c, h, w).numpy(), y.view(n * c, oh, ow).numpy(),
                                 idx.view(n * c, oh, ow).numpy(), kh, kw, sh, sw, ph, pw, relative)  # fmt: skip
@@ -207,7 +207,7 @@ class _MaxPoolFn(torch.autograd.Function):
         n, c, oh, ow = idx.shape
         h, w, *window = ctx.geometry
         grad = grad.to(torch.float32).contiguous()
-        gx = torch.empty(n, c, h, w, dtype=torch.float32)
+        gx = kernels.empty((n, c, h, w), torch.float32)
         kernels.load("pooling").maxpool_backward(grad.view(n * c, oh, ow).numpy(), idx.view(n * c, oh, ow).numpy(),
                                          gx.view(n * c, h, w).numpy(), *window)  # fmt: skip
         return gx, None, None, None, None

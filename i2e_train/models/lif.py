@@ -78,8 +78,8 @@ def _kernel_forward(x: torch.Tensor, v0: torch.Tensor, params: tuple, store_h: b
     tau, decay_input, v_threshold, v_reset, _ = params
     t_steps, n = x.shape[0], x[0].numel()
     v = v0.to(torch.float32, copy=True).contiguous().reshape(-1)  # updated in place: final V
-    spikes = torch.empty_like(x)
-    h = torch.empty_like(x) if store_h else torch.empty(1, dtype=torch.float32)
+    spikes = kernels.empty(x.shape, x.dtype)
+    h = kernels.empty(x.shape, x.dtype) if store_h else torch.empty(1, dtype=torch.float32)
     kernels.use_threads(torch.get_num_threads())
     kernels.load("lif").lif_forward(
         x.reshape(-1).numpy(), v.numpy(), h.reshape(-1).numpy(), spikes.reshape(-1).numpy(),
@@ -98,7 +98,7 @@ def _kernel_backward(grad_spikes, grad_v, params: tuple, h=None, x=None, v0=None
     gs = torch.zeros_like(ref) if grad_spikes is None else grad_spikes.to(torch.float32).contiguous()
     carry = torch.zeros(n, dtype=torch.float32) if grad_v is None else grad_v.to(torch.float32, copy=True)
     carry = carry.contiguous().reshape(-1)
-    gx = torch.empty(ref.shape, dtype=torch.float32)
+    gx = kernels.empty(ref.shape, torch.float32)
     k, hard = kernels.load("lif"), v_reset is not None
     kernels.use_threads(torch.get_num_threads())
     if h is not None:
