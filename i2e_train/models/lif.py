@@ -77,7 +77,7 @@ def _kernel_forward(x: torch.Tensor, v0: torch.Tensor, params: tuple, store_h: b
     v_reset, surrogate constants)."""
     tau, decay_input, v_threshold, v_reset, _ = params
     t_steps, n = x.shape[0], x[0].numel()
-    v = v0.to(torch.float32, copy=True).contiguous().reshape(-1)  # updated in place: final V
+    v = kernels.empty(v0.shape, torch.float32).copy_(v0).reshape(-1)  # updated in place: final V
     spikes = kernels.empty(x.shape, x.dtype)
     h = kernels.empty(x.shape, x.dtype) if store_h else torch.empty(1, dtype=torch.float32)
     kernels.use_threads(torch.get_num_threads())
@@ -96,8 +96,8 @@ def _kernel_backward(grad_spikes, grad_v, params: tuple, h=None, x=None, v0=None
     ref = h if h is not None else x
     t_steps, n = ref.shape[0], ref[0].numel()
     gs = torch.zeros_like(ref) if grad_spikes is None else grad_spikes.to(torch.float32).contiguous()
-    carry = torch.zeros(n, dtype=torch.float32) if grad_v is None else grad_v.to(torch.float32, copy=True)
-    carry = carry.contiguous().reshape(-1)
+    carry = kernels.empty((n,), torch.float32)  # updated in place: the gradient of the initial membrane
+    carry.zero_() if grad_v is None else carry.copy_(grad_v.reshape(-1))
     gx = kernels.empty(ref.shape, torch.float32)
     k, hard = kernels.load("lif"), v_reset is not None
     kernels.use_threads(torch.get_num_threads())
