@@ -62,8 +62,6 @@ def use_threads(n: int) -> None:
     _use(n)
 
 
-
-
 def empty(shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
     """An uninitialised contiguous CPU tensor for a kernel's output, 64-byte aligned, whose memory
     comes from ``malloc`` (through numpy) rather than PyTorch's CPU allocator.

@@ -97,7 +97,10 @@ def _kernel_backward(grad_spikes, grad_v, params: tuple, h=None, x=None, v0=None
     t_steps, n = ref.shape[0], ref[0].numel()
     gs = torch.zeros_like(ref) if grad_spikes is None else grad_spikes.to(torch.float32).contiguous()
     carry = kernels.empty((n,), torch.float32)  # updated in place: the gradient of the initial membrane
-    carry.zero_() if grad_v is None else carry.copy_(grad_v.reshape(-1))
+    if grad_v is None:
+        carry.zero_()
+    else:
+        carry.copy_(grad_v.reshape(-1))
     gx = kernels.empty(ref.shape, torch.float32)
     k, hard = kernels.load("lif"), v_reset is not None
     kernels.use_threads(torch.get_num_threads())
