@@ -7,10 +7,14 @@
 
 Variants (same batch, same initial weights, same losses to the bit, checked):
 - ``official``: the plain torch.nn + SpikingJelly network (``set_fast_kernels(model, False)``),
-  memory mode ``none``: what the official scripts train;
-- ``fast``: today's fast CPU paths, memory mode ``none``;
+  memory mode ``none``, PyTorch's CPU allocator: what the official scripts train;
+- ``fast``: the fast CPU paths, memory mode ``none``;
 - ``bits`` and ``bits+checkpoint``: the fast paths in those memory modes
-  (:mod:`i2e_train.models.memory`).
+  (:mod:`i2e_train.models.memory`); ``bits`` is what ``i2e-train`` runs by default;
+- ``fast``, ``bits`` and ``bits+checkpoint`` run with the caching host allocator
+  (:mod:`i2e_train.kernels.host_allocator`, ``module.host_allocator=caching``, the default), and
+  two variants separate its share from the memory modes' share: ``official+alloc`` (the official
+  network with that allocator) and ``bits-alloc`` (``bits`` with PyTorch's allocator).
 
 Peak memory: one fresh process per variant and repeat; on CPU the growth of the peak resident
 set over the set-up (libraries and kernels loaded by a warm-up step of a tiny network, model,
@@ -18,7 +22,10 @@ optimiser and data built) during ``--steps`` SGD steps (momentum, so the step af
 holds gradients and momentum buffers: the peak); on CUDA ``torch.cuda.max_memory_allocated``
 too. Step time: each repeat is one fresh process that steps every variant in turn (who goes
 first rotates) for ``--time-steps`` steps after one untimed step, the median per process, then
-the median over processes (the ratio to the official model likewise, per process). Largest batch: per
+the median over processes (the ratio to the official model likewise, per process). The allocator
+is set up once per process, so each repeat runs one process per allocator setting back to back
+(which goes first rotates; ``bits+checkpoint`` has its own cache limit, see
+:func:`i2e_train.models.memory.host_cache_limit`), and a ratio pairs the processes of one repeat. Largest batch: per
 variant, the largest batch whose peak stays within ``--budget-mib``, by bisection on fresh
 processes. Every number is a median over ``--repeats`` fresh processes.
 
@@ -39,12 +46,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {  # name -> (fast kernels, memory mode)
-    "official": (False, "none"),
-    "fast": (True, "none"),
-    "bits": (True, "bits"),
-    "bits+checkpoint": (True, "bits+checkpoint"),
+VARIANTS = {  # name -> (fast kernels, memory mode, host allocator)
+    "official": (False, "none", "pytorch"),
+    "official+alloc": (False, "none", "caching"),
+    "fast": (True, "none", "caching"),
+    "bits": (True, "bits", "caching"),
+    "bits-alloc": (True, "bits", "pytorch"),
+    "bits+checkpoint": (True, "bits+checkpoint", "caching"),
 }
+
+
+def _allocator_group(name: str) -> tuple[str, int | None]:
+    """The host allocator of variant ``name`` and its cache limit (one per process)."""
+    from i2e_train.models.memory import host_cache_limit
+
+    allocator, mode = VARIANTS[name][2], VARIANTS[name][1]
+    return allocator, host_cache_limit(mode) if allocator == "caching" else None
 
 
 # --------------------------------------------------------------------------- child process
@@ -107,6 +124,15 @@ def _child(spec: dict) -> dict:
     sys.path.insert(0, str(ROOT))
     device = torch.device(spec["device"])
     names = spec["variants"]
+    groups = {_allocator_group(n) for n in names}
+    if len(groups) != 1:
+        raise ValueError(f"variants {names} need different host allocator settings; run them in separate processes")
+    if VARIANTS[names[0]][2] == "caching":  # as SNNClassifier.configure_model sets it up
+        from i2e_train.kernels import host_allocator
+
+        host_allocator.set_cache_limit(_allocator_group(names[0])[1])
+        if not host_allocator.install():
+            raise RuntimeError(f"the caching host allocator cannot be installed: {host_allocator.unavailable_reason()}")
     for name in names:  # warm-up: every library and kernel of the variant loaded before the reference
         warm = _build("ms_resnet_tiny", name, device)
         events = (torch.rand(2, 2, 2, 32, 32, device=device) < 0.1).float()
@@ -160,21 +186,28 @@ def peak_memory(args, name: str, size: int, batch: int, repeats: int) -> dict:
     return out
 
 
-def step_times(args, size: int, batch: int) -> tuple[dict, bool]:
-    """Per variant: median step time and its ratios to the official model's and to today's fast
-    path (``fast``), each the median over ``repeats`` fresh processes that step all variants side
-    by side; and whether every variant's losses equal the official's to the bit."""
-    names = list(VARIANTS)
+def step_times(args, size: int, batch: int, names: list[str]) -> tuple[dict, bool]:
+    """Per variant: median step time and its ratios to the official model's and to the fast path
+    (``fast``), each the median over ``repeats``; per repeat, one fresh process per host allocator
+    steps its variants side by side. Also whether every variant's losses equal the official's."""
+    keys = list(dict.fromkeys(_allocator_group(n) for n in names))
+    groups = [[n for n in names if _allocator_group(n) == k] for k in keys]
     out: dict[str, dict[str, list[float]]] = {n: {"sec": [], "time_vs_official": [], "time_vs_fast": []} for n in names}
     identical = True
-    for _ in range(args.repeats):
-        res = run_child(_spec(args, size, batch, names, args.time_steps + 1), args.mmap_threshold)
+    for i in range(args.repeats):
+        sec: dict[str, float] = {}
+        losses: dict[str, list[float]] = {}
+        for group in groups[i % len(groups):] + groups[: i % len(groups)]:
+            res = run_child(_spec(args, size, batch, group, args.time_steps + 1), args.mmap_threshold)
+            sec.update(res["sec"])
+            losses.update(res["losses"])
         for n in names:
-            out[n]["sec"].append(res["sec"][n])
-            out[n]["time_vs_official"].append(res["sec"][n] / res["sec"]["official"])
-            out[n]["time_vs_fast"].append(res["sec"][n] / res["sec"]["fast"])
-            identical &= res["losses"][n] == res["losses"]["official"]
-    return {n: {k: statistics.median(v) for k, v in out[n].items()} for n in names}, identical
+            out[n]["sec"].append(sec[n])
+            for ref in ("official", "fast"):
+                if ref in sec:
+                    out[n][f"time_vs_{ref}"].append(sec[n] / sec[ref])
+            identical &= losses[n] == losses[names[0]]
+    return {n: {k: statistics.median(v) for k, v in out[n].items() if v} for n in names}, identical
 
 
 def largest_batch(args, name: str, size: int, budget_mib: float, start: int, cap: int = 1024) -> int:
@@ -202,16 +235,17 @@ def largest_batch(args, name: str, size: int, budget_mib: float, start: int, cap
 def bench_size(args, size: int) -> list[dict]:
     """Every variant at one input size: peak memory, step time, largest batch in the budget
     (the parts asked for)."""
-    rows = [{"size": size, "batch": args.batch, "variant": name} for name in VARIANTS]
+    rows = [{"size": size, "batch": args.batch, "variant": name, "allocator": VARIANTS[name][2]}
+            for name in args.variants]  # fmt: skip
     if "time" in args.parts:
-        times, identical = step_times(args, size, args.batch)
+        times, identical = step_times(args, size, args.batch, args.variants)
         for row in rows:
             row.update(times[row["variant"]], losses_identical=identical)
     if "memory" in args.parts:
         for row in rows:
             row.update(peak_memory(args, row["variant"], size, args.batch, args.repeats))
         for row in rows:
-            row["memory_vs_official"] = row["peak_mib"] / rows[0]["peak_mib"]
+            row["memory_vs_official"] = row["peak_mib"] / rows[0]["peak_mib"]  # rows[0]: the official model
     if args.budget_mib:
         for row in rows:
             row["largest_batch"] = largest_batch(args, row["variant"], size, args.budget_mib, args.batch)
@@ -224,12 +258,13 @@ def _cell(row: dict, key: str, fmt: str, width: int, suffix: str = "") -> str:
 
 def print_table(rows: list[dict], args) -> None:
     budget = f"batch in {args.budget_mib:.0f} MiB" if args.budget_mib else ""
-    print(f"\n{'input':<8} {'variant':<16}{'peak MiB':>10}{'x official':>11}{'step s':>9}{'x official':>11}"
+    print(f"\n{'input':<8} {'variant':<16}{'allocator':<10}{'peak MiB':>10}{'x official':>11}{'step s':>9}{'x official':>11}"
           f"{'x fast':>8}{budget:>22}  losses")  # fmt: skip
     for r in rows:
         cuda = f"  (cuda {r['cuda_peak_mib']:.0f} MiB)" if "cuda_peak_mib" in r else ""
         same = {True: "identical", False: "DIFFERENT"}.get(r.get("losses_identical"), "-")
-        print(f"{str(r['size']) + 'x' + str(r['size']):<8} {r['variant']:<16}{_cell(r, 'peak_mib', '.0f', 10)}"
+        print(f"{str(r['size']) + 'x' + str(r['size']):<8} {r['variant']:<16}{r['allocator']:<10}"
+              f"{_cell(r, 'peak_mib', '.0f', 10)}"
               f"{_cell(r, 'memory_vs_official', '.2f', 11, 'x')}{_cell(r, 'sec', '.3f', 9)}"
               f"{_cell(r, 'time_vs_official', '.2f', 11, 'x')}{_cell(r, 'time_vs_fast', '.2f', 8, 'x')}"
               f"{_cell(r, 'largest_batch', 'd', 22) if budget else ''}  {same}{cuda}")  # fmt: skip
@@ -240,6 +275,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="ms_resnet_tiny, 32x32, T=4, batch 4, one repeat")
     ap.add_argument("--arch", default="ms_resnet18")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="variants to run (the official model is always run first: the reference)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--t", type=int, default=8, help="time steps T")
@@ -255,6 +292,7 @@ def main(argv=None) -> list[dict]:
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return []
+    args.variants = ["official"] + [v for v in args.variants if v != "official"]
     if args.quick:
         args.arch, args.sizes, args.t, args.batch, args.steps, args.time_steps, args.repeats = (
             "ms_resnet_tiny", [32], 4, 4, 2, 2, 1)  # fmt: skip

@@ -17,7 +17,7 @@ ALLOWED = {
     "i2e": {"kernels", "codec"},
     "data": {"codec", "i2e", "files", "naming"},
     "models": {"kernels", "files", "naming", "data.catalog"},
-    "module": {"models"},
+    "module": {"kernels", "models"},
     "plots": {"files"}, "tracking": {"files"}, "sweeps": {"files"},
     "viz": {"codec", "i2e", "files", "data"},
     "callbacks": {"files", "plots", "tracking", "viz"},

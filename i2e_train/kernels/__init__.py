@@ -11,7 +11,8 @@ logs why once and returns None, and callers take their plain tensor path.
 Modules: ``converter`` (I2E intensity, dense and packed events), ``lif`` (multi-step LIF
 forward / backward), ``pooling`` (max pooling forward / backward), ``spikes`` (spike tensors
 packed to bits and back), ``bits`` (the LLVM intrinsics that turn 32 comparisons into a bit mask
-and back), ``_jit`` (shared options, thread count).
+and back), ``_jit`` (shared options, thread count). Not numba: ``host_allocator`` (a C++ CPU
+allocator for PyTorch, compiled on first use, whose resident memory follows the live tensors).
 """
 
 from __future__ import annotations
@@ -63,22 +64,26 @@ def use_threads(n: int) -> None:
 
 
 def empty(shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
-    """An uninitialised contiguous CPU tensor for a kernel's output, 64-byte aligned, whose memory
-    comes from ``malloc`` (through numpy) rather than PyTorch's CPU allocator.
+    """An uninitialised contiguous 64-byte aligned CPU tensor for a kernel's output.
 
-    Why: PyTorch allocates host tensors with ``posix_memalign(64, n)``, for which glibc asks its
-    heap for ``n`` plus about 96 bytes and returns the spare bytes; a freed n-byte block is then
-    too small for the next request of the same size, so a training step that allocates and frees
-    tensors of a few sizes keeps growing the heap (peak memory about twice the live tensors). A
-    plain ``malloc`` of the same size fits those freed blocks, and its own freed blocks fit the
-    next one: the activations, gradients and unpacked spikes that the kernels write recycle the
-    heap instead of growing it (``benchmarks/memory.py``). The values are whatever the kernel
-    writes; nothing else differs from ``torch.empty``.
+    With the caching host allocator installed (:mod:`i2e_train.kernels.host_allocator`, done by
+    :class:`~i2e_train.module.SNNClassifier`) this is ``torch.empty``. Without it the memory comes
+    from ``malloc`` (through numpy) rather than PyTorch's ``posix_memalign(64, n)``, for which
+    glibc asks its heap for ``n`` plus about 96 bytes and returns the spare bytes: a freed n-byte
+    block is then too small for the next request of the same size, and a training step that
+    allocates and frees tensors of a few sizes keeps growing the heap. A plain ``malloc`` of the
+    same size fits those freed blocks, so at least the activations, gradients and unpacked spikes
+    that the kernels write recycle the heap (``benchmarks/memory.py``). The values are whatever
+    the kernel writes; nothing else differs from ``torch.empty``.
     """
     import numpy as np
     import torch
 
+    from .host_allocator import installed
+
     shape = tuple(int(d) for d in shape)
+    if installed():
+        return torch.empty(shape, dtype=dtype)
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
     raw = np.empty(nbytes + 64, dtype=np.uint8)
