@@ -10,8 +10,10 @@ Baselines are written here, faithful to the official code's approach:
 - training: the same MS-ResNet18 run eagerly in float32 with the default memory format, built
   from the plain torch.nn layers and SpikingJelly's LIF (``set_fast_kernels(model, False)``).
 Every number is the median of ``--repeats`` runs (conversion, which is quick: 3x as many, at
-least 15); baseline and contenders alternate (who goes first rotates). Training: each repeat is a fresh process that steps all variants in turn on the
-same batch from the same initial weights, so every loss can be compared with the baseline's;
+least 15); baseline and contenders alternate (who goes first rotates). Training: each repeat is
+a fresh process per host allocator (PyTorch's; the caching one that ``i2e-train`` installs, see
+``i2e_train.kernels.host_allocator``) that steps its variants in turn on the same batch from the
+same initial weights, so every loss can be compared with the baseline's;
 peak memory is measured in one process per variant as the growth of the peak resident set over
 the set-up (libraries and compiled kernels loaded, model and data built). A ratio > 1 means
 faster than the baseline.
@@ -99,7 +101,10 @@ sys.path.insert(0, {root!r})
 from i2e_train.models import create_model
 from i2e_train.models.layers import set_fast_kernels
 from i2e_train.models.memory import set_memory
-variants, device, steps = {variants!r}, torch.device({device!r}), {steps}
+variants, device, steps, allocator = {variants!r}, torch.device({device!r}), {steps}, {allocator!r}
+if allocator == "caching":  # PyTorch's CPU allocator replaced, as SNNClassifier does by default
+    from i2e_train.kernels import host_allocator
+    assert host_allocator.install(), host_allocator.unavailable_reason()
 
 def rss():  # current resident set size, bytes
     with open("/proc/self/statm") as f:
@@ -112,6 +117,7 @@ y = torch.randint(0, 10, (8,), device=device)
 def make(variant, arch="ms_resnet18", x=x, y=y):
     torch.manual_seed(0)
     model = create_model(arch, num_classes=10).to(device)
+    variant = {variant_of!r}.get(variant, variant)
     set_fast_kernels(model, variant != "baseline")  # off: plain torch.nn layers and SpikingJelly's LIF
     set_memory(model, "bits" if variant.startswith("ours_bits") else "none")  # what the backward keeps
     if "channels_last" in variant:
@@ -149,18 +155,23 @@ else:  # growth of the peak RSS over the set-up (libraries, kernels, model, data
 print(json.dumps({{v: {{"sec": statistics.median(ts[v]), "peak": peak, "losses": losses[v]}} for v in variants}}))
 """
 
-TRAIN_VARIANTS = {
-    "baseline": "eager float32, torch.nn + SpikingJelly LIF (baseline)",
-    "ours": "ours: fast kernels, float32, module.memory=none",
-    "ours_bits": "ours: fast kernels, float32, module.memory=bits (default)",
-    "ours_channels_last": "ours + channels_last",
-    "ours_bf16": "ours + bf16 autocast (precision=bf16-mixed)",
-    "ours_compile": "ours + torch.compile",
+TRAIN_VARIANTS = {  # name -> (label, host allocator of its process)
+    "baseline": ("eager float32, torch.nn + SpikingJelly LIF (baseline)", "pytorch"),
+    "ours": ("ours: fast kernels, float32, module.memory=none", "pytorch"),
+    "ours_bits": ("ours: fast kernels, float32, module.memory=bits, PyTorch allocator", "pytorch"),
+    "ours_default": ("ours: memory=bits + caching host allocator (default)", "caching"),
+    "ours_channels_last": ("ours + channels_last", "pytorch"),
+    "ours_bf16": ("ours + bf16 autocast (precision=bf16-mixed)", "pytorch"),
+    "ours_compile": ("ours + torch.compile", "pytorch"),
 }
+_VARIANT_OF = {"ours_default": "ours_bits"}  # what the network does; the allocator is set per process
 
 
 def _train_child(device: torch.device, variants: list[str], steps: int) -> dict:
-    code = _TRAIN_CHILD.format(root=str(ROOT), variants=variants, device=str(device), steps=steps)
+    allocators = {TRAIN_VARIANTS[v][1] for v in variants}
+    assert len(allocators) == 1, f"one host allocator per process: {variants}"
+    code = _TRAIN_CHILD.format(root=str(ROOT), variants=variants, device=str(device), steps=steps,
+                               allocator=allocators.pop(), variant_of=_VARIANT_OF)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
     if out.returncode:
         raise RuntimeError(f"training benchmark {variants} failed:\n{out.stderr[-3000:]}")
@@ -168,14 +179,19 @@ def _train_child(device: torch.device, variants: list[str], steps: int) -> dict:
 
 
 def bench_train(device: torch.device, repeats: int, steps: int, variants: list[str]) -> list[dict]:
-    """Speed: every repeat is a fresh process that trains all variants side by side, one step each
-    in turn (same data, same initial weights); the ratio is the median over repeats of the
-    per-process median step time against the baseline's. Memory: one process per variant."""
+    """Speed: every repeat is a fresh process per host allocator (back to back, which goes first
+    rotates) that trains its variants side by side, one step each in turn (same data, same
+    initial weights); the ratio is the median over repeats of the per-process median step time
+    against the baseline's of the same repeat. Memory: one process per variant."""
     ratios: dict[str, list[float]] = {v: [] for v in variants}
     secs: dict[str, list[float]] = {v: [] for v in variants}
     dloss: dict[str, float] = {v: 0.0 for v in variants}
-    for _ in range(repeats):
-        res = _train_child(device, variants, steps)
+    groups = [[v for v in variants if TRAIN_VARIANTS[v][1] == a] for a in ("pytorch", "caching")]
+    groups = [g for g in groups if g]
+    for i in range(repeats):
+        res = {}
+        for group in groups[i % len(groups):] + groups[: i % len(groups)]:
+            res.update(_train_child(device, group, steps))
         for v in variants:
             secs[v].append(res[v]["sec"])
             ratios[v].append(res["baseline"]["sec"] / res[v]["sec"])
@@ -186,7 +202,7 @@ def bench_train(device: torch.device, repeats: int, steps: int, variants: list[s
     for v in variants:
         peak = _train_child(device, [v], 2)[v]["peak"]
         sec = statistics.median(secs[v])
-        rows.append({"what": f"train step ms_resnet18 T8 64x64 b8: {TRAIN_VARIANTS.get(v, v)}", "value": 8 / sec,
+        rows.append({"what": f"train step ms_resnet18 T8 64x64 b8: {TRAIN_VARIANTS[v][0]}", "value": 8 / sec,
                      "unit": "img/s", "ratio": statistics.median(ratios[v]), "peak_mib": peak / 2**20,
                      "loss_diff": dloss[v], "steps": steps + 2})
     return rows
@@ -252,7 +268,7 @@ def main(argv=None) -> list[dict]:
             for size in (128, 224):
                 rows += [dict(r, device=dev.type) for r in bench_convert(dev, size, 64, max(3 * args.repeats, 15))]
         if "train" in parts:
-            variants = ["baseline", "ours", "ours_bits", "ours_channels_last", "ours_bf16"] + (
+            variants = ["baseline", "ours", "ours_bits", "ours_default", "ours_channels_last", "ours_bf16"] + (
                 ["ours_compile"] if args.compile else [])
             rows += [dict(r, device=dev.type) for r in bench_train(dev, args.repeats, args.train_steps, variants)]
     if "loader" in parts:

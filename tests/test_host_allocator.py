@@ -24,7 +24,7 @@ from i2e_train.kernels import host_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
-LARGE = 128 << 10  # from here up, blocks are mapped pages kept for reuse
+LARGE = 4 << 20  # from here up, blocks are mapped pages kept for reuse
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +56,16 @@ def test_tensors_are_aligned_and_hold_their_values(installed, numel):
 
 @needs_compiler
 def test_a_freed_large_block_serves_the_next_request_of_its_size(installed):
-    t = torch.empty((3 << 20) + 5000, dtype=torch.uint8)
+    t = torch.empty((6 << 20) + 5000, dtype=torch.uint8)
     ptr = t.data_ptr()
     del t
     kept = installed.stats()
-    assert kept["cached_bytes"] >= 3 << 20
-    t = torch.empty((3 << 20) + 1000, dtype=torch.uint8)  # same size class (steps of 256 KiB here)
+    assert kept["cached_bytes"] >= 6 << 20
+    t = torch.empty((6 << 20) + 1000, dtype=torch.uint8)  # same size class (steps of 512 KiB here)
     after = installed.stats()
     assert t.data_ptr() == ptr and after["reuses"] == kept["reuses"] + 1 and after["maps"] == kept["maps"]
     del t
-    assert installed.release_cached() >= 3 << 20
+    assert installed.release_cached() >= 6 << 20
     assert installed.stats()["cached_bytes"] == 0
 
 
@@ -73,19 +73,19 @@ def test_a_freed_large_block_serves_the_next_request_of_its_size(installed):
 def test_a_cache_limit_unmaps_the_oldest_kept_blocks(installed):
     installed.release_cached()
     try:
-        installed.set_cache_limit(5 << 20)
-        blocks = [torch.empty(2 << 20, dtype=torch.uint8) for _ in range(4)]
+        installed.set_cache_limit(10 << 20)
+        blocks = [torch.empty(LARGE, dtype=torch.uint8) for _ in range(4)]
         before = installed.stats()
         del blocks
         after = installed.stats()
-        assert after["cached_bytes"] <= 5 << 20 and after["unmaps"] >= before["unmaps"] + 2
+        assert after["cached_bytes"] <= 10 << 20 and after["unmaps"] >= before["unmaps"] + 2
         installed.set_cache_limit(0)
         assert installed.stats()["cached_bytes"] == 0
     finally:
         installed.set_cache_limit(None)
-    t = torch.empty(2 << 20, dtype=torch.uint8)
+    t = torch.empty(LARGE, dtype=torch.uint8)
     del t
-    assert installed.stats()["cached_bytes"] >= 2 << 20  # no limit: kept
+    assert installed.stats()["cached_bytes"] >= LARGE  # no limit: kept
 
 
 @needs_compiler
@@ -135,7 +135,7 @@ def test_threads_allocate_and_free_at_once(installed):
         g = torch.Generator().manual_seed(seed)
         ok = True
         for _ in range(200):
-            n = int(torch.randint(1, 600_000, (1,), generator=g))
+            n = int(torch.randint(1, 3_000_000, (1,), generator=g))  # up to 12 MB: both kinds of block
             t = torch.full((n,), float(seed))
             ok &= bool((t == seed).all())
         return ok
@@ -147,10 +147,10 @@ def test_threads_allocate_and_free_at_once(installed):
 
 @needs_compiler
 def test_forked_data_loader_workers_allocate(installed):
-    data = torch.utils.data.TensorDataset(torch.arange(64, dtype=torch.float32).repeat_interleave(70_000).view(64, -1))
+    data = torch.utils.data.TensorDataset(torch.arange(64, dtype=torch.float32).repeat_interleave(300_000).view(64, -1))
     loader = torch.utils.data.DataLoader(data, batch_size=8, num_workers=2, multiprocessing_context="fork")
     total = sum(float(b[0].sum()) for b in loader)
-    assert total == pytest.approx(70_000 * sum(range(64)))
+    assert total == pytest.approx(300_000 * sum(range(64)))
 
 
 def test_without_a_compiler_pytorch_allocator_stays(tmp_path):
@@ -187,8 +187,8 @@ def rss():
 torch.manual_seed(0)
 model = create_model("ms_resnet18", num_classes=10)
 set_memory(model, "bits")
-x = (torch.rand(4, 8, 2, 64, 64) < 0.1).float()
-y = torch.randint(0, 10, (8,))
+x = (torch.rand(8, 16, 2, 64, 64) < 0.1).float()  # [T, B, 2, H, W], as benchmarks/memory.py
+y = torch.randint(0, 10, (16,))
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 torch.nn.functional.cross_entropy(create_model("ms_resnet_tiny", num_classes=10)(x[:, :2, :, :32, :32]),
                                   y[:2]).backward()  # libraries and kernels loaded
@@ -210,8 +210,9 @@ print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
 @pytest.mark.slow
 def test_resident_memory_follows_the_live_tensors():
     """Three SGD steps of MS-ResNet18 in fresh processes: with the caching allocator the peak
-    resident growth stays close to the peak of the live tensors, and below what PyTorch's
-    allocator reaches with the very same tensors (the same losses to the bit)."""
+    resident growth stays within its bound of the live tensors' peak (mapped blocks at most 1.25
+    times it, plus the malloc'd small ones and the libraries' own), and well below what
+    PyTorch's allocator reaches with the very same tensors (the same losses to the bit)."""
     runs = {}
     for allocator in ("pytorch", "caching"):
         out = subprocess.run([sys.executable, "-c", _TRAIN_STEPS, allocator], capture_output=True, text=True,
@@ -220,5 +221,5 @@ def test_resident_memory_follows_the_live_tensors():
         runs[allocator] = json.loads(out.stdout.strip().splitlines()[-1])
     cached, stock = runs["caching"], runs["pytorch"]
     assert cached["losses"] == stock["losses"]
-    assert cached["peak"] <= 1.15 * cached["live"] + (8 << 20), runs
+    assert cached["peak"] <= 1.5 * cached["live"] + (16 << 20), runs
     assert cached["peak"] < 0.85 * stock["peak"], runs

@@ -8,11 +8,12 @@ over: the heap grows instead of being reused, and the peak resident set of a CPU
 ends at about twice its live tensors (``benchmarks/memory.py`` shows both).
 
 :func:`install` makes ``host_allocator.cpp`` PyTorch's CPU allocator for the rest of the process
-(``c10::SetCPUAllocator``): tensors of 128 KiB and more get mapped pages of their own, kept after
-``free`` for the next request of their size class; a request that no kept block serves first
-unmaps kept blocks (oldest first) of at least its size. Resident memory therefore grows only when
-the live tensors do, and a training step, which repeats the sizes of the step before, maps nothing
-after the first. Smaller tensors come from ``malloc`` (exact-size reuse in glibc's bins). Every
+(``c10::SetCPUAllocator``): tensors of 4 MiB and more get mapped pages of their own, kept after
+``free`` for the next request of their size class; a request that no kept block serves maps a new
+block, first unmapping kept blocks (oldest first) as far as needed to keep the mapped total
+within 1.25 times the highest live total so far. Resident memory is thus bounded by the live
+peak, and a training step, which repeats the sizes of the step before, finds most blocks kept.
+Smaller tensors come from ``malloc`` (exact-size reuse in glibc's bins). Every
 tensor stays 64-byte aligned; values are untouched (an allocator only hands out memory), so
 results are the same to the bit. Memory profiling (``torch.profiler(profile_memory=True)``) sees
 every allocation, as with PyTorch's allocator.
