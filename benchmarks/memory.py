@@ -19,8 +19,9 @@ Variants (same batch, same initial weights, same losses to the bit, checked):
 Peak memory: one fresh process per variant and repeat; on CPU the growth of the peak resident
 set over the set-up (libraries and kernels loaded by a warm-up step of a tiny network, model,
 optimiser and data built) during ``--steps`` SGD steps (momentum, so the step after the first
-holds gradients and momentum buffers: the peak); on CUDA ``torch.cuda.max_memory_allocated``
-too. Step time: each repeat is one fresh process that steps every variant in turn (who goes
+holds gradients and momentum buffers: the peak), read as ``VmHWM`` after resetting it at the
+set-up (``host_allocator.resident``; ``ru_maxrss`` would carry the parent's peak into a child
+started by ``subprocess``); on CUDA ``torch.cuda.max_memory_allocated`` too. Step time: each repeat is one fresh process that steps every variant in turn (who goes
 first rotates) for ``--time-steps`` steps after one untimed step, the median per process, then
 the median over processes (the ratio to the official model likewise, per process). The allocator
 is set up once per process, so each repeat runs one process per allocator setting back to back
@@ -80,14 +81,6 @@ def _build(arch: str, name: str, device):
     return model
 
 
-def _rss() -> int:
-    """Current resident set size of this process, bytes."""
-    import resource
-
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def _train(steps: dict, x, y, n_steps: int) -> tuple[dict, dict, dict]:
     """``n_steps`` SGD steps of every (model, optimiser) in ``steps``, one each in turn (who goes
     first rotates): wall and CPU seconds of each step, and the losses."""
@@ -117,19 +110,17 @@ def _child(spec: dict) -> dict:
     """Train ``spec['variants']`` side by side for ``spec['steps']`` steps in this (fresh) process:
     the growth of the peak memory over the set-up, median step times (the first step left out)
     and every loss."""
-    import resource
-
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from i2e_train.kernels import host_allocator  # also where the resident set is read
+
     device = torch.device(spec["device"])
     names = spec["variants"]
     groups = {_allocator_group(n) for n in names}
     if len(groups) != 1:
         raise ValueError(f"variants {names} need different host allocator settings; run them in separate processes")
     if VARIANTS[names[0]][2] == "caching":  # as SNNClassifier.configure_model sets it up
-        from i2e_train.kernels import host_allocator
-
         host_allocator.set_cache_limit(_allocator_group(names[0])[1])
         if not host_allocator.install():
             raise RuntimeError(f"the caching host allocator cannot be installed: {host_allocator.unavailable_reason()}")
@@ -149,9 +140,11 @@ def _child(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    base = _rss()
+    if not host_allocator.reset_resident_peak():
+        raise RuntimeError("the peak resident set cannot be reset here (/proc/self/clear_refs, Linux 4.0+)")
+    base = host_allocator.resident()["current"]
     wall, cpu, losses = _train(steps, x, y, spec["steps"])
-    out = {"peak_rss_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20,
+    out = {"peak_rss_mib": (host_allocator.resident()["peak"] - base) / 2**20,
            "sec": {n: statistics.median(wall[n][1:] or wall[n]) for n in names},
            "cpu_sec": {n: statistics.median(cpu[n][1:] or cpu[n]) for n in names}, "losses": losses}  # fmt: skip
     if device.type == "cuda":

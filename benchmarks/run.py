@@ -96,19 +96,15 @@ def bench_convert(device: torch.device, size: int, batch: int, repeats: int) -> 
 
 # --------------------------------------------------------------------------- training
 _TRAIN_CHILD = r"""
-import json, resource, statistics, sys, time, torch
+import json, statistics, sys, time, torch
 sys.path.insert(0, {root!r})
 from i2e_train.models import create_model
 from i2e_train.models.layers import set_fast_kernels
 from i2e_train.models.memory import set_memory
 variants, device, steps, allocator = {variants!r}, torch.device({device!r}), {steps}, {allocator!r}
+from i2e_train.kernels import host_allocator  # also where the resident set is read
 if allocator == "caching":  # PyTorch's CPU allocator replaced, as SNNClassifier does by default
-    from i2e_train.kernels import host_allocator
     assert host_allocator.install(), host_allocator.unavailable_reason()
-
-def rss():  # current resident set size, bytes
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 torch.manual_seed(0)
 x = (torch.rand(8, 8, 2, 64, 64, device=device) < 0.1).float()  # [T=8, B=8, 2, 64, 64]
@@ -139,7 +135,8 @@ for v in variants:  # every library and kernel of the variant loaded before the 
 steps_fn = {{v: make(v) for v in variants}}
 if device.type == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-base_rss = rss()
+host_allocator.reset_resident_peak()  # VmHWM from here (ru_maxrss would include this parent's)
+base_rss = host_allocator.resident()["current"]
 losses = {{v: [f().item(), f().item()] for v, f in steps_fn.items()}}  # warm-up (and kernel compilation)
 ts = {{v: [] for v in variants}}
 for i in range(steps):
@@ -151,7 +148,7 @@ for i in range(steps):
 if device.type == "cuda":
     peak = torch.cuda.max_memory_allocated()
 else:  # growth of the peak RSS over the set-up (libraries, kernels, model, data): the training's own memory
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    peak = host_allocator.resident()["peak"] - base_rss
 print(json.dumps({{v: {{"sec": statistics.median(ts[v]), "peak": peak, "losses": losses[v]}} for v in variants}}))
 """
 

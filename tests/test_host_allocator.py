@@ -172,8 +172,34 @@ print("ok")
     assert not list(tmp_path.rglob("*.so"))  # nothing half-written left behind
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_the_resident_peak_is_the_process_own_and_can_be_reset():
+    """A child started by ``subprocess`` (vfork + exec) inherits its parent's ``ru_maxrss``;
+    :func:`host_allocator.resident` reads the child's own peak, and a reset starts it again."""
+    code = """
+import ctypes, json, resource
+from i2e_train.kernels import host_allocator
+before = host_allocator.resident()
+block = ctypes.create_string_buffer(96 << 20)  # zero-filled: every page touched
+grown = host_allocator.resident()
+del block
+reset = host_allocator.reset_resident_peak()
+print(json.dumps({"before": before, "grown": grown, "reset": reset, "after": host_allocator.resident(),
+                  "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+    parent_block = bytearray(256 << 20)  # this process's peak is now at least 256 MiB above the child's
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    del parent_block
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["maxrss"] > r["grown"]["peak"] + (128 << 20)  # the parent's peak, carried over
+    assert 0 < r["before"]["current"] <= r["before"]["peak"] < r["before"]["current"] + (64 << 20)
+    assert r["grown"]["peak"] >= r["before"]["current"] + (96 << 20)
+    assert r["reset"] and r["after"]["peak"] < r["before"]["current"] + (48 << 20)
+
+
 _TRAIN_STEPS = """
-import json, resource, sys, torch
+import json, sys, torch
 allocator = sys.argv[1]
 torch.set_num_threads(2)
 from i2e_train.kernels import host_allocator
@@ -181,9 +207,6 @@ from i2e_train.models import create_model
 from i2e_train.models.memory import set_memory
 if allocator == "caching":
     assert host_allocator.install()
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 torch.manual_seed(0)
 model = create_model("ms_resnet18", num_classes=10)
 set_memory(model, "bits")
@@ -194,7 +217,8 @@ warm = create_model("ms_resnet_tiny", num_classes=10)
 set_memory(warm, "bits")  # the same kernels (compiled or loaded) before the reference, not inside it
 torch.nn.functional.cross_entropy(warm(x[:, :2, :, :32, :32]), y[:2]).backward()
 del warm
-base, live0 = rss(), host_allocator.stats()["allocated_bytes"]
+assert host_allocator.reset_resident_peak()
+base, live0 = host_allocator.resident()["current"], host_allocator.stats()["allocated_bytes"]
 host_allocator.reset_peak()
 losses = []
 for _ in range(3):
@@ -203,7 +227,7 @@ for _ in range(3):
     loss.backward()
     opt.step()
     losses.append(loss.item())
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base,
+print(json.dumps({"peak": host_allocator.resident()["peak"] - base,
                   "live": host_allocator.stats()["peak_allocated_bytes"] - live0, "losses": losses}))
 """
 

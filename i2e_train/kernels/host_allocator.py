@@ -40,7 +40,7 @@ import threading
 from pathlib import Path
 
 __all__ = ["install", "installed", "unavailable_reason", "stats", "release_cached", "reset_peak", "set_cache_limit",
-           "library_path"]
+           "library_path", "resident", "reset_resident_peak"]
 
 log = logging.getLogger(__name__)
 
@@ -169,3 +169,33 @@ def set_cache_limit(limit_bytes: int | None) -> None:
 def release_cached() -> int:
     """Unmap every kept block (memory back to the system now); returns the bytes unmapped."""
     return int(_lib.i2e_host_allocator_release()) if _installed else 0
+
+
+def resident() -> dict[str, int]:
+    """Resident set of this process in bytes, now (``current``) and at its highest (``peak``),
+    from ``/proc/self/status`` (Linux; zeros elsewhere). The peak is that of this process's own
+    memory map since its start or :func:`reset_resident_peak`. (``getrusage``'s ``ru_maxrss`` is
+    not: a process started with vfork and exec, as Python's ``subprocess`` does, inherits its
+    parent's peak there.)"""
+    fields = {"VmRSS:": "current", "VmHWM:": "peak"}
+    out = dict.fromkeys(fields.values(), 0)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(" ")
+                if key.strip() in fields:
+                    out[fields[key.strip()]] = int(rest.split()[0]) * 1024  # kB
+    except OSError:
+        pass
+    return out
+
+
+def reset_resident_peak() -> bool:
+    """Start the peak of :func:`resident` again from the resident set now (writes 5 to
+    ``/proc/self/clear_refs``, Linux 4.0 and later); False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
