@@ -8,25 +8,30 @@
 Variants (same batch, same initial weights, same losses to the bit, checked):
 - ``official``: the plain torch.nn + SpikingJelly network (``set_fast_kernels(model, False)``),
   memory mode ``none``, PyTorch's CPU allocator: what the official scripts train;
-- ``fast``: the fast CPU paths, memory mode ``none``;
+- ``fast``: the fast CPU paths, memory mode ``none``; ``fast-alloc``: the same with PyTorch's
+  allocator, the training path before the memory modes (the reference of the ``x today`` column);
 - ``bits`` and ``bits+checkpoint``: the fast paths in those memory modes
   (:mod:`i2e_train.models.memory`); ``bits`` is what ``i2e-train`` runs by default;
 - ``fast``, ``bits`` and ``bits+checkpoint`` run with the caching host allocator
   (:mod:`i2e_train.kernels.host_allocator`, ``module.host_allocator=caching``, the default), and
-  two variants separate its share from the memory modes' share: ``official+alloc`` (the official
-  network with that allocator) and ``bits-alloc`` (``bits`` with PyTorch's allocator).
+  variants separate its share from the memory modes' share: ``official+alloc`` (the official
+  network with that allocator), ``bits-alloc`` (``bits`` with PyTorch's allocator) and
+  ``fast-alloc``.
 
 Peak memory: one fresh process per variant and repeat; on CPU the growth of the peak resident
 set over the set-up (libraries and kernels loaded by a warm-up step of a tiny network, model,
 optimiser and data built) during ``--steps`` SGD steps (momentum, so the step after the first
 holds gradients and momentum buffers: the peak), read as ``VmHWM`` after resetting it at the
 set-up (``host_allocator.resident``; ``ru_maxrss`` would carry the parent's peak into a child
-started by ``subprocess``); on CUDA ``torch.cuda.max_memory_allocated`` too. Step time: each repeat is one fresh process that steps every variant in turn (who goes
-first rotates) for ``--time-steps`` steps after one untimed step, the median per process, then
-the median over processes (the ratio to the official model likewise, per process). The allocator
-is set up once per process, so each repeat runs one process per allocator setting back to back
-(which goes first rotates; ``bits+checkpoint`` has its own cache limit, see
-:func:`i2e_train.models.memory.host_cache_limit`), and a ratio pairs the processes of one repeat. Largest batch: per
+started by ``subprocess``); on CUDA ``torch.cuda.max_memory_allocated`` too. Step time: a fresh
+process steps its variants in turn (who goes first rotates) for ``--time-steps`` steps after one
+untimed step; the median per process, then the median over ``--repeats``. The caching
+allocator keeps one pool per process, so each repeat runs one process per variant that uses it
+(with its cache limit, see :func:`i2e_train.models.memory.host_cache_limit`), each with the
+official model too, the yardstick of its ratios; the variants on PyTorch's allocator step in the
+process of the default (``bits``) with ``host_allocator.suspended()``, so that the default,
+``fast-alloc`` and ``bits-alloc`` are timed side by side. ``x today`` is the per-repeat ratio
+of a variant's ``x official`` to ``fast-alloc``'s. Largest batch: per
 variant, the largest batch whose peak stays within ``--budget-mib``, by bisection on fresh
 processes. Every number is a median over ``--repeats`` fresh processes.
 
@@ -51,18 +56,21 @@ VARIANTS = {  # name -> (fast kernels, memory mode, host allocator)
     "official": (False, "none", "pytorch"),
     "official+alloc": (False, "none", "caching"),
     "fast": (True, "none", "caching"),
+    "fast-alloc": (True, "none", "pytorch"),  # today's path: before the memory modes and the host allocator
     "bits": (True, "bits", "caching"),
     "bits-alloc": (True, "bits", "pytorch"),
     "bits+checkpoint": (True, "bits+checkpoint", "caching"),
 }
 
 
-def _allocator_group(name: str) -> tuple[str, int | None]:
-    """The host allocator of variant ``name`` and its cache limit (one per process)."""
-    from i2e_train.models.memory import host_cache_limit
+def _allocator(name: str):
+    """A context in which variant ``name``'s tensors come from its host allocator: PyTorch's
+    (``host_allocator.suspended()``) or the caching one installed for the process."""
+    import contextlib
 
-    allocator, mode = VARIANTS[name][2], VARIANTS[name][1]
-    return allocator, host_cache_limit(mode) if allocator == "caching" else None
+    from i2e_train.kernels import host_allocator
+
+    return host_allocator.suspended() if VARIANTS[name][2] == "pytorch" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- child process
@@ -75,15 +83,16 @@ def _build(arch: str, name: str, device):
     from i2e_train.models.memory import set_memory
 
     torch.manual_seed(0)
-    model = create_model(arch, num_classes=10).to(device)
-    set_fast_kernels(model, VARIANTS[name][0])
-    set_memory(model, VARIANTS[name][1])
+    with _allocator(name):
+        model = create_model(arch, num_classes=10).to(device)
+        set_fast_kernels(model, VARIANTS[name][0])
+        set_memory(model, VARIANTS[name][1])
     return model
 
 
 def _train(steps: dict, x, y, n_steps: int) -> tuple[dict, dict, dict]:
     """``n_steps`` SGD steps of every (model, optimiser) in ``steps``, one each in turn (who goes
-    first rotates): wall and CPU seconds of each step, and the losses."""
+    first rotates), each with its host allocator: wall and CPU seconds of each step, and the losses."""
     import time
 
     import torch
@@ -96,11 +105,12 @@ def _train(steps: dict, x, y, n_steps: int) -> tuple[dict, dict, dict]:
         for name in names[i % len(names):] + names[: i % len(names)]:
             model, opt = steps[name]
             t0, c0 = time.perf_counter(), time.process_time()
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            losses[name].append(loss.item())  # synchronises on CUDA
+            with _allocator(name):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                losses[name].append(loss.item())  # synchronises on CUDA
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     return wall, cpu, losses
@@ -114,21 +124,23 @@ def _child(spec: dict) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from i2e_train.kernels import host_allocator  # also where the resident set is read
+    from i2e_train.models.memory import host_cache_limit
 
     device = torch.device(spec["device"])
     names = spec["variants"]
-    groups = {_allocator_group(n) for n in names}
-    if len(groups) != 1:
-        raise ValueError(f"variants {names} need different host allocator settings; run them in separate processes")
-    if VARIANTS[names[0]][2] == "caching":  # as SNNClassifier.configure_model sets it up
-        host_allocator.set_cache_limit(_allocator_group(names[0])[1])
+    caching = [n for n in names if VARIANTS[n][2] == "caching"]
+    if len(caching) > 1:
+        raise ValueError(f"variants {caching} would share the caching allocator's pool; run them in separate processes")
+    if caching:  # as SNNClassifier.configure_model sets it up
+        host_allocator.set_cache_limit(host_cache_limit(VARIANTS[caching[0]][1]))
         if not host_allocator.install():
             raise RuntimeError(f"the caching host allocator cannot be installed: {host_allocator.unavailable_reason()}")
     for name in names:  # warm-up: every library and kernel of the variant loaded before the reference
         warm = _build("ms_resnet_tiny", name, device)
-        events = (torch.rand(2, 2, 2, 32, 32, device=device) < 0.1).float()
-        torch.nn.functional.cross_entropy(warm(events), torch.tensor([1, 2], device=device)).backward()
-    del warm
+        with _allocator(name):
+            events = (torch.rand(2, 2, 2, 32, 32, device=device) < 0.1).float()
+            torch.nn.functional.cross_entropy(warm(events), torch.tensor([1, 2], device=device)).backward()
+        del warm, events
     gen = torch.Generator().manual_seed(0)
     size, batch = spec["size"], spec["batch"]
     x = (torch.rand(spec["t"], batch, 2, size, size, generator=gen) < 0.1).float().to(device)  # [T, B, 2, H, W]
@@ -179,27 +191,38 @@ def peak_memory(args, name: str, size: int, batch: int, repeats: int) -> dict:
     return out
 
 
+def timing_processes(names: list[str]) -> list[list[str]]:
+    """The variants each timing process steps: one process per variant on the caching allocator
+    (its pool is one per process), each with the official model (the yardstick of its ratios);
+    the variants on PyTorch's allocator in the default's (``bits``) process, or the first."""
+    caching = [n for n in names if VARIANTS[n][2] == "caching"]
+    pytorch = [n for n in names if VARIANTS[n][2] == "pytorch" and n != "official"]
+    host = "bits" if "bits" in caching else (caching or [None])[0]
+    return [["official", *(pytorch if c == host else []), c] for c in caching] or [["official", *pytorch]]
+
+
 def step_times(args, size: int, batch: int, names: list[str]) -> tuple[dict, bool]:
-    """Per variant: median step time and its ratios to the official model's and to the fast path
-    (``fast``), each the median over ``repeats``; per repeat, one fresh process per host allocator
-    steps its variants side by side. Also whether every variant's losses equal the official's."""
-    keys = list(dict.fromkeys(_allocator_group(n) for n in names))
-    groups = [[n for n in names if _allocator_group(n) == k] for k in keys]
-    out: dict[str, dict[str, list[float]]] = {n: {"sec": [], "time_vs_official": [], "time_vs_fast": []} for n in names}
+    """Per variant: median step time and its ratios to the official model's and to today's path
+    (``fast-alloc``, when it runs), each the median over ``repeats``; per repeat, the processes of
+    :func:`timing_processes` back to back (which goes first rotates). Also whether every
+    variant's losses equal the official's."""
+    groups = timing_processes(names)
+    out: dict[str, dict[str, list[float]]] = {n: {"sec": [], "time_vs_official": [], "time_vs_today": []} for n in names}
     identical = True
     for i in range(args.repeats):
-        sec: dict[str, float] = {}
-        losses: dict[str, list[float]] = {}
+        sec: dict[str, list[float]] = {n: [] for n in names}
+        vs_official: dict[str, list[float]] = {n: [] for n in names}
         for group in groups[i % len(groups):] + groups[: i % len(groups)]:
             res = run_child(_spec(args, size, batch, group, args.time_steps + 1), args.mmap_threshold)
-            sec.update(res["sec"])
-            losses.update(res["losses"])
-        for n in names:
-            out[n]["sec"].append(sec[n])
-            for ref in ("official", "fast"):
-                if ref in sec:
-                    out[n][f"time_vs_{ref}"].append(sec[n] / sec[ref])
-            identical &= losses[n] == losses[names[0]]
+            for n in group:
+                sec[n].append(res["sec"][n])
+                vs_official[n].append(res["sec"][n] / res["sec"]["official"])
+                identical &= res["losses"][n] == res["losses"]["official"]
+        for n in names:  # the official model ran in every process: its median
+            out[n]["sec"].append(statistics.median(sec[n]))
+            out[n]["time_vs_official"].append(statistics.median(vs_official[n]))
+            if "fast-alloc" in names:
+                out[n]["time_vs_today"].append(out[n]["time_vs_official"][-1] / statistics.median(vs_official["fast-alloc"]))
     return {n: {k: statistics.median(v) for k, v in out[n].items() if v} for n in names}, identical
 
 
@@ -252,14 +275,14 @@ def _cell(row: dict, key: str, fmt: str, width: int, suffix: str = "") -> str:
 def print_table(rows: list[dict], args) -> None:
     budget = f"batch in {args.budget_mib:.0f} MiB" if args.budget_mib else ""
     print(f"\n{'input':<8} {'variant':<16}{'allocator':<10}{'peak MiB':>10}{'x official':>11}{'step s':>9}{'x official':>11}"
-          f"{'x fast':>8}{budget:>22}  losses")  # fmt: skip
+          f"{'x today':>8}{budget:>22}  losses")  # fmt: skip
     for r in rows:
         cuda = f"  (cuda {r['cuda_peak_mib']:.0f} MiB)" if "cuda_peak_mib" in r else ""
         same = {True: "identical", False: "DIFFERENT"}.get(r.get("losses_identical"), "-")
         print(f"{str(r['size']) + 'x' + str(r['size']):<8} {r['variant']:<16}{r['allocator']:<10}"
               f"{_cell(r, 'peak_mib', '.0f', 10)}"
               f"{_cell(r, 'memory_vs_official', '.2f', 11, 'x')}{_cell(r, 'sec', '.3f', 9)}"
-              f"{_cell(r, 'time_vs_official', '.2f', 11, 'x')}{_cell(r, 'time_vs_fast', '.2f', 8, 'x')}"
+              f"{_cell(r, 'time_vs_official', '.2f', 11, 'x')}{_cell(r, 'time_vs_today', '.2f', 8, 'x')}"
               f"{_cell(r, 'largest_batch', 'd', 22) if budget else ''}  {same}{cuda}")  # fmt: skip
 
 

@@ -11,9 +11,10 @@ Baselines are written here, faithful to the official code's approach:
   from the plain torch.nn layers and SpikingJelly's LIF (``set_fast_kernels(model, False)``).
 Every number is the median of ``--repeats`` runs (conversion, which is quick: 3x as many, at
 least 15); baseline and contenders alternate (who goes first rotates). Training: each repeat is
-a fresh process per host allocator (PyTorch's; the caching one that ``i2e-train`` installs, see
-``i2e_train.kernels.host_allocator``) that steps its variants in turn on the same batch from the
-same initial weights, so every loss can be compared with the baseline's;
+one fresh process that steps every variant in turn on the same batch from the same initial
+weights, so every loss can be compared with the baseline's; the variant with the caching host
+allocator that ``i2e-train`` installs (``i2e_train.kernels.host_allocator``) steps with it, the
+others with PyTorch's (``host_allocator.suspended()``), so that machine noise hits all alike;
 peak memory is measured in one process per variant as the growth of the peak resident set over
 the set-up (libraries and compiled kernels loaded, model and data built). A ratio > 1 means
 faster than the baseline.
@@ -101,32 +102,38 @@ sys.path.insert(0, {root!r})
 from i2e_train.models import create_model
 from i2e_train.models.layers import set_fast_kernels
 from i2e_train.models.memory import set_memory
-variants, device, steps, allocator = {variants!r}, torch.device({device!r}), {steps}, {allocator!r}
+import contextlib
+variants, device, steps, allocators = {variants!r}, torch.device({device!r}), {steps}, {allocators!r}
 from i2e_train.kernels import host_allocator  # also where the resident set is read
-if allocator == "caching":  # PyTorch's CPU allocator replaced, as SNNClassifier does by default
+if "caching" in allocators.values():  # PyTorch's CPU allocator replaced, as SNNClassifier does by default
     assert host_allocator.install(), host_allocator.unavailable_reason()
+
+def allocator_of(variant):  # PyTorch's allocator for the variants that use it, in this process too
+    return host_allocator.suspended() if allocators[variant] == "pytorch" else contextlib.nullcontext()
 
 torch.manual_seed(0)
 x = (torch.rand(8, 8, 2, 64, 64, device=device) < 0.1).float()  # [T=8, B=8, 2, 64, 64]
 y = torch.randint(0, 10, (8,), device=device)
 
-def make(variant, arch="ms_resnet18", x=x, y=y):
+def make(name, arch="ms_resnet18", x=x, y=y):
     torch.manual_seed(0)
-    model = create_model(arch, num_classes=10).to(device)
-    variant = {variant_of!r}.get(variant, variant)
-    set_fast_kernels(model, variant != "baseline")  # off: plain torch.nn layers and SpikingJelly's LIF
-    set_memory(model, "bits" if variant.startswith("ours_bits") else "none")  # what the backward keeps
-    if "channels_last" in variant:
-        model = model.to(memory_format=torch.channels_last)
+    variant = {variant_of!r}.get(name, name)
+    with allocator_of(name):  # its weights from its allocator too
+        model = create_model(arch, num_classes=10).to(device)
+        set_fast_kernels(model, variant != "baseline")  # off: plain torch.nn layers and SpikingJelly's LIF
+        set_memory(model, "bits" if variant.startswith("ours_bits") else "none")  # what the backward keeps
+        if "channels_last" in variant:
+            model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if variant.endswith("compile") else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     amp = "bf16" in variant
     def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = torch.nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        opt.step()
+        with allocator_of(name):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
         return loss
     return step
 
@@ -165,10 +172,10 @@ _VARIANT_OF = {"ours_default": "ours_bits"}  # what the network does; the alloca
 
 
 def _train_child(device: torch.device, variants: list[str], steps: int) -> dict:
-    allocators = {TRAIN_VARIANTS[v][1] for v in variants}
-    assert len(allocators) == 1, f"one host allocator per process: {variants}"
+    allocators = {v: TRAIN_VARIANTS[v][1] for v in variants}
+    assert list(allocators.values()).count("caching") <= 1, f"the caching allocator's pool is one per process: {variants}"
     code = _TRAIN_CHILD.format(root=str(ROOT), variants=variants, device=str(device), steps=steps,
-                               allocator=allocators.pop(), variant_of=_VARIANT_OF)
+                               allocators=allocators, variant_of=_VARIANT_OF)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
     if out.returncode:
         raise RuntimeError(f"training benchmark {variants} failed:\n{out.stderr[-3000:]}")
@@ -176,19 +183,15 @@ def _train_child(device: torch.device, variants: list[str], steps: int) -> dict:
 
 
 def bench_train(device: torch.device, repeats: int, steps: int, variants: list[str]) -> list[dict]:
-    """Speed: every repeat is a fresh process per host allocator (back to back, which goes first
-    rotates) that trains its variants side by side, one step each in turn (same data, same
-    initial weights); the ratio is the median over repeats of the per-process median step time
-    against the baseline's of the same repeat. Memory: one process per variant."""
+    """Speed: every repeat is one fresh process that trains every variant side by side, one step
+    each in turn (same data, same initial weights, each with its host allocator); the ratio is
+    the median over repeats of the per-process median step time against the baseline's of the
+    same process. Memory: one process per variant."""
     ratios: dict[str, list[float]] = {v: [] for v in variants}
     secs: dict[str, list[float]] = {v: [] for v in variants}
     dloss: dict[str, float] = {v: 0.0 for v in variants}
-    groups = [[v for v in variants if TRAIN_VARIANTS[v][1] == a] for a in ("pytorch", "caching")]
-    groups = [g for g in groups if g]
-    for i in range(repeats):
-        res = {}
-        for group in groups[i % len(groups):] + groups[: i % len(groups)]:
-            res.update(_train_child(device, group, steps))
+    for _ in range(repeats):
+        res = _train_child(device, variants, steps)
         for v in variants:
             secs[v].append(res[v]["sec"])
             ratios[v].append(res["baseline"]["sec"] / res[v]["sec"])
@@ -254,6 +257,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--loader-rows", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the network")
+    ap.add_argument("--train-variants", nargs="+", choices=list(TRAIN_VARIANTS), default=None,
+                    help="training variants to time (default: all but ours_compile; the baseline always runs)")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args(argv)
     parts = args.only or ["convert", "loader", "train"]
@@ -265,8 +270,8 @@ def main(argv=None) -> list[dict]:
             for size in (128, 224):
                 rows += [dict(r, device=dev.type) for r in bench_convert(dev, size, 64, max(3 * args.repeats, 15))]
         if "train" in parts:
-            variants = ["baseline", "ours", "ours_bits", "ours_default", "ours_channels_last", "ours_bf16"] + (
-                ["ours_compile"] if args.compile else [])
+            variants = args.train_variants or ["ours", "ours_bits", "ours_default", "ours_channels_last", "ours_bf16"]
+            variants = ["baseline"] + [v for v in variants if v != "baseline"] + (["ours_compile"] if args.compile else [])
             rows += [dict(r, device=dev.type) for r in bench_train(dev, args.repeats, args.train_steps, variants)]
     if "loader" in parts:
         rows += [dict(r, device="cpu") for r in bench_loader(args.repeats, args.loader_rows, args.workers)]

@@ -70,6 +70,24 @@ def test_a_freed_large_block_serves_the_next_request_of_its_size(installed):
 
 
 @needs_compiler
+def test_suspended_hands_new_tensors_to_pytorch_allocator_and_back(installed):
+    before = installed.stats()
+    ours = torch.full((LARGE,), 3, dtype=torch.uint8)
+    with installed.suspended():
+        theirs = torch.full((LARGE,), 5, dtype=torch.uint8)
+        small = torch.ones(100)
+        assert installed.stats()["allocated_bytes"] == before["allocated_bytes"] + LARGE  # only `ours`
+        del ours  # freed into our cache while suspended: its own deleter
+    assert installed.stats()["allocated_bytes"] == before["allocated_bytes"]
+    again = torch.empty(LARGE, dtype=torch.uint8)  # ours again, the kept block reused
+    assert installed.stats()["allocated_bytes"] == before["allocated_bytes"] + LARGE
+    assert installed.stats()["reuses"] > before["reuses"]
+    assert bool((theirs == 5).all()) and float(small.sum()) == 100
+    del theirs, small, again  # PyTorch's tensors freed by PyTorch's deleter after the switch back
+    assert installed.stats()["allocated_bytes"] == before["allocated_bytes"]
+
+
+@needs_compiler
 def test_a_cache_limit_unmaps_the_oldest_kept_blocks(installed):
     installed.release_cached()
     try:

@@ -358,9 +358,25 @@ def test_benchmark_quick_runs(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--quick", "--json", str(out)],
                    check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["official", "official+alloc", "fast", "bits", "bits-alloc", "bits+checkpoint"]
-    assert [r["allocator"] for r in rows] == ["pytorch", "caching", "caching", "caching", "pytorch", "caching"]
-    assert all(r["losses_identical"] and r["peak_mib"] > 0 for r in rows)
+    assert [r["variant"] for r in rows] == ["official", "official+alloc", "fast", "fast-alloc", "bits", "bits-alloc",
+                                            "bits+checkpoint"]  # fmt: skip
+    assert [r["allocator"] for r in rows] == ["pytorch", "caching", "caching", "pytorch", "caching", "pytorch", "caching"]
+    assert all(r["losses_identical"] and r["peak_mib"] > 0 and r["time_vs_today"] > 0 for r in rows)
+    assert next(r for r in rows if r["variant"] == "fast-alloc")["time_vs_today"] == 1.0
+
+
+def test_benchmark_times_the_default_beside_today_in_one_process():
+    """One caching pool per timing process; the default shares its process with the variants on
+    PyTorch's allocator (today's path among them), and every process has the official model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_bench", ROOT / "benchmarks" / "memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    groups = bench.timing_processes(list(bench.VARIANTS))
+    assert groups == [["official", "official+alloc"], ["official", "fast"],
+                      ["official", "fast-alloc", "bits-alloc", "bits"], ["official", "bits+checkpoint"]]  # fmt: skip
+    assert bench.timing_processes(["official", "bits-alloc"]) == [["official", "bits-alloc"]]
 
 
 @pytest.mark.gpu

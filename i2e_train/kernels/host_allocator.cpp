@@ -304,6 +304,14 @@ int i2e_host_allocator_install() {
   return c10::GetCPUAllocator() == &g_allocator ? 1 : 0;
 }
 
+// After install: 1 makes this allocator PyTorch's CPU allocator again, 0 hands new tensors to
+// c10's default one (for side-by-side comparisons in one process). Every tensor keeps the
+// deleter of the allocator it came from. Returns 1 when this allocator is PyTorch's now.
+int i2e_host_allocator_use(int on) {
+  c10::SetCPUAllocator(on ? static_cast<c10::Allocator*>(&g_allocator) : c10::GetDefaultCPUAllocator(), 1);
+  return c10::GetCPUAllocator() == &g_allocator ? 1 : 0;
+}
+
 // Unmap every kept block (returns the bytes unmapped); the live peak starts again from now.
 std::size_t i2e_host_allocator_release() {
   std::lock_guard<std::mutex> lock(g_mutex);

@@ -37,10 +37,13 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["install", "installed", "unavailable_reason", "stats", "release_cached", "reset_peak", "set_cache_limit",
-           "library_path", "resident", "reset_resident_peak"]
+           "library_path", "resident", "reset_resident_peak",
+           "suspended"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,8 @@ def _load() -> ctypes.CDLL | None:
         lib.i2e_host_allocator_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
         lib.i2e_host_allocator_raw_deallocate.argtypes = [ctypes.c_void_p]
         lib.i2e_host_allocator_set_keep_limit.argtypes = [ctypes.c_longlong]
+        lib.i2e_host_allocator_use.argtypes = [ctypes.c_int]
+        lib.i2e_host_allocator_use.restype = ctypes.c_int
         _lib = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _error = f"{type(exc).__name__}: {exc}"
@@ -146,6 +151,25 @@ def stats() -> dict[str, int]:
     out = (ctypes.c_uint64 * len(_STATS))()
     _lib.i2e_host_allocator_stats(out)
     return dict(zip(_STATS, (int(v) for v in out)))
+
+
+@contextmanager
+def suspended() -> Iterator[None]:
+    """PyTorch's own CPU allocator for the tensors allocated inside the block, the caching one
+    again after it (nothing to do where it is not installed). For comparisons of the two in one
+    process (``benchmarks/``): tensors keep the allocator they came from, whenever they are freed.
+    Process-wide, as installing is: not for use while other threads allocate."""
+    if not _installed:
+        yield
+        return
+    with _lock:
+        _lib.i2e_host_allocator_use(0)
+    try:
+        yield
+    finally:
+        with _lock:
+            if not _lib.i2e_host_allocator_use(1):
+                raise RuntimeError("the caching host allocator could not be made PyTorch's CPU allocator again")
 
 
 def reset_peak() -> None:
