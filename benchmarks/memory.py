@@ -66,11 +66,9 @@ VARIANTS = {  # name -> (fast kernels, memory mode, host allocator)
 def _allocator(name: str):
     """A context in which variant ``name``'s tensors come from its host allocator: PyTorch's
     (``host_allocator.suspended()``) or the caching one installed for the process."""
-    import contextlib
-
     from i2e_train.kernels import host_allocator
 
-    return host_allocator.suspended() if VARIANTS[name][2] == "pytorch" else contextlib.nullcontext()
+    return host_allocator.suspended(VARIANTS[name][2] == "pytorch")
 
 
 # --------------------------------------------------------------------------- child process
@@ -197,7 +195,7 @@ def timing_processes(names: list[str]) -> list[list[str]]:
     the variants on PyTorch's allocator in the default's (``bits``) process, or the first."""
     caching = [n for n in names if VARIANTS[n][2] == "caching"]
     pytorch = [n for n in names if VARIANTS[n][2] == "pytorch" and n != "official"]
-    host = "bits" if "bits" in caching else (caching or [None])[0]
+    host = "bits" if "bits" in caching else next(iter(caching), None)
     return [["official", *(pytorch if c == host else []), c] for c in caching] or [["official", *pytorch]]
 
 

@@ -102,14 +102,13 @@ sys.path.insert(0, {root!r})
 from i2e_train.models import create_model
 from i2e_train.models.layers import set_fast_kernels
 from i2e_train.models.memory import set_memory
-import contextlib
 variants, device, steps, allocators = {variants!r}, torch.device({device!r}), {steps}, {allocators!r}
 from i2e_train.kernels import host_allocator  # also where the resident set is read
 if "caching" in allocators.values():  # PyTorch's CPU allocator replaced, as SNNClassifier does by default
     assert host_allocator.install(), host_allocator.unavailable_reason()
 
 def allocator_of(variant):  # PyTorch's allocator for the variants that use it, in this process too
-    return host_allocator.suspended() if allocators[variant] == "pytorch" else contextlib.nullcontext()
+    return host_allocator.suspended(allocators[variant] == "pytorch")
 
 torch.manual_seed(0)
 x = (torch.rand(8, 8, 2, 64, 64, device=device) < 0.1).float()  # [T=8, B=8, 2, 64, 64]
@@ -142,7 +141,7 @@ for v in variants:  # every library and kernel of the variant loaded before the 
 steps_fn = {{v: make(v) for v in variants}}
 if device.type == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-host_allocator.reset_resident_peak()  # VmHWM from here (ru_maxrss would include this parent's)
+assert host_allocator.reset_resident_peak(), "/proc/self/clear_refs (Linux 4.0+) is needed"  # VmHWM from here (ru_maxrss would include this parent's)
 base_rss = host_allocator.resident()["current"]
 losses = {{v: [f().item(), f().item()] for v, f in steps_fn.items()}}  # warm-up (and kernel compilation)
 ts = {{v: [] for v in variants}}

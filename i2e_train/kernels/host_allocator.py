@@ -154,12 +154,13 @@ def stats() -> dict[str, int]:
 
 
 @contextmanager
-def suspended() -> Iterator[None]:
+def suspended(active: bool = True) -> Iterator[None]:
     """PyTorch's own CPU allocator for the tensors allocated inside the block, the caching one
-    again after it (nothing to do where it is not installed). For comparisons of the two in one
-    process (``benchmarks/``): tensors keep the allocator they came from, whenever they are freed.
-    Process-wide, as installing is: not for use while other threads allocate."""
-    if not _installed:
+    again after it (nothing to do where it is not installed, or with ``active=False``). For
+    comparisons of the two in one process (``benchmarks/``): tensors keep the allocator they came
+    from, whenever they are freed. Process-wide, as installing is: not for use while other threads
+    allocate."""
+    if not (_installed and active):
         yield
         return
     with _lock:
