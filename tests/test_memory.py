@@ -245,6 +245,31 @@ def test_ms_resnet18_training_bit_identical_to_the_official_network():
         _assert_same(official, _train("ms_resnet18", x, y, True, mode))
 
 
+def test_event_stem_in_channel_chunks_is_bit_identical(monkeypatch):
+    """The stem's fused function (bits modes, CPU): its backward in uneven chunks of channels gives
+    the plain layers' gradients; hooks on the stem's layers, or non-event input, take the plain path."""
+    from i2e_train.models import event_stem as stem
+
+    x, y = _events(3, 2, 32), torch.tensor([4, 8])  # stem [6, 16, 16, 16]: 6 KiB per channel
+    monkeypatch.setattr(stem, "CHUNK_BYTES", 3 * 6 * 16 * 16 * 4)  # 3 channels: 16 = 5 x 3 + 1
+    chunks = []
+    backward = stem.maxpool_backward
+    monkeypatch.setattr(stem, "maxpool_backward", lambda g, i, geo: chunks.append(i.shape[1]) or backward(g, i, geo))
+    ref = _train("ms_resnet_tiny", x, y, True, "none")
+    for mode in ("bits", "bits+checkpoint"):
+        chunks.clear()
+        _assert_same(ref, _train("ms_resnet_tiny", x, y, True, mode))
+        assert chunks == [3, 3, 3, 3, 3, 1] * 3  # three steps, each through the fused stem
+    model = create_model("ms_resnet_tiny", num_classes=10)
+    set_memory(model, "bits")
+    flat = x.flatten(0, 1)
+    assert stem.event_stem_ok(model.conv1, model.bn1, model.maxpool, flat)
+    assert stem.event_stem(model.conv1, model.bn1, model.maxpool, flat + 0.5) is None  # not events
+    model.bn1.register_forward_hook(lambda m, i, o: None)
+    assert not stem.event_stem_ok(model.conv1, model.bn1, model.maxpool, flat)
+    assert not stem.event_stem_ok(model.conv1, model.bn1, model.maxpool, flat.requires_grad_())
+
+
 def test_bn_lif_fused_path_and_recomputed_region_agree():
     """bn -> LIF: the fused function (CPU fast path) and the checkpointed region (taken when the
     neuron has a forward hook, whose calls it keeps) give the plain network's training."""
@@ -312,10 +337,11 @@ def test_each_mode_keeps_less_and_the_model_stays_copyable():
         set_memory(model, mode)
         saved[mode] = _saved_bytes(model, x)
         copy.deepcopy(model)  # no neuron state left pointing into a graph after a recomputation
-    # none: per block H1, s1, bn1 input, H2, s2, bn2 input; bits: the block input, the two batch-norm
-    # inputs and bits (the stem's batch-norm input, a quarter of it here, stays); checkpoint: inputs
-    assert saved["bits"] < 0.55 * saved["none"]
-    assert saved["bits+checkpoint"] < 0.3 * saved["bits"]
+    # none: per block H1, s1, bn1 input, H2, s2, bn2 input, and the stem's batch-norm input; bits: the
+    # block input, the two batch-norm inputs and bits, the stem's events as bits and its argmax;
+    # checkpoint: the block inputs (measured: 0.40x and 0.36x)
+    assert saved["bits"] < 0.45 * saved["none"]
+    assert saved["bits+checkpoint"] < 0.4 * saved["bits"]
 
 
 def test_memory_mode_is_validated():

@@ -42,7 +42,8 @@ from i2e_train import kernels
 
 from . import bitpack
 
-__all__ = ["Conv2d", "MaxPool2d", "gemm_weight_grad_decisions", "per_frame", "set_fast_kernels"]
+__all__ = ["Conv2d", "MaxPool2d", "fast_conv_backward", "gemm_weight_grad_decisions", "maxpool_backward",
+           "maxpool_forward", "per_frame", "set_fast_kernels"]
 
 log = logging.getLogger(__name__)
 _GEMM_MAX_OUTPUT_PIXELS = 4
@@ -79,10 +80,10 @@ def _conv_backward(grad, x, weight, stride, padding, mask_x: bool, mask_w: bool)
     )
 
 
-def _fast_weight_grad(ctx, grad, x, weight, stride, padding):
-    """The CPU backward: oneDNN, or for small outputs the GEMM weight gradient when it was found
-    bit-identical for this shape (decided on first use)."""
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+def fast_conv_backward(grad, x, weight, stride, padding, need_x: bool, need_w: bool):
+    """The CPU backward of a conv2d without bias, ``(grad_input, grad_weight)`` (None where not
+    needed): oneDNN, or for small outputs the GEMM weight gradient when it was found bit-identical
+    for this shape (decided on first use)."""
     grad = grad.contiguous()
     small = grad.shape[2] * grad.shape[3] <= _GEMM_MAX_OUTPUT_PIXELS
     if not need_w or not small:
@@ -128,7 +129,7 @@ class _Conv2dFn(torch.autograd.Function):
         x = saved if ctx.layout is None else bitpack.unpack_spikes(saved, ctx.layout)
         stride, padding = ctx.conv
         if ctx.fast:
-            gx, gw = _fast_weight_grad(ctx, grad, x, weight, stride, padding)
+            gx, gw = fast_conv_backward(grad, x, weight, stride, padding, *ctx.needs_input_grad[:2])
         else:
             gx, gw, _ = _conv_backward(grad, x, weight, stride, padding, *ctx.needs_input_grad[:2])
         return gx, gw, None, None, None, None
@@ -184,33 +185,48 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def maxpool_forward(x: torch.Tensor, kernel, stride, padding, relative: bool) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """The numba max pooling of a contiguous CPU float32 ``x [N, C, H, W]``: ``(y [N, C, Ho, Wo],
+    argmax [N, C, Ho, Wo], geometry)``, the argmax as int32 plane indices or (``relative``) int8
+    window offsets; ``geometry`` is what :func:`maxpool_backward` needs besides them."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    y = kernels.empty((n, c, oh, ow), x.dtype)
+    idx = kernels.empty((n, c, oh, ow), torch.int8 if relative else torch.int32)
+    kernels.use_threads(torch.get_num_threads())
+    kernels.load("pooling").maxpool_forward(x.reshape(n * c, h, w).numpy(), y.view(n * c, oh, ow).numpy(),
+                                            idx.view(n * c, oh, ow).numpy(), kh, kw, sh, sw, ph, pw, relative)  # fmt: skip
+    return y, idx, (h, w, kw, sh, sw, ph, pw, relative)
+
+
+def maxpool_backward(grad: torch.Tensor, idx: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """The input gradient ``[N, C, H, W]`` of :func:`maxpool_forward` from the output gradient
+    ``grad [N, C, Ho, Wo]`` and its argmax. Every ``[H, W]`` plane is computed on its own, so a
+    slice of channels gives that slice of the whole, to the bit."""
+    n, c, oh, ow = idx.shape
+    h, w, *window = geometry
+    grad = grad.to(torch.float32).contiguous()
+    gx = kernels.empty((n, c, h, w), torch.float32)
+    kernels.use_threads(torch.get_num_threads())
+    kernels.load("pooling").maxpool_backward(grad.view(n * c, oh, ow).numpy(), idx.view(n * c, oh, ow).numpy(),
+                                             gx.view(n * c, h, w).numpy(), *window)  # fmt: skip
+    return gx
+
+
 class _MaxPoolFn(torch.autograd.Function):
     """The numba max pooling; argmax saved as int32 plane indices or (``relative``) int8 window offsets."""
 
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, relative=False):
-        n, c, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        y = kernels.empty((n, c, oh, ow), x.dtype)
-        idx = kernels.empty((n, c, oh, ow), torch.int8 if relative else torch.int32)
-        kernels.use_threads(torch.get_num_threads())
-        kernels.load("pooling").maxpool_forward(x.reshape(n * c, h, w).numpy(), y.view(n * c, oh, ow).numpy(),
-                                idx.view(n * c, oh, ow).numpy(), kh, kw, sh, sw, ph, pw, relative)  # fmt: skip
+        y, idx, ctx.geometry = maxpool_forward(x, kernel, stride, padding, relative)
         ctx.save_for_backward(idx)
-        ctx.geometry = (h, w, kw, sh, sw, ph, pw, relative)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        n, c, oh, ow = idx.shape
-        h, w, *window = ctx.geometry
-        grad = grad.to(torch.float32).contiguous()
-        gx = kernels.empty((n, c, h, w), torch.float32)
-        kernels.load("pooling").maxpool_backward(grad.view(n * c, oh, ow).numpy(), idx.view(n * c, oh, ow).numpy(),
-                                         gx.view(n * c, h, w).numpy(), *window)  # fmt: skip
-        return gx, None, None, None, None
+        return maxpool_backward(grad, idx, ctx.geometry), None, None, None, None
 
 
 class _MaxPoolIndicesFn(torch.autograd.Function):

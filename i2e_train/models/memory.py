@@ -17,10 +17,14 @@ recomputation:
   - ``bn -> LIF`` inside a block keeps only the batch norm's input (:func:`bn_fire`): its output
     (the LIF input) is recomputed in the backward by the very same batch-norm call, running
     statistics untouched;
-  - max pooling keeps only its argmax, as int8 window offsets.
+  - max pooling keeps only its argmax, as int8 window offsets;
+  - the stem on events keeps only the events as bits and its pooling argmax: its convolution and
+    batch norm run again in the backward, which never holds the whole gradient of the batch
+    norm's output (:mod:`i2e_train.models.event_stem`, CPU fast path).
 * ``"bits+checkpoint"``: ``"bits"``, and every residual block keeps only its input: its forward
   runs again in the backward (:func:`checkpointed`), as does the stem's convolution and batch
-  norm from the bit-packed events. About one more forward pass per step.
+  norm from the bit-packed events where the fused stem does not run (CUDA, plain layers). About
+  one more forward pass per step.
 
 Recomputed regions use PyTorch's non-reentrant checkpointing, so the backward graph is the one
 of the plain network (the same gradient accumulation order); a region's batch-norm running

@@ -38,6 +38,7 @@ from spikingjelly.activation_based import functional, surrogate
 from torch import nn
 
 from . import bitpack
+from .event_stem import event_stem, event_stem_ok
 from .layers import Conv2d, MaxPool2d
 from .layers import per_frame as _seq  # [T, B, ...] -> [T*B, ...] -> layer -> [T, B, ...]
 from .lif import LIFNode
@@ -369,9 +370,17 @@ class MSResNet(MemoryModeMixin, nn.Module):
         return self.layer4(x)  # [T, B, F4, H/32, W/32]
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        """conv1 -> bn1 -> maxpool: ``[T, B, C_in, H, W] -> [T, B, w0, H/4, W/4]``. With
-        ``"bits+checkpoint"`` and event input, only the packed events are kept and conv1 -> bn1
-        runs again in the backward."""
+        """conv1 -> bn1 -> maxpool: ``[T, B, C_in, H, W] -> [T, B, w0, H/4, W/4]``. In the ``bits``
+        modes with event input, only the packed events (and the pooling argmax) are kept and
+        conv1 -> bn1 runs again in the backward: on the CPU fast path one autograd function
+        (:mod:`i2e_train.models.event_stem`), with ``"bits+checkpoint"`` elsewhere a recomputed
+        region."""
+        if self.memory != "none" and torch.is_grad_enabled() and not x.requires_grad:
+            flat = x.flatten(0, 1)  # [T*B, C_in, H, W]
+            if event_stem_ok(self.conv1, self.bn1, self.maxpool, flat):
+                out = event_stem(self.conv1, self.bn1, self.maxpool, flat)
+                if out is not None:
+                    return out.reshape(x.shape[0], x.shape[1], *out.shape[1:])
         packed = None
         if self.memory == "bits+checkpoint" and torch.is_grad_enabled() and not x.requires_grad:
             packed = bitpack.pack_spikes(x)
