@@ -87,7 +87,7 @@ def event_stem_ok(conv: nn.Module, bn: nn.Module, pool: nn.Module, x: torch.Tens
     CPU layers (:class:`~i2e_train.models.layers.Conv2d` without bias, groups or dilation, a
     training-mode affine ``nn.BatchNorm2d``, :class:`~i2e_train.models.layers.MaxPool2d` with its
     numba kernel and window offsets), no module hooks, gradients wanted for the parameters and
-    not for ``x``, no autocast."""
+    not for ``x``, not being compiled, no autocast."""
     return (
         type(conv) is Conv2d
         and type(bn) is nn.BatchNorm2d
@@ -108,6 +108,7 @@ def event_stem_ok(conv: nn.Module, bn: nn.Module, pool: nn.Module, x: torch.Tens
         and _pair(pool.kernel_size)[0] * _pair(pool.kernel_size)[1] <= 127
         and not _hooked(conv, bn, pool)
         and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
         and not x.requires_grad
         and (conv.weight.requires_grad or bn.weight.requires_grad or bn.bias.requires_grad)
