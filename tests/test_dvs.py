@@ -105,6 +105,67 @@ def test_split_equals_spikingjelly_split_to_train_test_set(built):
         assert ours == (list(tr.indices), list(te.indices))
 
 
+
+def test_frame_builder_reads_recordings_one_at_a_time(built, tmp_path):
+    """SpikingJelly integrates in threads; its reads go through one lock (np.load's header parse
+    races in CPython 3.11's AST constructor), and the dataset still pickles (spawned workers, DDP)."""
+    import pickle
+    import threading
+
+    from i2e_train.data import dvs
+
+    root, _, dm = built
+    ds = pickle.loads(pickle.dumps(dm.dataset))
+    assert type(ds).__name__ == "SerialisedReadCIFAR10DVS" and ds.samples == dm.dataset.samples
+    builder = type(dm.dataset).get_dataset_builder(dm.dataset)
+    assert builder._event_loader is dvs.load_events_serialised
+    rec = next((root / "events_np" / "airplane").iterdir())
+    events = dvs.load_events_serialised(rec)
+    assert sorted(events) == ["p", "t", "x", "y"]
+    done = threading.Event()
+    with dvs._EVENTS_READ_LOCK:  # while one read holds the lock, another waits
+        worker = threading.Thread(target=lambda: (dvs.load_events_serialised(rec), done.set()))
+        worker.start()
+        assert not done.wait(0.3)
+    worker.join(10)
+    assert done.is_set()
+
+
+def test_threaded_reads_with_finalizers_in_collections(tmp_path):
+    """The race itself: 16 threads read .npz files while the garbage collector runs finalizers and
+    the interpreter switches threads as often as it can. On CPython 3.11.7 unlocked reads fail here
+    with 'SystemError: AST constructor recursion depth mismatch' (about 1 in 100 reads)."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from i2e_train.data.dvs import load_events_serialised
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            sum(range(50))
+
+    files = []
+    for i in range(20):
+        files.append(tmp_path / f"e{i}.npz")
+        np.savez(files[-1], t=np.arange(100), x=np.arange(100), y=np.arange(100), p=np.arange(100) % 2)
+
+    def read(f):
+        for _ in range(20):
+            Cycle()  # garbage with a finalizer, collected during later allocations
+        return load_events_serialised(f)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(read, [files[i % len(files)] for i in range(1000)]))
+    finally:
+        sys.setswitchinterval(interval)
+    assert all(np.array_equal(r["t"], np.arange(100)) for r in results)
+
 def test_zip_route(tmp_path):
     src = tmp_path / "src"
     make_extract(src, files_per_class=(1,) * 10, seed=1)

@@ -5,6 +5,8 @@ frames_number=8, split_by="number")``: each recording's events are cut into 8 sl
 event count and integrated per pixel and polarity, so a sample is float32 event *counts*
 [T=8, 2, 128, 128] (not binarised). SpikingJelly integrates every recording once and caches
 the frames under ``<root>/frames_number_8_split_by_number/<class>/*.npz``.
+Its integration threads read the recordings one at a time (``load_events_serialised``): CPython
+3.11's AST constructor, which np.load's header parse goes through, is not safe across threads.
 
 Split: 9:1 per class, as the paper (SpikingJelly's ``split_to_train_test_set(0.9, dataset, 10)``
 with ``random_split=False``): per class, the first ceil(0.9 * n) indices of that class in
@@ -32,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +45,8 @@ from i2e_train.data.base import DatasetUnavailableError, EventDataModule, resolv
 from i2e_train.data.catalog import CIFAR10_CLASSES
 from i2e_train.data.splits import per_class_split
 
-__all__ = ["CIFAR10DVSDataModule", "build_events_np", "frames_dir_name", "DVSDatasetError", "CLASS_NAMES"]
+__all__ = ["CIFAR10DVSDataModule", "build_events_np", "frames_dir_name", "DVSDatasetError", "CLASS_NAMES",
+           "load_events_serialised"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,56 @@ _NAME = "CIFAR10-DVS"
 
 class DVSDatasetError(DatasetUnavailableError):
     """CIFAR10-DVS is missing, half-built or blocked by a stale build marker."""
+
+
+# SpikingJelly integrates the frames in a pool of threads (SJ_MAX_THREADS_NUMBER_FOR_DATASETS_PREPROCESS,
+# 16 by default), each reading its recording with np.load, which parses the .npy header with
+# ast.literal_eval. CPython 3.11 (seen on 3.11.7) keeps the AST constructor's recursion counter in
+# state shared by all threads (python/cpython#106905): when a garbage collection inside one parse runs
+# a finalizer and the interpreter switches threads, another thread's parse resets the counter and the
+# first fails with "SystemError: AST constructor recursion depth mismatch". Reading one recording at a
+# time avoids it; the integration and the compressed writes, where the time goes, still run in parallel.
+_EVENTS_READ_LOCK = threading.Lock()
+
+
+def load_events_serialised(path) -> Any:
+    """SpikingJelly's events loader (dict of t, x, y, p arrays), one file at a time across threads."""
+    from spikingjelly.datasets.base import _load_events
+
+    with _EVENTS_READ_LOCK:
+        return _load_events(path)
+
+
+def _serialised_read_cifar10dvs():
+    from spikingjelly.datasets.cifar10_dvs import CIFAR10DVS
+
+    class SerialisedReadCIFAR10DVS(CIFAR10DVS):
+        """SpikingJelly's CIFAR10DVS whose frame builder reads the recordings with ``load_events_serialised``."""
+
+        def get_dataset_builder(self):
+            builder = super().get_dataset_builder()
+            if hasattr(builder, "_event_loader"):  # the frame builders; the events builder reads nothing
+                builder._event_loader = load_events_serialised  # instance attribute: called unbound
+            return builder
+
+    SerialisedReadCIFAR10DVS.__module__ = __name__
+    SerialisedReadCIFAR10DVS.__qualname__ = SerialisedReadCIFAR10DVS.__name__
+    return SerialisedReadCIFAR10DVS
+
+
+def _cifar10dvs_class():
+    cls = globals().get("SerialisedReadCIFAR10DVS")
+    if cls is None:
+        cls = globals()["SerialisedReadCIFAR10DVS"] = _serialised_read_cifar10dvs()
+    return cls
+
+
+def __getattr__(name: str):
+    # The subclass is made on first use (so importing this module does not import SpikingJelly) and is
+    # then a module attribute like any other, which is how pickle finds it (spawned loader workers, DDP).
+    if name == "SerialisedReadCIFAR10DVS":
+        return _cifar10dvs_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def frames_dir_name(frames_number: int, split_by: str) -> str:
@@ -221,13 +275,12 @@ class CIFAR10DVSDataModule(EventDataModule):
                 )
 
     def _dataset(self):
-        from spikingjelly.datasets.cifar10_dvs import CIFAR10DVS
-
         raw = build_events_np(self.root, self.verify_md5)
         self._check_frames(raw)
         existed = self.frames_root.is_dir()
         try:
-            ds = CIFAR10DVS(str(self.root), data_type="frame", frames_number=self.frames_number, split_by=self.split_by)
+            ds = _cifar10dvs_class()(str(self.root), data_type="frame", frames_number=self.frames_number,
+                                     split_by=self.split_by)
         except BaseException:
             if not existed:  # our own half-built cache: remove it and its marker, keep nothing broken
                 shutil.rmtree(self.frames_root, ignore_errors=True)
