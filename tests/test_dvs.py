@@ -105,8 +105,7 @@ def test_split_equals_spikingjelly_split_to_train_test_set(built):
         assert ours == (list(tr.indices), list(te.indices))
 
 
-
-def test_frame_builder_reads_recordings_one_at_a_time(built, tmp_path):
+def test_frame_builder_reads_recordings_one_at_a_time(built):
     """SpikingJelly integrates in threads; its reads go through one lock (np.load's header parse
     races in CPython 3.11's AST constructor), and the dataset still pickles (spawned workers, DDP)."""
     import pickle
@@ -117,7 +116,7 @@ def test_frame_builder_reads_recordings_one_at_a_time(built, tmp_path):
     root, _, dm = built
     ds = pickle.loads(pickle.dumps(dm.dataset))
     assert type(ds).__name__ == "SerialisedReadCIFAR10DVS" and ds.samples == dm.dataset.samples
-    builder = type(dm.dataset).get_dataset_builder(dm.dataset)
+    builder = dm.dataset.get_dataset_builder()
     assert builder._event_loader is dvs.load_events_serialised
     rec = next((root / "events_np" / "airplane").iterdir())
     events = dvs.load_events_serialised(rec)
@@ -165,6 +164,7 @@ def test_threaded_reads_with_finalizers_in_collections(tmp_path):
     finally:
         sys.setswitchinterval(interval)
     assert all(np.array_equal(r["t"], np.arange(100)) for r in results)
+
 
 def test_zip_route(tmp_path):
     src = tmp_path / "src"

@@ -32,6 +32,7 @@ in training with ``EventAugment``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import threading
@@ -76,12 +77,15 @@ def load_events_serialised(path) -> Any:
         return _load_events(path)
 
 
-def _serialised_read_cifar10dvs():
+@functools.cache
+def _cifar10dvs_class():
+    """SpikingJelly's CIFAR10DVS whose frame builder reads the recordings with ``load_events_serialised``.
+
+    Made on first use, so importing this module does not import SpikingJelly; the module's
+    ``__getattr__`` hands out this one class, which is how pickle finds it (spawned workers, DDP)."""
     from spikingjelly.datasets.cifar10_dvs import CIFAR10DVS
 
     class SerialisedReadCIFAR10DVS(CIFAR10DVS):
-        """SpikingJelly's CIFAR10DVS whose frame builder reads the recordings with ``load_events_serialised``."""
-
         def get_dataset_builder(self):
             builder = super().get_dataset_builder()
             if hasattr(builder, "_event_loader"):  # the frame builders; the events builder reads nothing
@@ -93,16 +97,7 @@ def _serialised_read_cifar10dvs():
     return SerialisedReadCIFAR10DVS
 
 
-def _cifar10dvs_class():
-    cls = globals().get("SerialisedReadCIFAR10DVS")
-    if cls is None:
-        cls = globals()["SerialisedReadCIFAR10DVS"] = _serialised_read_cifar10dvs()
-    return cls
-
-
 def __getattr__(name: str):
-    # The subclass is made on first use (so importing this module does not import SpikingJelly) and is
-    # then a module attribute like any other, which is how pickle finds it (spawned loader workers, DDP).
     if name == "SerialisedReadCIFAR10DVS":
         return _cifar10dvs_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
