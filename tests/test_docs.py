@@ -173,6 +173,13 @@ def test_command_composes(page, line, name, args):
         except Exception as exc:  # noqa: BLE001 - the message is the finding
             pytest.fail(f"{page}:{line}: i2e-{name} {' '.join(args)}: {type(exc).__name__}: {exc}")
         OmegaConf.to_container(cfg, resolve=False)
+        if name == "pipeline":  # each stage is an i2e-train run: its overrides and the common ones compose too
+            for stage_name, stage in cfg.pipeline.stages.items():
+                stage_overrides = [*(stage.get("overrides") or []), *(cfg.get("common_overrides") or [])]
+                try:
+                    compose("train", stage_overrides, return_hydra_config=True)
+                except Exception as exc:  # noqa: BLE001
+                    pytest.fail(f"{page}:{line}: stage {stage_name} ({stage_overrides}): {type(exc).__name__}: {exc}")
 
 
 # Repository paths written in backticks: `i2e_train/models/lif.py`, `configs/recipe/`, ...
