@@ -178,8 +178,10 @@ class I2E(nn.Module):
         """[B, C, H, W] float in [0,1] or uint8 -> V [B, H, W] float32 (max over channels)."""
         self._check_images(images)
         if images.dtype == torch.uint8:
-            # max commutes with the monotone uint8 -> [0, 1] scaling, so take it on bytes first.
-            return images.amax(dim=1).to(torch.float32).div_(255.0)
+            # max commutes with the monotone uint8 -> [0, 1] scaling, so take it on bytes first. The
+            # scaling is torchvision's v2.ToDtype(float32, scale=True), the official pipeline's:
+            # x.to(float32) * float32(1/255) (differs from x / 255 in the last bit for 126 of 256 bytes).
+            return images.amax(dim=1).to(torch.float32).mul_(1.0 / 255.0)
         v = images.amax(dim=1).to(torch.float32)
         finite = torch.isfinite(v).all()
         message = self._nonfinite_message(images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import to_dtype
 
 from i2e_train.i2e import (
     DIRECTION_GROUPS,
@@ -18,7 +19,7 @@ from i2e_train.i2e import (
 def official_i2e(images: torch.Tensor, ratio: float, order: int) -> torch.Tensor:
     """The official converter's approach: V = max over RGB, replicate pad, one float32 conv2d
     with the eight canonical {-1, +1} kernels, dynamic threshold, '>=' comparisons."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    x = to_dtype(images, torch.float32, scale=True) if images.dtype == torch.uint8 else images.float()
     v = x.max(dim=1, keepdim=True)[0]  # [B, 1, H, W]
     kernels = torch.zeros(8, 1, 3, 3)
     for t, g in enumerate(ORDER_PRESETS[order]):
@@ -72,10 +73,17 @@ def test_grayscale_equals_rgb_replicated():
     assert torch.equal(conv(gray), official_i2e(gray.expand(-1, 3, -1, -1), 0.1, 4))
 
 
-def test_uint8_matches_float_division():
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_uint8_scaling_is_torchvision_to_dtype(backend):
+    """uint8 images are scaled as the official pipeline's v2.ToDtype(float32, scale=True)
+    (x * float32(1/255), not x / 255: they differ in the last bit for 126 of 256 values)."""
+    img = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16).clone()
+    img[1] = img[1].flip(-1)
+    conv = I2E(ratio=0.07, backend=backend).eval()
+    assert torch.equal(conv.intensity(img), to_dtype(img, torch.float32, scale=True).amax(1))
+    assert torch.equal(conv(img), conv(to_dtype(img, torch.float32, scale=True)))
     img = torch.randint(0, 256, (4, 3, 20, 24), dtype=torch.uint8)
-    conv = I2E(ratio=0.07).eval()
-    assert torch.equal(conv(img), conv(img.float() / 255.0))
+    assert torch.equal(conv(img), conv(to_dtype(img, torch.float32, scale=True)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32])
