@@ -40,6 +40,7 @@ made (``preprocess_image``), so eval events equal the released / ``i2e-convert``
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -57,7 +58,7 @@ from i2e_train.data.base import (
     as_size,
     resolve_info,
 )
-from i2e_train.data.preprocess import preprocess_image, to_rgb
+from i2e_train.data.preprocess import check_interpolation, preprocess_image, to_rgb, to_uint8
 from i2e_train.data.sources import (
     BadImageError,
     SourceError,
@@ -76,6 +77,8 @@ TRAIN_AUGS = ("baseline1", "baseline2", "none")
 AUG_FAMILIES = ("cifar", "imagenet")
 _PAD_MODES = {"replicate": "replicate", "edge": "replicate", "constant": "constant", "zeros": "constant",
               "reflect": "reflect", "circular": "circular"}
+_V2_PAD_MODES = {"replicate": "edge", "edge": "edge", "constant": "constant", "zeros": "constant",
+                 "reflect": "reflect"}
 _ENCODER_KEYS = ("ratio", "order", "padding_mode", "threshold", "random_directions", "dtype")
 _VAL_FOLDERS = ("val", "validation", "valid", "test")
 
@@ -125,13 +128,13 @@ def class_targets(class_names: Sequence[str], num_classes: int, where: str) -> d
 
 # --------------------------------------------------------------------------- worker transforms
 class _Resize:
-    """RGB + bicubic resize to (H, W) with PIL -> uint8 [3, H, W] (the released preprocessing)."""
+    """RGB + bicubic resize to (H, W) with PIL -> uint8 [3, H, W] (interpolation=pil_bicubic)."""
 
     def __init__(self, size: tuple[int, int]) -> None:
         self.size = tuple(size)
 
-    def __call__(self, img: Image.Image, where: str) -> torch.Tensor:
-        return preprocess_image(img, self.size, where)
+    def __call__(self, img: Image.Image, where: str, seed: int | None = None) -> torch.Tensor:
+        return preprocess_image(img, self.size, where, "pil_bicubic")
 
     def __repr__(self) -> str:
         return f"Resize{self.size}"
@@ -143,7 +146,7 @@ class _ResizeCenterCrop:
     def __init__(self, resize: int, size: tuple[int, int]) -> None:
         self.resize, self.size = int(resize), tuple(size)
 
-    def __call__(self, img: Image.Image, where: str) -> torch.Tensor:
+    def __call__(self, img: Image.Image, where: str, seed: int | None = None) -> torch.Tensor:
         import torchvision.transforms.functional as TF
         from torchvision.transforms import InterpolationMode
 
@@ -167,11 +170,46 @@ class _RandomResizedCrop:
         self.op = transforms.RandomResizedCrop(self.size, scale=tuple(scale), ratio=tuple(ratio),
                                                interpolation=InterpolationMode.BICUBIC)
 
-    def __call__(self, img: Image.Image, where: str) -> torch.Tensor:
+    def __call__(self, img: Image.Image, where: str, seed: int | None = None) -> torch.Tensor:
         return _to_uint8(self.op(to_rgb(img, where)))
 
     def __repr__(self) -> str:
         return f"RandomResizedCrop({self.size}, scale={self.op.scale}, ratio={self.op.ratio})"
+
+
+class OfficialTransform:
+    """The official scripts' torchvision ``v2.Compose`` on the uint8 tensor of an RGB image,
+    without the final ``ToDtype(float32, scale=True)`` (the converter scales exactly as it does):
+    image -> uint8 [3, H, W].
+
+    Random transforms (RandomCrop, RandomResizedCrop, RandomHorizontalFlip) draw from torch's
+    global generator, as in the official DataLoader workers; here it is seeded with the sample's
+    own seed (a function of the run's seed, the epoch and the sample index, see ``sample_seed``)
+    inside ``torch.random.fork_rng``, so the draws do not depend on the number of workers, a
+    resumed epoch draws the same, and the process's generator is left as it was.
+    """
+
+    def __init__(self, ops: Sequence[Any]) -> None:
+        from torchvision.transforms import v2
+
+        self.compose = v2.Compose(list(ops))
+
+    def __call__(self, img: Image.Image, where: str, seed: int | None = None) -> torch.Tensor:
+        x = to_uint8(img, where)  # v2.PILToTensor() of the RGB image
+        if seed is None:
+            return self.compose(x)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.compose(x)
+
+    def __repr__(self) -> str:
+        return f"OfficialTransform({self.compose})"
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's random augmentation in one epoch."""
+    return int(np.random.SeedSequence([int(seed) % 2**32, int(epoch), int(index), 0xA06]).generate_state(1, np.uint64)[0]
+               % 2**63)
 
 
 def _to_uint8(img: Image.Image) -> torch.Tensor:
@@ -188,17 +226,29 @@ class ImageSet(Dataset):
     batch: (uint8 [B, 3, h, w], int64 [B]). An unreadable image raises an error naming it.
     """
 
-    def __init__(self, reader, rows: np.ndarray, targets: np.ndarray, transform, split: str) -> None:
+    def __init__(self, reader, rows: np.ndarray, targets: np.ndarray, transform, split: str,
+                 seed: int | None = None) -> None:
         self.reader, self.rows = reader, np.asarray(rows, dtype=np.int64)
         self.targets = np.asarray(targets, dtype=np.int64)
         if len(self.rows) != len(self.targets):
             raise ValueError(f"split {split!r}: {len(self.rows)} rows but {len(self.targets)} targets")
         self.transform, self.split = transform, split
+        # per-sample augmentation seeds: the training sampler then yields (index, epoch) items
+        self.seed = None if seed is None else int(seed)
+        self.wants_epoch = self.seed is not None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: Sequence[int] | Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items are indices, or (index, epoch) pairs from the training sampler: those seed each
+        sample's random augmentation with ``sample_seed(seed, epoch, index)``."""
+        seeds: list[int | None] = [None] * len(indices)
+        if len(indices) and isinstance(indices[0], (tuple, list)):
+            pairs = [(int(i), int(e)) for i, e in indices]
+            indices = [i for i, _ in pairs]
+            if self.seed is not None:
+                seeds = [sample_seed(self.seed, e, i) for i, e in pairs]
         idx = np.asarray(indices, dtype=np.int64)
         rows = self.rows[idx]
         try:
@@ -207,11 +257,11 @@ class ImageSet(Dataset):
             raise BadImageError(f"{self.reader.where(int(rows[0]))}: cannot read rows "
                                 f"({type(exc).__name__}: {exc})") from exc
         images = []
-        for pos, value in zip(rows.tolist(), values):
+        for pos, value, seed in zip(rows.tolist(), values, seeds):
             where = self.reader.where(pos)
             img = load_image(value, where)  # BadImageError names the file / row
             try:
-                images.append(self.transform(img, where))
+                images.append(self.transform(img, where, seed))
             except BadImageError:
                 raise
             except Exception as exc:  # noqa: BLE001 - resize/crop failures name the file too
@@ -244,6 +294,11 @@ def _check_settings(source, source_type, train_aug, aug_family, pad_mode, hflip,
         raise ValueError(f"source_type must be auto, hub, parquet or imagefolder, got {source_type!r}")
     if source is None or str(source) == "":
         raise ValueError("source is required: a hub dataset id, a local copy of one, parquet files or an image folder")
+
+
+def _run_seed(seed: int | None) -> int:
+    """The DataModule's seed, else seed_everything's (the run's), else 0 (as the sampler's)."""
+    return int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def _encoder_for(encoder, info) -> I2E:
@@ -322,8 +377,13 @@ class ImageDataModule(EventDataModule):
         rrc_scale: Sequence[float] = (0.08, 1.0),
         rrc_ratio: Sequence[float] = (3 / 4, 4 / 3),
         encoder: I2E | Mapping[str, Any] | None = None,
+        interpolation: str = "bilinear",
     ) -> None:
         _check_settings(source, source_type, train_aug, aug_family, pad_mode, hflip, crop_padding)
+        self.interpolation = check_interpolation(interpolation, "data.interpolation")
+        if self.interpolation != "pil_bicubic" and pad_mode not in _V2_PAD_MODES:
+            raise ValueError(f"pad_mode {pad_mode!r} has no torchvision v2 equivalent; use one of "
+                             f"{sorted(_V2_PAD_MODES)} or data.interpolation=pil_bicubic")
         super().__init__(resolve_info(name, num_classes, resolution, timesteps, kind="online"), batch_size,
                          num_workers, pin_memory, drop_last, seed)
         self.encoder = _encoder_for(encoder, self.info)
@@ -337,14 +397,48 @@ class ImageDataModule(EventDataModule):
         self.crop_padding, self.pad_mode, self.hflip = int(crop_padding), _PAD_MODES[pad_mode], float(hflip)
         self.test_resize = None if test_resize is None else int(test_resize)
         self.rrc_scale, self.rrc_ratio = tuple(float(s) for s in rrc_scale), tuple(float(r) for r in rrc_ratio)
+        self.pad_mode_name = pad_mode
 
     # ---- worker-side transforms
+    @property
+    def official(self) -> bool:
+        """The official torchvision v2 pipeline in the workers (interpolation bilinear / bicubic)."""
+        return self.interpolation != "pil_bicubic"
+
+    def _v2_ops(self, train: bool) -> list:
+        """The official scripts' v2.Compose of this recipe (without PILToTensor / ToDtype)."""
+        from torchvision.transforms import InterpolationMode, v2
+
+        mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[self.interpolation]
+        size = list(self.resolution)
+        if not train or self.train_aug == "none":
+            if self.test_resize is not None:  # ImageNet: Resize(256), CenterCrop(224)
+                return [v2.Resize(self.test_resize, interpolation=mode), v2.CenterCrop(size)]
+            return [v2.Resize(size, interpolation=mode)]
+        ops: list = []
+        if self.aug_family == "cifar":
+            if self.train_aug == "baseline2":
+                ops += [v2.Pad(self.crop_padding, padding_mode=_V2_PAD_MODES[self.pad_mode_name]),
+                        v2.RandomCrop(list(self.source_size))]
+            ops.append(v2.Resize(size, interpolation=mode))
+        elif self.train_aug == "baseline2":
+            ops.append(v2.RandomResizedCrop(size, scale=self.rrc_scale, ratio=self.rrc_ratio, interpolation=mode))
+        else:
+            ops.append(v2.Resize(size, interpolation=mode))
+        if self.hflip > 0:
+            ops.append(v2.RandomHorizontalFlip(self.hflip))
+        return ops
+
     def _eval_transform(self):
+        if self.official:
+            return OfficialTransform(self._v2_ops(train=False))
         if self.test_resize is not None:
             return _ResizeCenterCrop(self.test_resize, self.resolution)
         return _Resize(self.resolution)
 
     def _train_transform(self):
+        if self.official:
+            return OfficialTransform(self._v2_ops(train=True))
         if self.train_aug == "none":
             return self._eval_transform()
         if self.aug_family == "cifar":
@@ -428,14 +522,16 @@ class ImageDataModule(EventDataModule):
             if len(rows) == 0:
                 raise DatasetUnavailableError(f"{self.name}: split {labels[key]!r} of {self.source} is empty")
             targets = per_split[sp.name][1][rows]
-            transform = self._train_transform() if key == "train" else self._eval_transform()
-            self.datasets[key] = ImageSet(sp.reader, rows, targets, transform, labels[key])
+            train = key == "train"
+            transform = self._train_transform() if train else self._eval_transform()
+            seed = _run_seed(getattr(self, "seed", None)) if train and self.official else None
+            self.datasets[key] = ImageSet(sp.reader, rows, targets, transform, labels[key], seed)
 
     # ---- device side
     def augment_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training augmentation on the device: uint8 [B, 3, h, w] -> [B, 3, H, W] (uint8 or float in [0, 1])."""
         x = images
-        if self.train_aug == "none":
+        if self.train_aug == "none" or self.official:  # official: augmented in the workers (v2)
             return x
         if self.aug_family == "cifar" and self.train_aug == "baseline2" and self.crop_padding > 0:
             x = random_crop(x, tuple(x.shape[-2:]), self.crop_padding, self.pad_mode, generator=generator)

@@ -39,9 +39,11 @@ class ResumableSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, tag_epoch: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=int(seed),
                          drop_last=False)
+        # tag_epoch: yield (index, epoch) pairs, for datasets that seed per-sample augmentation
+        self.tag_epoch = bool(tag_epoch)
         self.generator = torch.Generator()  # the DataLoader's: worker base seeds per (seed, epoch)
         self._skip: tuple[int, int] | None = None  # (epoch, samples of this rank to skip)
         self.set_epoch(0)
@@ -62,6 +64,8 @@ class ResumableSampler(DistributedSampler):
             self._skip = None
             if epoch == self.epoch:
                 indices = indices[samples:]
+        if self.tag_epoch:
+            return iter([(i, self.epoch) for i in indices])
         return iter(indices)
 
 
@@ -113,7 +117,8 @@ class ResumableTrainData:
         world, rank = (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
         if seed is None:  # seed_everything's seed (the run's), else 0
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        sampler = ResumableSampler(dataset, seed=seed, num_replicas=world, rank=rank)
+        sampler = ResumableSampler(dataset, seed=seed, num_replicas=world, rank=rank,
+                                   tag_epoch=bool(getattr(dataset, "wants_epoch", False)))
         pos, self._resume_position = self._resume_position, None
         if pos:
             if pos.get("world_size") != world or pos.get("batch_size") != batch_size:
