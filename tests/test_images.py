@@ -192,7 +192,7 @@ def test_eval_events_equal_the_i2e_convert_records(hub_parquet, tmp_path):
     root, labels = hub_parquet
     out = tmp_path / "converted"
     convert(root, out, "tiny", splits={"validation": "test"}, resolution=RES[0], ratio=0.07, order=4,
-            num_workers=0, device="cpu", progress=False, cache_dir=str(tmp_path / "cache"))
+            interpolation="bilinear", num_workers=0, device="cpu", progress=False, cache_dir=str(tmp_path / "cache"))
     (shard,) = (out / "tiny").glob("validation-*.parquet")
     recs = pq.read_table(shard).column("data").to_pylist()
     converted = torch.from_numpy(np.stack([decode_record(r) for r in recs])).transpose(0, 1)  # [T, B, C, H, W]
