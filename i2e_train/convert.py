@@ -523,7 +523,8 @@ def _params(s: _Settings, src: ImageSource, padding_mode: str, train_mode: bool,
 
 def _converter(s: _Settings, padding_mode: str, train_mode: bool) -> I2E:
     """The converter on the device: eval mode (canonical directions) unless ``train_mode``."""
-    conv = I2E(ratio=s.ratio, order=s.groups, padding_mode=padding_mode, dtype=torch.bool).to(s.device)
+    conv = I2E(ratio=s.ratio, order=s.groups, padding_mode=padding_mode, dtype=torch.bool,
+              direction_draw="sample").to(s.device)
     return conv.train(train_mode)
 
 

@@ -12,8 +12,10 @@ Algorithm (Ma et al., AAAI 2026), for images [B, 3, H, W] in [0, 1]:
 Evaluation mode uses the canonical (first) vector of each group and is bit-identical to the
 official converter, which runs one float32 ``conv2d`` with eight {-1, 0, +1} kernels: each
 output there is the single-rounded float32 difference of two pixels, exactly what the slicing
-below computes. Training mode draws one vector per group *per sample* (the official code
-draws once per batch; per sample is a superset and a stronger augmentation).
+below computes. Training mode draws one vector per group per forward, shared by the batch
+(``direction_draw="batch"``, the official converter's ``random.choice`` per ``set_weight``), or
+one per group *per sample* (``direction_draw="sample"``: a stronger augmentation, and what
+i2e-train did before the recipe audit).
 
 Edge case kept from the official code on purpose: a flat image has range 0, so thr = 0 and,
 because the comparison is ``>=``, every pixel fires in both channels at every timestep.
@@ -56,6 +58,7 @@ ORDER_PRESETS: tuple[tuple[int, ...], ...] = (
 )
 
 BACKENDS = ("auto", "numba", "compiled", "torch")
+DIRECTION_DRAWS = ("batch", "sample")
 _PAD_MODES = {"replicate": "replicate", "reflect": "reflect", "circular": "circular", "zeros": "constant"}
 _MAX_GROUP = max(len(g) for g in DIRECTION_GROUPS)
 
@@ -93,6 +96,8 @@ class I2E(nn.Module):
         threshold: "dynamic" (paper) or "fixed" (the paper's ablation baseline).
         random_directions: in training mode, draw a random vector from each group (paper's
             augmentation); False keeps the canonical vectors in training too (ablation).
+        direction_draw: "batch" (official: one draw per group per forward, shared by the batch)
+            or "sample" (one draw per group and sample).
         backend: how the events are computed; every back-end gives the same bits.
             ``"numba"``: CPU kernels (:mod:`i2e_train.kernels.converter`) compute the
             intensity, then the difference and comparisons straight into float32, bool or
@@ -116,6 +121,7 @@ class I2E(nn.Module):
         threshold: str = "dynamic",
         random_directions: bool = True,
         backend: str = "auto",
+        direction_draw: str = "batch",
     ) -> None:
         super().__init__()
         if not ratio >= 0:
@@ -130,6 +136,9 @@ class I2E(nn.Module):
         self.dtype = _as_dtype(dtype)
         self.threshold = threshold
         self.random_directions = bool(random_directions)
+        if direction_draw not in DIRECTION_DRAWS:
+            raise ValueError(f"direction_draw must be one of {', '.join(DIRECTION_DRAWS)}, got {direction_draw!r}")
+        self.direction_draw = direction_draw
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
@@ -157,6 +166,7 @@ class I2E(nn.Module):
         return (
             f"ratio={self.ratio}, order={list(self.order)}, padding_mode={self.padding_mode!r}, "
             f"dtype={self.dtype}, threshold={self.threshold!r}, random_directions={self.random_directions}, "
+            f"direction_draw={self.direction_draw!r}, "
             f"backend={self.backend!r}"
         )
 
@@ -203,14 +213,17 @@ class I2E(nn.Module):
         """Cell indices (a, b) per timestep and sample: two LongTensors [T, B] (values 0..8).
 
         Canonical vectors in eval mode (or with random_directions=False); otherwise one random
-        vector of group order[t] per (t, sample).
+        vector of group order[t] per t, shared by the batch (direction_draw="batch") or per
+        (t, sample) ("sample").
         """
         groups = self.order_groups.to(device)  # [T]
         vec_a, vec_b = self.vec_a.to(device), self.vec_b.to(device)
         if self.training and self.random_directions:
             sizes = self.group_sizes.to(device)[groups]  # [T]
-            u = torch.rand(len(groups), batch, device=device, generator=generator)
-            idx = (u * sizes[:, None]).long().clamp_max_(sizes[:, None] - 1)  # [T, B]
+            draws = batch if self.direction_draw == "sample" else 1
+            u = torch.rand(len(groups), draws, device=device, generator=generator)
+            idx = (u * sizes[:, None]).long().clamp_max_(sizes[:, None] - 1)  # [T, B] or [T, 1]
+            idx = idx.expand(len(groups), batch).contiguous()
         else:
             idx = torch.zeros(len(groups), batch, dtype=torch.long, device=device)
         return vec_a[groups[:, None], idx], vec_b[groups[:, None], idx]

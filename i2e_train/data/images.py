@@ -79,7 +79,7 @@ _PAD_MODES = {"replicate": "replicate", "edge": "replicate", "constant": "consta
               "reflect": "reflect", "circular": "circular"}
 _V2_PAD_MODES = {"replicate": "edge", "edge": "edge", "constant": "constant", "zeros": "constant",
                  "reflect": "reflect"}
-_ENCODER_KEYS = ("ratio", "order", "padding_mode", "threshold", "random_directions", "dtype")
+_ENCODER_KEYS = ("ratio", "order", "padding_mode", "threshold", "random_directions", "dtype", "direction_draw")
 _VAL_FOLDERS = ("val", "validation", "valid", "test")
 
 
