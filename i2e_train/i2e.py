@@ -229,8 +229,19 @@ class I2E(nn.Module):
         return vec_a[groups[:, None], idx], vec_b[groups[:, None], idx]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """images [B, C, H, W] -> events [T, B, 2, H, W] of ``self.dtype``."""
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """images [B, C, H, W] -> events [T, B, 2, H, W] of ``self.dtype``.
+
+        ``compute_dtype`` (float16 / bfloat16): the response as the official converter computes
+        it under ``torch.autocast`` (its conv2d casts the padded intensity to that dtype and
+        rounds each output to it; threshold and comparisons stay float32). None: float32, as
+        the official converter outside autocast (evaluation, CPU, the released data).
+        """
+        if compute_dtype is not None and compute_dtype != torch.float32:
+            if compute_dtype not in (torch.float16, torch.bfloat16):
+                raise ValueError(f"compute_dtype must be float16, bfloat16, float32 or None, got {compute_dtype}")
+            return self._convert(images, generator, packed=False, round_to=compute_dtype)
         return self._convert(images, generator, packed=False)
 
     def forward_packed(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -275,9 +286,10 @@ class I2E(nn.Module):
             return "compiled"
         return "numba" if self._numba_unsupported(images, out_dtype) is None else "torch"
 
-    def _convert(self, images, generator, packed: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _convert(self, images, generator, packed: bool, dtype: torch.dtype | None = None,
+                 round_to: torch.dtype | None = None) -> torch.Tensor:
         out_dtype = torch.uint8 if packed else (dtype or self.dtype)
-        backend = self.backend_for(images, out_dtype)
+        backend = self.backend_for(images, out_dtype) if round_to is None else "torch"
         if backend == "numba":
             return self._convert_numba(images, generator, packed, out_dtype)
         v = self.intensity(images)  # [B, H, W]
@@ -286,7 +298,7 @@ class I2E(nn.Module):
         if backend == "compiled" and not packed:
             cell_a, cell_b = self.directions(v.shape[0], v.device, generator)  # [T, B]
             return _fused_events()(vpad, cell_a, cell_b, thr, v.shape[1], v.shape[2], out_dtype)
-        return self._convert_tensors(vpad, thr, generator, packed, out_dtype)
+        return self._convert_tensors(vpad, thr, generator, packed, out_dtype, round_to)
 
     def _convert_numba(self, images, generator, packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
         """The conversion in numba kernels, bit-identical to the tensor path: max, the uint8
@@ -317,7 +329,8 @@ class I2E(nn.Module):
         k.i2e_dense(vpad, thr, cell_a.numpy(), cell_b.numpy(), out.numpy())
         return out
 
-    def _convert_tensors(self, vpad, thr, generator, packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    def _convert_tensors(self, vpad, thr, generator, packed: bool, out_dtype: torch.dtype,
+                         round_to: torch.dtype | None = None) -> torch.Tensor:
         """The tensor-operation path: events [T, B, 2, H, W] of ``out_dtype``, or packed uint8 [B, N]."""
         bsz, h, w = vpad.shape[0], vpad.shape[1] - 2, vpad.shape[2] - 2
         dev = vpad.device
@@ -331,10 +344,11 @@ class I2E(nn.Module):
         # On CPU, work through the batch in chunks; one chunk on accelerators.
         chunk = bsz if dev.type != "cpu" else max(1, _CHUNK_PIXELS // (h * w))
         for s in range(0, bsz, chunk):
-            self._events_chunk(vpad, thr, cells, out, s, min(bsz, s + chunk), packed)
+            self._events_chunk(vpad, thr, cells, out, s, min(bsz, s + chunk), packed, round_to)
         return out.view(bsz, -1) if packed else out
 
-    def _events_chunk(self, vpad, thr, cells, out, s: int, e: int, packed: bool) -> None:
+    def _events_chunk(self, vpad, thr, cells, out, s: int, e: int, packed: bool,
+                      round_to: torch.dtype | None = None) -> None:
         """Events of samples s..e-1 into ``out`` (dense [T, B, 2, H, W] or packed [B, T, 2, H, W/8]).
 
         Comparisons are written straight into a float32 output. For other outputs they go
@@ -345,6 +359,8 @@ class I2E(nn.Module):
         direct = not packed and out.dtype == vpad.dtype
         dense = None if packed or direct else (out.view(torch.bool) if out.dtype == torch.uint8 else out)
         vp, th = vpad[s:e], thr[s:e].view(-1, 1, 1)
+        if round_to is not None:  # autocast's conv2d input: V rounded to the low-precision dtype
+            vp = vp.to(round_to).to(vpad.dtype)
         thresholds = (th, -th)
         diff = torch.empty((e - s, h, w), dtype=vpad.dtype, device=dev)
         scratch = None if direct else torch.empty_like(diff)
@@ -357,6 +373,8 @@ class I2E(nn.Module):
             else:
                 ca, cb = DIRECTION_GROUPS[g][0]
                 torch.sub(_shift(vp, cb - 1, h, w), _shift(vp, ca - 1, h, w), out=diff)
+            if round_to is not None:  # ... and its output: the difference (exact in float32) rounded once
+                diff.copy_(diff.to(round_to))
             # ON: R >= thr; OFF: -R >= thr (negation is exact, so this equals R <= -thr).
             for c, compare in enumerate((torch.ge, torch.le)):
                 if direct:

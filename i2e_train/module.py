@@ -63,6 +63,9 @@ class SNNClassifier(LightningModule):
             CPU about half the peak; README, Training memory). ``"pytorch"`` leaves PyTorch's
             allocator (it does not take back one installed earlier in the process). Values are
             the same either way.
+        eval_autocast: run validation / test under the trainer's mixed precision. False
+            (default, the official scripts: their ``validate`` has no autocast) runs the network
+            in float32 there, whatever the trainer's precision.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class SNNClassifier(LightningModule):
         fast_kernels: bool = True,
         memory: str = "bits",
         host_allocator: str = "caching",
+        eval_autocast: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -93,6 +97,7 @@ class SNNClassifier(LightningModule):
         if host_allocator not in HOST_ALLOCATORS:
             raise ValueError(f"unknown host_allocator {host_allocator!r}; expected one of {', '.join(map(repr, HOST_ALLOCATORS))}")
         self.host_allocator = host_allocator
+        self.eval_autocast = bool(eval_autocast)
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         top5 = min(5, self.num_classes)
         self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
@@ -134,7 +139,9 @@ class SNNClassifier(LightningModule):
         events, labels = batch
         if labels.numel() == 0:  # every record of the batch was skipped (data.on_bad_record=skip)
             return
-        logits = self(events)
+        with torch.autocast(events.device.type, enabled=torch.is_autocast_enabled(events.device.type)
+                            and self.eval_autocast):
+            logits = self(events).float()
         loss = F.cross_entropy(logits, labels)
         bs = labels.shape[0]
         self.val_top1(logits, labels)

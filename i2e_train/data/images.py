@@ -15,26 +15,24 @@ Labels: class names that are the numbers 0..K-1 (ClassLabel indices, digit folde
 class index; other names (``n01440764``, ``cat``) are indexed in sorted order, as
 torchvision's ImageFolder does.
 
-Where the work happens:
-- DataLoader workers decode, convert to RGB and resize with PIL (bicubic), and hand uint8
-  tensors to the loader: batches are (images uint8 [B, 3, h, w], labels int64 [B]).
-- ``on_after_batch_transfer`` runs on the training device, batched, one random draw per
-  sample, then the I2E converter (training: train mode, random directions; validation: eval
-  mode, canonical directions): batches become (events [T, B, 2, H, W] float32, labels).
+Where the work happens (``interpolation="bilinear"``, the default, and "bicubic"): the official
+scripts' pipeline.
+- DataLoader workers decode, convert to RGB and run the recipe's torchvision ``v2.Compose`` on the
+  uint8 tensor (``OfficialTransform``), exactly the official ``transform_train`` /
+  ``transform_test`` without the final ``ToDtype`` (the converter scales uint8 as it does):
+  - cifar, baseline2: Pad(crop_padding, edge), RandomCrop(source_size), Resize(resolution),
+    RandomHorizontalFlip(hflip); baseline1: Resize + flip;
+  - imagenet, baseline2: RandomResizedCrop(resolution) + flip; baseline1: Resize + flip;
+  - evaluation (and train_aug=none): Resize(resolution), or Resize(test_resize) + CenterCrop.
+  Random draws come from a seed per (run seed, epoch, sample index) (``sample_seed``): the
+  same for any number of workers, and again the same for a resumed epoch.
+- ``on_after_batch_transfer`` runs the I2E converter on the training device (training: train
+  mode, random directions; validation: eval mode, canonical directions): batches become
+  (events [T, B, 2, H, W] float32, labels).
 
-Recipes (``train_aug`` x ``aug_family``; the official scripts'):
-- cifar, baseline1: workers give the source_size image (32x32); device: horizontal flip, then
-  bicubic resize to ``resolution`` (``interpolate(antialias=True)`` on float, clamped to [0, 1]).
-- cifar, baseline2: as baseline1 with, before the resize, pad ``crop_padding`` (edge mode)
-  + random crop back to source_size.
-- imagenet, baseline1: workers resize to ``resolution``; device: flip.
-- imagenet, baseline2: workers RandomResizedCrop to ``resolution`` (variable crop sizes, so on
-  PIL); device: flip.
-- none: the evaluation preprocessing, no image augmentation (the converter still draws random
-  directions in training unless ``encoder.random_directions=false``).
-Evaluation: workers resize to ``resolution`` with PIL exactly as the released datasets were
-made (``preprocess_image``), so eval events equal the released / ``i2e-convert`` records; with
-``test_resize`` (ImageNet: 256) they resize the shorter side to it and centre-crop instead.
+``interpolation="pil_bicubic"`` (i2e-train before the recipe audit): workers resize with PIL
+bicubic (cifar: to source_size; imagenet baseline2: RandomResizedCrop on PIL); the device
+crops, flips and (cifar) resizes with ``interpolate(bicubic, antialias)`` on float.
 """
 
 from __future__ import annotations
@@ -74,6 +72,8 @@ __all__ = ["ImageDataModule", "ImageSet", "build_encoder", "class_targets", "TRA
 log = logging.getLogger(__name__)
 
 TRAIN_AUGS = ("baseline1", "baseline2", "none")
+TRAIN_CONVERSIONS = ("autocast", "float32")
+_AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 AUG_FAMILIES = ("cifar", "imagenet")
 _PAD_MODES = {"replicate": "replicate", "edge": "replicate", "constant": "constant", "zeros": "constant",
               "reflect": "reflect", "circular": "circular"}
@@ -342,7 +342,12 @@ class ImageDataModule(EventDataModule):
             (ImageNet: 256); None = resize straight to resolution (the released data).
         rrc_scale, rrc_ratio: (imagenet, baseline2) RandomResizedCrop scale and aspect ranges.
         encoder: I2E settings (dict / DictConfig: ratio, order, padding_mode, threshold,
-            random_directions, dtype) or an I2E instance; ratio defaults to the catalog's.
+            random_directions, direction_draw, dtype) or an I2E instance; ratio defaults to the catalog's.
+        interpolation: "bilinear" (official: the scripts' torchvision v2 Compose in the workers),
+            "bicubic" (the same with v2 bicubic) or "pil_bicubic" (i2e-train before the recipe
+            audit: PIL bicubic in the workers, crop / flip / bicubic resize on the device).
+        train_conversion: "autocast" (official: under a 16-mixed / bf16-mixed trainer on CUDA the
+            training conversion's response is rounded as autocast's conv2d rounds it) or "float32".
     """
 
     collate_fn = collate_images
@@ -378,9 +383,14 @@ class ImageDataModule(EventDataModule):
         rrc_ratio: Sequence[float] = (3 / 4, 4 / 3),
         encoder: I2E | Mapping[str, Any] | None = None,
         interpolation: str = "bilinear",
+        train_conversion: str = "autocast",
     ) -> None:
         _check_settings(source, source_type, train_aug, aug_family, pad_mode, hflip, crop_padding)
         self.interpolation = check_interpolation(interpolation, "data.interpolation")
+        if train_conversion not in TRAIN_CONVERSIONS:
+            raise ValueError(f"data.train_conversion must be one of {', '.join(TRAIN_CONVERSIONS)}, "
+                             f"got {train_conversion!r}")
+        self.train_conversion = train_conversion
         if self.interpolation != "pil_bicubic" and pad_mode not in _V2_PAD_MODES:
             raise ValueError(f"pad_mode {pad_mode!r} has no torchvision v2 equivalent; use one of "
                              f"{sorted(_V2_PAD_MODES)} or data.interpolation=pil_bicubic")
@@ -552,16 +562,27 @@ class ImageDataModule(EventDataModule):
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images [B, 3, h, w], got shape {tuple(images.shape)}")
         enc = self.encoder.to(images.device)  # buffers only: a no-op once it sits on the device
+        compute_dtype = None
         if train:
             x = self.augment_images(images, generator)
             enc.train()
+            compute_dtype = self.conversion_dtype(images.device)
         else:
             x = images
             enc.eval()
         if tuple(x.shape[-2:]) != self.resolution:
             raise ValueError(f"images of size {tuple(x.shape[-2:])} reached the converter; the config's resolution "
                              f"is {self.resolution}")
-        return enc(x, generator=generator)
+        return enc(x, generator=generator, compute_dtype=compute_dtype)
+
+    def conversion_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype of the training conversion's response: the official scripts run the in-model
+        converter inside ``torch.amp.autocast(device_type="cuda")``, so with a mixed-precision
+        trainer on CUDA its conv2d rounds to float16 (``train_conversion="autocast"``, default);
+        None (float32) on CPU, with 32-bit trainers, or with ``train_conversion="float32"``."""
+        if self.train_conversion != "autocast" or device.type != "cuda" or self.trainer is None:
+            return None
+        return _AUTOCAST_DTYPES.get(str(self.trainer.precision))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         images, targets = batch
