@@ -140,3 +140,59 @@ def test_optimizer_and_lr_schedule_equal_the_official_scripts(name, monkeypatch)
     mine, ref = ours.state_dict(), theirs.state_dict()
     for key, value in mine.items():
         assert torch.equal(value, ref[key]), key
+
+
+# --------------------------------------------------------------------------- system settings
+def test_cuda_math_only_on_cuda_and_restored(monkeypatch):
+    """gpu / ddp trainers: cudnn.benchmark (unless deterministic) and TF32 matmuls for the run,
+    put back afterwards; a CPU run changes nothing."""
+    from types import SimpleNamespace
+
+    from i2e_train.callbacks import CudaMath
+
+    before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    cb = CudaMath()
+    cb.setup(cpu, None, "fit")
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == before
+    cuda = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    try:
+        cb.setup(cuda, None, "fit")
+        assert torch.backends.cudnn.benchmark is True and torch.backends.cuda.matmul.allow_tf32 is True
+        cb.teardown(cuda, None, "fit")
+        assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == before
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        cb.setup(cuda, None, "fit")
+        assert torch.backends.cudnn.benchmark is False  # deterministic runs: no autotuning
+    finally:
+        cb.teardown(cuda, None, "fit")
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == before
+    for trainer, expected in (("gpu", True), ("ddp", True), ("cpu", False), ("default", False)):
+        cfg = compose("train", [f"trainer={trainer}", "paths.output_dir=unused"])
+        assert bool(cfg.trainer.get("cuda_math")) is expected, trainer
+
+
+def test_validation_runs_without_autocast_and_unsmoothed():
+    """The official validate(): no autocast (float32 network under a 16-mixed trainer), plain CE."""
+    from i2e_train.module import SNNClassifier
+
+    net = torch.nn.Sequential(torch.nn.Flatten(2), torch.nn.Linear(8, 3))  # [T, B, 2, 2, 2] -> [T, B, 3]
+
+    class Mean(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x).mean(0)
+
+    module = SNNClassifier(Mean(), 3, label_smoothing=0.1)
+    seen = []
+    module.log = lambda name, value, **kw: seen.append((name, value))
+    events = torch.rand(4, 5, 2, 2, 2)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as Lightning's precision plugin wraps the step
+        module.validation_step((events, labels), 0)
+    loss = dict(seen)["val/loss"]
+    assert loss.dtype == torch.float32
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(module(events), labels))

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from i2e_train.files import atomic_write_json
+from i2e_train.tasks.train import make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     model = instantiate(cfg.model)
     log.info("loaded: %s", load_checkpoint(model, source, cache_dir=cfg.paths.checkpoint_dir))
     module = instantiate(cfg.module, model=model)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer: L.Trainer = make_trainer(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     res = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     return _write_results(cfg, module, source, {k: float(v) for k, v in res.items()})
 
