@@ -66,6 +66,11 @@ class SNNClassifier(LightningModule):
         eval_autocast: run validation / test under the trainer's mixed precision. False
             (default, the official scripts: their ``validate`` has no autocast) runs the network
             in float32 there, whatever the trainer's precision.
+        batch_transform: applied to the training events [T, B, C, H, W] before the network
+            (e.g. ``i2e_train.data.augment.TemporalDelete``, the official ``--t_train``); None = none.
+
+    A training batch may carry soft targets [B, classes] as a third element (MixUp/CutMix):
+    the loss is then taken on them, the accuracy on the hard labels.
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class SNNClassifier(LightningModule):
         memory: str = "bits",
         host_allocator: str = "caching",
         eval_autocast: bool = False,
+        batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -98,6 +104,7 @@ class SNNClassifier(LightningModule):
             raise ValueError(f"unknown host_allocator {host_allocator!r}; expected one of {', '.join(map(repr, HOST_ALLOCATORS))}")
         self.host_allocator = host_allocator
         self.eval_autocast = bool(eval_autocast)
+        self.batch_transform = batch_transform
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         top5 = min(5, self.num_classes)
         self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
@@ -124,11 +131,14 @@ class SNNClassifier(LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
-        events, labels = batch
+        events, labels = batch[0], batch[1]
+        targets = batch[2] if len(batch) > 2 else labels  # soft targets [B, classes] of MixUp/CutMix
         if labels.numel() == 0:  # every record of the batch was skipped (data.on_bad_record=skip)
             return None
+        if self.batch_transform is not None:
+            events = self.batch_transform(events)
         logits = self(events)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         self.train_top1(logits, labels)
         bs = labels.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)

@@ -196,3 +196,68 @@ def test_validation_runs_without_autocast_and_unsmoothed():
     loss = dict(seen)["val/loss"]
     assert loss.dtype == torch.float32
     assert torch.equal(loss, torch.nn.functional.cross_entropy(module(events), labels))
+
+
+# --------------------------------------------------------------------------- the official options
+def test_mixup_cutmix_is_the_official_random_choice_and_schedule():
+    from torchvision.transforms import v2
+
+    from i2e_train.data.augment import mixup_active, mixup_cutmix
+
+    images = torch.rand(6, 3, 16, 16)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    official = v2.RandomChoice([v2.CutMix(num_classes=5), v2.MixUp(num_classes=5)])
+    for seed in range(6):  # both branches are drawn
+        torch.manual_seed(seed)
+        want_x, want_y = official(images, labels)
+        torch.manual_seed(seed)
+        got_x, got_y = mixup_cutmix(images, labels, 5)
+        assert torch.equal(got_x, want_x) and torch.equal(got_y, want_y)
+    # seeded by a generator: reproducible, global RNG untouched; events [T, B, ...] mix per sample
+    events = torch.rand(4, 6, 2, 8, 8)
+    state = torch.get_rng_state()
+    a = mixup_cutmix(events, labels, 5, torch.Generator().manual_seed(1), batch_dim=1)
+    b = mixup_cutmix(events, labels, 5, torch.Generator().manual_seed(1), batch_dim=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(torch.get_rng_state(), state)
+    assert a[0].shape == events.shape and a[1].shape == (6, 5)
+    # official: `if epoch <= args.epochs * 2 / 3 and args.mixup` with epoch counted from 0
+    assert [e for e in range(256) if mixup_active(e, 256)] == list(range(171))
+    assert [e for e in range(128) if mixup_active(e, 128)] == list(range(86))
+
+
+def test_temporal_delete_keeps_t_train_frames_in_order():
+    from i2e_train.data.augment import TemporalDelete, temporal_delete
+
+    events = torch.arange(8.0).view(8, 1, 1).expand(8, 3, 2).clone()  # frame t holds t
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        out = temporal_delete(events, 5, gen)
+        kept = out[:, 0, 0].tolist()
+        assert len(kept) == 5 and kept == sorted(set(kept)) and set(kept) <= set(range(8))
+        assert torch.equal(out, events[[int(k) for k in kept]])
+        seen.add(tuple(kept))
+    assert len(seen) > 1
+    assert temporal_delete(events, 0) is events and temporal_delete(events, 8) is events  # off (official default 0)
+    assert torch.equal(TemporalDelete(3)(events, torch.Generator().manual_seed(1)),
+                       temporal_delete(events, 3, torch.Generator().manual_seed(1)))
+
+
+def test_soft_targets_train_the_loss_hard_labels_the_accuracy():
+    from i2e_train.module import SNNClassifier
+
+    class Mean(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x):  # [T, B, 2, 2, 2] -> [B, 3]
+            return self.fc(x.flatten(2)).mean(0)
+
+    module = SNNClassifier(Mean(), 3, label_smoothing=0.1)
+    module.log = lambda *a, **k: None
+    events, labels = torch.rand(4, 5, 2, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    soft = torch.softmax(torch.randn(5, 3), 1)
+    loss = module.training_step((events, labels, soft), 0)
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(module(events), soft, label_smoothing=0.1))
+    assert module.train_top1.tp.sum() + module.train_top1.fn.sum() == 5  # accuracy on the 5 hard labels

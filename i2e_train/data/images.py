@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from i2e_train.data.augment import random_crop, random_hflip
+from i2e_train.data.augment import mixup_active, mixup_cutmix, random_crop, random_hflip
 from i2e_train.data.base import (
     DatasetUnavailableError,
     EventDataModule,
@@ -348,6 +348,9 @@ class ImageDataModule(EventDataModule):
             audit: PIL bicubic in the workers, crop / flip / bicubic resize on the device).
         train_conversion: "autocast" (official: under a 16-mixed / bf16-mixed trainer on CUDA the
             training conversion's response is rounded as autocast's conv2d rounds it) or "float32".
+        mixup: the official ``--mixup``: ``v2.RandomChoice([CutMix, MixUp])`` on the training
+            images (float, before the converter) while ``epoch <= max_epochs * 2 / 3``; batches
+            then carry soft targets [B, K] as a third element (loss on them, accuracy on the labels).
     """
 
     collate_fn = collate_images
@@ -384,6 +387,7 @@ class ImageDataModule(EventDataModule):
         encoder: I2E | Mapping[str, Any] | None = None,
         interpolation: str = "bilinear",
         train_conversion: str = "autocast",
+        mixup: bool = False,
     ) -> None:
         _check_settings(source, source_type, train_aug, aug_family, pad_mode, hflip, crop_padding)
         self.interpolation = check_interpolation(interpolation, "data.interpolation")
@@ -391,6 +395,7 @@ class ImageDataModule(EventDataModule):
             raise ValueError(f"data.train_conversion must be one of {', '.join(TRAIN_CONVERSIONS)}, "
                              f"got {train_conversion!r}")
         self.train_conversion = train_conversion
+        self.mixup = bool(mixup)
         if self.interpolation != "pil_bicubic" and pad_mode not in _V2_PAD_MODES:
             raise ValueError(f"pad_mode {pad_mode!r} has no torchvision v2 equivalent; use one of "
                              f"{sorted(_V2_PAD_MODES)} or data.interpolation=pil_bicubic")
@@ -587,4 +592,10 @@ class ImageDataModule(EventDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         images, targets = batch
         train = self.trainer is not None and self.trainer.training
+        if train and self.mixup and mixup_active(self.trainer.current_epoch, self.trainer.max_epochs):
+            from torchvision.transforms.v2.functional import to_dtype
+
+            floats = to_dtype(images, torch.float32, scale=True)  # the official ToDtype, then the mix
+            mixed, soft = mixup_cutmix(floats, targets, self.num_classes)
+            return self.to_events(mixed, True), targets, soft
         return self.to_events(images, train), targets
