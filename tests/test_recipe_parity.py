@@ -261,3 +261,152 @@ def test_soft_targets_train_the_loss_hard_labels_the_accuracy():
     loss = module.training_step((events, labels, soft), 0)
     assert torch.equal(loss, torch.nn.functional.cross_entropy(module(events), soft, label_smoothing=0.1))
     assert module.train_top1.tp.sum() + module.train_top1.fn.sum() == 5  # accuracy on the 5 hard labels
+
+
+# --------------------------------------------------------------------------- data: (b) validation, (c) training
+# The official transforms, as written in Train Script/Baseline-{I,II}/utils.py (get_dataset).
+def _official_transforms():
+    from torchvision.transforms import v2
+
+    return {
+        "cifar_train_baseline2": v2.Compose([
+            v2.PILToTensor(), v2.Pad(4, padding_mode="edge"), v2.RandomCrop(32), v2.Resize((128, 128)),
+            v2.RandomHorizontalFlip(0.5), v2.ToDtype(torch.float32, scale=True)]),
+        "cifar_train_baseline1": v2.Compose([
+            v2.PILToTensor(), v2.Resize((128, 128)), v2.RandomHorizontalFlip(0.5),
+            v2.ToDtype(torch.float32, scale=True)]),
+        "cifar_test": v2.Compose([v2.PILToTensor(), v2.Resize((128, 128)), v2.ToDtype(torch.float32, scale=True)]),
+        "imagenet_train_baseline2": v2.Compose([
+            v2.PILToTensor(), v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(0.5),
+            v2.ToDtype(torch.float32, scale=True)]),
+        "imagenet_train_baseline1": v2.Compose([
+            v2.PILToTensor(), v2.Resize((224, 224)), v2.RandomHorizontalFlip(0.5),
+            v2.ToDtype(torch.float32, scale=True)]),
+        "imagenet_test": v2.Compose([v2.PILToTensor(), v2.Resize(256), v2.CenterCrop(224),
+                                     v2.ToDtype(torch.float32, scale=True)]),
+    }
+
+
+def _photo_crops(sizes, seed: int):
+    """Crops of the two real photographs shipped with scikit-learn, as RGB PIL images of ``sizes``."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # two 427x640 RGB photos
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, (h, w) in enumerate(sizes):
+        p = photos[k % 2]
+        y, x = rng.integers(0, p.shape[0] - h + 1), rng.integers(0, p.shape[1] - w + 1)
+        out.append(Image.fromarray(np.ascontiguousarray(p[y:y + h, x:x + w])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory):
+    """An ImageFolder of 32x32 photo crops: train/ and test/ with the 10 CIFAR-10 classes (2 + 1 each)."""
+    from i2e_train.data.catalog import CIFAR10_CLASSES
+
+    root = tmp_path_factory.mktemp("cifar_like")
+    images = iter(_photo_crops([(32, 32)] * 30, seed=0))
+    for split, n in (("train", 2), ("test", 1)):
+        for c in CIFAR10_CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                next(images).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagenet_like(tmp_path_factory):
+    """An ImageFolder of photo crops of several sizes and aspect ratios (JPEG, as ILSVRC): 3 classes."""
+    root = tmp_path_factory.mktemp("imagenet_like")
+    sizes = [(300, 260), (240, 320), (400, 300), (256, 256), (230, 500), (333, 250)]
+    images = iter(_photo_crops(sizes * 2, seed=1))
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                next(images).save(root / split / c / f"{i}.JPEG", quality=90)
+    return root
+
+
+def _cifar_dm(root, **kw):
+    from i2e_train.data.images import ImageDataModule
+
+    return ImageDataModule(name="I2E-CIFAR10", source=str(root), source_type="imagefolder", val_split="test",
+                           batch_size=64, num_workers=0, data_dir=str(root) + "-cache", seed=2024, **kw)
+
+
+def _imagenet_dm(root, **kw):
+    from i2e_train.data.images import ImageDataModule
+
+    return ImageDataModule(name="tiny-imagenet", source=str(root), source_type="imagefolder", val_split="val",
+                           num_classes=3, resolution=224, aug_family="imagenet", test_resize=256,
+                           encoder={"ratio": 0.12}, batch_size=64, num_workers=0, data_dir=str(root) + "-cache",
+                           seed=2024, **kw)
+
+
+def _files(ds) -> list:
+    return [ds.reader.where(int(r)) for r in ds.rows]
+
+
+def _official_i2e(ratio: float, train: bool = False):
+    from official.i2e import I2E as OfficialI2E
+
+    return OfficialI2E(ratio=ratio).train(train)  # shuffle = preset 4, replicate padding
+
+
+@pytest.mark.parametrize("family", ["cifar", "imagenet"])
+def test_validation_events_equal_official_transform_test_and_i2e(family, cifar_like, imagenet_like):
+    """(b) image for image: official transform_test + official I2E (eval) == our validation events."""
+    from PIL import Image
+
+    dm = _cifar_dm(cifar_like) if family == "cifar" else _imagenet_dm(imagenet_like)
+    dm.setup()
+    images, _ = next(iter(dm.val_dataloader()))
+    ours = dm.to_events(images, train=False)
+    transform = _official_transforms()[f"{family}_test"]
+    official = _official_i2e(0.07 if family == "cifar" else 0.12)
+    files = _files(dm.datasets["validation"])
+    assert len(files) == images.shape[0] >= 6
+    for k, f in enumerate(files):
+        x = transform(Image.open(f).convert("RGB"))  # [3, H, W] float32
+        assert torch.equal(images[k].float().mul(1.0 / 255), x), f"pixels of {f}"
+        assert torch.equal(ours[:, k], official(x[None])[:, 0]), f"events of {f}"
+
+
+@pytest.mark.parametrize("family, aug", [("cifar", "baseline2"), ("cifar", "baseline1"),
+                                         ("imagenet", "baseline2"), ("imagenet", "baseline1")])
+def test_training_batch_equals_official_transform_train(family, aug, cifar_like, imagenet_like, monkeypatch):
+    """(c) one training batch: with the sample's seed (a function of run seed, epoch and index) as
+    the global seed, the official transform_train draws the same crops / flips and gives the same
+    pixels; with the same direction vectors the official I2E (train mode) gives the same events."""
+    from PIL import Image
+
+    import official.i2e as official_module
+    from i2e_train.data.images import sample_seed
+
+    dm = (_cifar_dm(cifar_like, train_aug=aug) if family == "cifar"
+          else _imagenet_dm(imagenet_like, train_aug=aug))
+    dm.setup()
+    loader = dm.train_dataloader()
+    items = list(iter(loader.sampler))[:6]
+    assert all(isinstance(i, tuple) and i[1] == 0 for i in items)  # (index, epoch) pairs
+    images, _ = dm.datasets["train"].__getitems__(items)  # what the DataLoader's workers run
+    transform = _official_transforms()[f"{family}_train_{aug}"]
+    files = _files(dm.datasets["train"])
+    for k, (index, epoch) in enumerate(items):
+        torch.manual_seed(sample_seed(2024, epoch, index))
+        x = transform(Image.open(files[index]).convert("RGB"))
+        assert torch.equal(images[k].float().mul(1.0 / 255), x), f"pixels of {files[index]}"
+    # the same directions: ours drawn by our generator, handed to the official random.choice
+    enc = dm.encoder.train()
+    cell_a, cell_b = enc.directions(1, torch.device("cpu"), torch.Generator().manual_seed(5))
+    chosen = {enc.order[t]: [int(cell_a[t, 0]) + 1, int(cell_b[t, 0]) + 1] for t in range(8)}
+    groups = {id(v): g for g, v in enumerate(official_module.selectable_directions)}
+    monkeypatch.setattr(official_module.random, "choice", lambda seq: chosen[groups[id(seq)]])
+    ours = dm.to_events(images, train=True, generator=torch.Generator().manual_seed(5))
+    official = _official_i2e(dm.encoder.ratio, train=True)
+    assert torch.equal(ours, official(images.float().mul(1.0 / 255)))
