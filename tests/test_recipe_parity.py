@@ -410,3 +410,57 @@ def test_training_batch_equals_official_transform_train(family, aug, cifar_like,
     ours = dm.to_events(images, train=True, generator=torch.Generator().manual_seed(5))
     official = _official_i2e(dm.encoder.ratio, train=True)
     assert torch.equal(ours, official(images.float().mul(1.0 / 255)))
+
+
+# --------------------------------------------------------------------------- (d) i2e-convert
+# How each released config was made: the official notebooks (Dataset Transformation/*.ipynb:
+# v2.Resize default bilinear) where one exists, else the dataset card's protocol (v2 bicubic).
+PROTOCOLS = [("I2E-MNIST", 32, "bicubic"), ("I2E-CIFAR10", 128, "bilinear"), ("I2E-CIFAR100", 128, "bilinear"),
+             ("I2E-ImageNet", 224, "bilinear"), ("I2E-Caltech101", 224, "bicubic")]
+
+
+def _protocol(size: int, interpolation: str):
+    from torchvision.transforms import InterpolationMode, v2
+
+    mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[interpolation]
+    return v2.Compose([v2.PILToTensor(), v2.Resize((size, size), interpolation=mode),
+                       v2.ToDtype(torch.float32, scale=True)])
+
+
+@pytest.mark.parametrize("config, size, interpolation", PROTOCOLS)
+def test_convert_pixels_equal_the_protocol_of_each_released_config(config, size, interpolation):
+    """(d) the pixels i2e-convert converts (interpolation=auto) are the notebook's / card's."""
+    from i2e_train.convert import _settings
+    from i2e_train.data.preprocess import preprocess_image
+
+    s = _settings(config, None, None, None, None, "cpu", 1, "raise")
+    assert s.size == (size, size) and s.interpolation == interpolation
+    protocol = _protocol(size, interpolation)
+    for img in _photo_crops([(32, 32), (28, 28), (300, 260), (64, 96)], seed=2):
+        ours = preprocess_image(img, s.size, "photo", s.interpolation)
+        assert torch.equal(ours.float().mul(1.0 / 255), protocol(img))
+
+
+@pytest.mark.parametrize("config, size, interpolation", [PROTOCOLS[0], PROTOCOLS[1]])
+def test_convert_records_equal_protocol_plus_official_i2e(config, size, interpolation, tmp_path):
+    """(d) end to end: i2e-convert's records == the protocol's pixels through the official I2E (eval)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from i2e_train.codec import decode_record
+    from i2e_train.convert import convert
+    from i2e_train.data.catalog import CATALOG
+
+    src = tmp_path / "src" / "train"
+    for k, img in enumerate(_photo_crops([(32, 32), (40, 30), (32, 32), (50, 64)], seed=3)):
+        (src / str(k % 2)).mkdir(parents=True, exist_ok=True)
+        img.save(src / str(k % 2) / f"{k}.png")
+    convert(tmp_path / "src", tmp_path / "out", config, splits="train", num_workers=0, device="cpu", progress=False)
+    (shard,) = (tmp_path / "out" / config).glob("train-*.parquet")
+    table = pq.read_table(shard).to_pydict()
+    official = _official_i2e(CATALOG[config].ratio)
+    from PIL import Image
+
+    for path, data in zip(table["file_path"], table["data"]):
+        x = _protocol(size, interpolation)(Image.open(src / path.replace(".npy", ".png")).convert("RGB"))
+        assert np.array_equal(decode_record(data), official(x[None])[:, 0].numpy().astype(bool)), path
