@@ -464,3 +464,51 @@ def test_convert_records_equal_protocol_plus_official_i2e(config, size, interpol
     for path, data in zip(table["file_path"], table["data"]):
         x = _protocol(size, interpolation)(Image.open(src / path.replace(".npy", ".png")).convert("RGB"))
         assert np.array_equal(decode_record(data), official(x[None])[:, 0].numpy().astype(bool)), path
+
+
+# --------------------------------------------------------------------------- i2e-eval of released weights
+@pytest.mark.slow
+def test_eval_released_weight_online_uses_the_official_preprocessing(cifar_like, tmp_path, monkeypatch):
+    """``i2e-eval ckpt_path=released:<name> data=cifar10`` on local images: the same top-1 as the
+    official evaluation (transform_test + official I2E + the network), image for image."""
+    from PIL import Image
+
+    from helpers import compose_in
+    from i2e_train.models import create_model
+    from i2e_train.tasks.evaluate import evaluate_from_overrides
+
+    torch.manual_seed(0)
+    model = create_model("ms_resnet18", num_classes=10).eval()
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    state["module.i2e.weight"] = torch.zeros(8, 1, 3, 3)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"epoch": 255, "state_dict": state, "best_acc1": 85.07},
+               tmp_path / "checkpoints" / "cifar10_augmentation.pth.tar")
+    overrides = ["ckpt_path=released:cifar10_augmentation", "data=cifar10", f"data.source={cifar_like}",
+                 "data.source_type=imagefolder", "data.num_workers=0", "data.batch_size=5"]
+    cfg = compose_in(tmp_path, monkeypatch, "eval", overrides)
+    result = evaluate_from_overrides(cfg, overrides + [f"paths.output_dir={tmp_path / 'run'}"])
+    assert result["model"] == "ms_resnet18" and result["data"] == "I2E-CIFAR10"
+
+    from i2e_train.data.catalog import CIFAR10_CLASSES
+
+    transform, official = _official_transforms()["cifar_test"], _official_i2e(0.07)
+    files = sorted((cifar_like / "test").rglob("*.png"))
+    with torch.no_grad():
+        x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+        logits = model(official(x))
+    labels = torch.tensor([CIFAR10_CLASSES.index(f.parent.name) for f in files])
+    assert result["val/top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item(), abs=1e-6)
+
+
+def test_checkpoints_of_earlier_recipes_are_evaluated_with_their_preprocessing():
+    from omegaconf import OmegaConf
+
+    from i2e_train.tasks.evaluate import _merge_stored
+
+    cfg = compose("eval", ["data=cifar10", "paths.output_dir=unused"])
+    stored = {"data": {k: v for k, v in OmegaConf.to_container(cfg.data).items() if k != "interpolation"}}
+    assert _merge_stored(cfg, stored, []).data.interpolation == "pil_bicubic"
+    assert _merge_stored(cfg, stored, ["data.interpolation=bilinear"]).data.interpolation == "bilinear"
+    current = {"data": OmegaConf.to_container(cfg.data)}
+    assert _merge_stored(cfg, current, []).data.interpolation == "bilinear"
