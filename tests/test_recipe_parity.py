@@ -512,3 +512,24 @@ def test_checkpoints_of_earlier_recipes_are_evaluated_with_their_preprocessing()
     assert _merge_stored(cfg, stored, ["data.interpolation=bilinear"]).data.interpolation == "bilinear"
     current = {"data": OmegaConf.to_container(cfg.data)}
     assert _merge_stored(cfg, current, []).data.interpolation == "bilinear"
+
+
+def test_ddp_training_split_drops_the_uneven_tail_as_the_official_sampler():
+    """Official: DistributedSampler(train, shuffle=True, drop_last=True), batch_size / ngpus per rank."""
+    from types import SimpleNamespace
+
+    from i2e_train.data.distributed import per_device_batch_size
+    from i2e_train.data.sampler import ResumableTrainData
+
+    class DM(ResumableTrainData):
+        trainer = SimpleNamespace(world_size=2, global_rank=0)
+
+    kw = DM()._train_sampling(list(range(9)), 4, seed=1)
+    sampler = kw["sampler"]
+    assert sampler.drop_last and len(sampler) == 4  # 9 samples, 2 ranks: 4 each, one dropped
+    ranks = []
+    for r in (0, 1):
+        DM.trainer = SimpleNamespace(world_size=2, global_rank=r)
+        ranks.append(list(DM()._train_sampling(list(range(9)), 4, seed=1)["sampler"]))
+    assert len(set(ranks[0] + ranks[1])) == 8
+    assert per_device_batch_size(128, SimpleNamespace(world_size=2)) == int(128 / 2)  # official args.batch_size
