@@ -112,9 +112,10 @@ def parse_splits(splits: str | Sequence[str] | Mapping[str, str] | None) -> "Ord
 class _Images(Dataset):
     """Decode + preprocess a batch of items: (uint8 [B, 3, H, W], positions [B], [(k, error)])."""
 
-    def __init__(self, reader: Reader, count: int, size: tuple[int, int], interpolation: str = "bilinear") -> None:
+    def __init__(self, reader: Reader, count: int, size: tuple[int, int], interpolation: str = "bilinear",
+                 resize_shorter: int | None = None) -> None:
         self.reader, self.count, self.size = reader, count, tuple(size)
-        self.interpolation = interpolation
+        self.interpolation, self.resize_shorter = interpolation, resize_shorter
 
     def __len__(self) -> int:
         return self.count
@@ -134,7 +135,7 @@ class _Images(Dataset):
             where = self.reader.where(pos)
             try:
                 img = load_image(value, where)
-                out[k] = preprocess_image(img, (h, w), where, self.interpolation)
+                out[k] = preprocess_image(img, (h, w), where, self.interpolation, self.resize_shorter)
             except BadImageError as exc:
                 errors.append((k, str(exc)))
             except Exception as exc:  # noqa: BLE001 - conversion/resize failures name the file too
@@ -276,6 +277,7 @@ class _Settings:
     rows: int  # rows per shard
     device: torch.device
     interpolation: str = "bilinear"  # the resize before conversion (i2e_train.data.preprocess)
+    val_resize: int | None = None  # validation split: shorter side -> this, centre crop (ImageNet: 256)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -314,7 +316,8 @@ def _settings(config: str, resolution, ratio, order, rows_per_shard, device, bat
         interpolation = check_interpolation(interpolation, "interpolation")
     except ValueError as exc:
         raise ConvertError(f"{exc} (or auto)") from None
-    return _Settings(config, info, size, float(ratio), groups, rows, resolve_device(device), interpolation)
+    val_resize = info.val_resize if info is not None and size == tuple(info.resolution) else None
+    return _Settings(config, info, size, float(ratio), groups, rows, resolve_device(device), interpolation, val_resize)
 
 
 def _shard_seed(seed: int, split: str, shard: int) -> int:
@@ -467,7 +470,8 @@ def _convert_split(job: _Job, plan: _SplitPlan) -> None:
     rows, dev, sp = job.settings.rows, job.settings.device, plan.split
     batches = [list(range(start, min(start + job.batch_size, (k + 1) * rows, sp.count)))
                for k in plan.pending for start in range(k * rows, min((k + 1) * rows, sp.count), job.batch_size)]
-    loader = DataLoader(_Images(sp.reader, sp.count, job.settings.size, job.settings.interpolation), batch_sampler=batches,
+    loader = DataLoader(_Images(sp.reader, sp.count, job.settings.size, job.settings.interpolation,
+                                job.settings.val_resize if sp.name == "validation" else None), batch_sampler=batches,
                         num_workers=job.num_workers, collate_fn=_passthrough, pin_memory=dev.type == "cuda")
     shard, gen = _Shard(), None
     for images, positions, errors in loader:
@@ -516,6 +520,8 @@ def _params(s: _Settings, src: ImageSource, padding_mode: str, train_mode: bool,
               "class_names": src.class_names}
     if s.interpolation != "pil_bicubic":  # manifests written before the option existed hold none (= pil_bicubic)
         params["interpolation"] = s.interpolation
+    if s.val_resize is not None:
+        params["val_resize"] = s.val_resize
     if train_mode:  # the random draws depend on these too
         params.update(seed=seed, batch_size=batch_size, device_type=s.device.type)
     return params

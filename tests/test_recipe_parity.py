@@ -439,6 +439,13 @@ def test_convert_pixels_equal_the_protocol_of_each_released_config(config, size,
     for img in _photo_crops([(32, 32), (28, 28), (300, 260), (64, 96)], seed=2):
         ours = preprocess_image(img, s.size, "photo", s.interpolation)
         assert torch.equal(ours.float().mul(1.0 / 255), protocol(img))
+    if config == "I2E-ImageNet":  # its validation split: the notebook's Resize(256) + CenterCrop(224)
+        assert s.val_resize == 256
+        for img in _photo_crops([(300, 260), (240, 320), (256, 256)], seed=4):
+            ours = preprocess_image(img, s.size, "photo", s.interpolation, s.val_resize)
+            assert torch.equal(ours.float().mul(1.0 / 255), _official_transforms()["imagenet_test"](img))
+    else:
+        assert s.val_resize is None
 
 
 @pytest.mark.parametrize("config, size, interpolation", [PROTOCOLS[0], PROTOCOLS[1]])

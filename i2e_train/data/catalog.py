@@ -12,7 +12,7 @@ matched by class name through ``class_names`` (label index -> class name).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from i2e_train.naming import unknown_name
 
@@ -67,6 +67,9 @@ class DatasetInfo:
     # where the official notebooks made the data (v2.Resize default: CIFAR-10/100, ImageNet),
     # else the dataset card's protocol, "bicubic" (v2.Resize BICUBIC on the uint8 tensor).
     interpolation: str = "bicubic"
+    # Validation images: shorter side resized to this, then a centre crop to the resolution
+    # (the ImageNet notebook's Resize(256) + CenterCrop(224)); None = resized straight.
+    val_resize: int | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -105,8 +108,8 @@ CATALOG: dict[str, DatasetInfo] = {
         _CIFAR10,
         _i2e("I2E-CIFAR100", "CIFAR-100", 128, 100, {"train": 50_000, "validation": 10_000}, 0.07, 0.0576,
              interpolation="bilinear"),
-        _i2e("I2E-ImageNet", "ILSVRC2012", 224, 1000, {"train": 1_281_167, "validation": 50_000}, 0.12, 0.0666,
-             interpolation="bilinear"),
+        replace(_i2e("I2E-ImageNet", "ILSVRC2012", 224, 1000, {"train": 1_281_167, "validation": 50_000}, 0.12,
+                     0.0666, interpolation="bilinear"), val_resize=256),
         _CALTECH101,
         _i2e("I2E-Caltech256", "Caltech-256", 224, 257, {"train": 30_607}, 0.12, 0.0604),
         _i2e("I2E-Mini-ImageNet", "Mini-ImageNet", 224, 100, {"train": 60_000}, 0.12, 0.0665),

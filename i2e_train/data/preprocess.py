@@ -66,9 +66,21 @@ def resize_uint8(x: torch.Tensor, size, interpolation: str = "bilinear") -> torc
 
 
 def preprocess_image(img: Image.Image, size: tuple[int, int], where: str = "image",
-                     interpolation: str = "bilinear") -> torch.Tensor:
-    """PIL image -> uint8 tensor [3, H, W]: RGB, resize to ``size`` = (H, W) (see the module doc)."""
+                     interpolation: str = "bilinear", resize_shorter: int | None = None) -> torch.Tensor:
+    """PIL image -> uint8 tensor [3, H, W]: RGB, resize to ``size`` = (H, W) (see the module doc);
+    with ``resize_shorter``: the shorter side resized to it, then a centre crop of ``size``
+    (``v2.Resize(resize_shorter), v2.CenterCrop(size)``: the official ImageNet validation)."""
     h, w = size
+    if resize_shorter is not None:
+        from torchvision.transforms.v2.functional import center_crop
+
+        if check_interpolation(interpolation) == "pil_bicubic":
+            import torchvision.transforms.functional as TF
+            from torchvision.transforms import InterpolationMode
+
+            img = TF.resize(to_rgb(img, where), int(resize_shorter), interpolation=InterpolationMode.BICUBIC)
+            return center_crop(to_uint8(img, where), [h, w])
+        return center_crop(resize_uint8(to_uint8(img, where), int(resize_shorter), interpolation), [h, w])
     if check_interpolation(interpolation) == "pil_bicubic":
         img = to_rgb(img, where)
         if img.size != (w, h):
