@@ -15,7 +15,8 @@ ClassLabel index of the class folder name, ``data`` = the record bytes (``i2e_tr
 
 Steps of :func:`convert`: resolve the settings (catalog defaults for a known config), open the
 source, load or start the manifest, plan the shards of every split (which exist already), then
-per split: DataLoader workers decode and preprocess (RGB, bicubic resize to (H, W), uint8), the
+per split: DataLoader workers decode and preprocess (RGB, uint8, torchvision v2 resize to (H, W), see
+``interpolation``), the
 main process converts batches on the device (cuda when available) with ``I2E`` in eval mode
 (canonical directions, bit-identical to the official converter) or, when asked, in train mode
 (random directions from a seed per shard), packs the bits on the device and hands each finished
@@ -48,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from i2e_train.codec import count_events, pack_events, record_size, records_from_packed
 from i2e_train.data.catalog import CATALOG, DatasetInfo
-from i2e_train.data.preprocess import preprocess_image
+from i2e_train.data.preprocess import check_interpolation, preprocess_image
 from i2e_train.data.sources import (
     BadImageError,
     ImageSource,
@@ -111,8 +112,10 @@ def parse_splits(splits: str | Sequence[str] | Mapping[str, str] | None) -> "Ord
 class _Images(Dataset):
     """Decode + preprocess a batch of items: (uint8 [B, 3, H, W], positions [B], [(k, error)])."""
 
-    def __init__(self, reader: Reader, count: int, size: tuple[int, int]) -> None:
+    def __init__(self, reader: Reader, count: int, size: tuple[int, int], interpolation: str = "bilinear",
+                 resize_shorter: int | None = None) -> None:
         self.reader, self.count, self.size = reader, count, tuple(size)
+        self.interpolation, self.resize_shorter = interpolation, resize_shorter
 
     def __len__(self) -> int:
         return self.count
@@ -132,7 +135,7 @@ class _Images(Dataset):
             where = self.reader.where(pos)
             try:
                 img = load_image(value, where)
-                out[k] = preprocess_image(img, (h, w), where)
+                out[k] = preprocess_image(img, (h, w), where, self.interpolation, self.resize_shorter)
             except BadImageError as exc:
                 errors.append((k, str(exc)))
             except Exception as exc:  # noqa: BLE001 - conversion/resize failures name the file too
@@ -273,6 +276,8 @@ class _Settings:
     groups: list[int]
     rows: int  # rows per shard
     device: torch.device
+    interpolation: str = "bilinear"  # the resize before conversion (i2e_train.data.preprocess)
+    val_resize: int | None = None  # validation split: shorter side -> this, centre crop (ImageNet: 256)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -280,7 +285,7 @@ class _Settings:
 
 
 def _settings(config: str, resolution, ratio, order, rows_per_shard, device, batch_size: int,
-              on_bad_image: str) -> _Settings:
+              on_bad_image: str, interpolation: str = "auto") -> _Settings:
     """Check the parameters; a catalog config supplies the defaults of resolution, ratio and order."""
     if on_bad_image not in ("raise", "skip"):
         raise ConvertError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
@@ -305,7 +310,14 @@ def _settings(config: str, resolution, ratio, order, rows_per_shard, device, bat
                                                                                                    *size)))
     if rows < 1:
         raise ConvertError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    return _Settings(config, info, size, float(ratio), groups, rows, resolve_device(device))
+    if interpolation == "auto":  # as the released data of a catalog config was made, else the card's protocol
+        interpolation = info.interpolation if info is not None else "bicubic"
+    try:
+        interpolation = check_interpolation(interpolation, "interpolation")
+    except ValueError as exc:
+        raise ConvertError(f"{exc} (or auto)") from None
+    val_resize = info.val_resize if info is not None and size == tuple(info.resolution) else None
+    return _Settings(config, info, size, float(ratio), groups, rows, resolve_device(device), interpolation, val_resize)
 
 
 def _shard_seed(seed: int, split: str, shard: int) -> int:
@@ -458,7 +470,8 @@ def _convert_split(job: _Job, plan: _SplitPlan) -> None:
     rows, dev, sp = job.settings.rows, job.settings.device, plan.split
     batches = [list(range(start, min(start + job.batch_size, (k + 1) * rows, sp.count)))
                for k in plan.pending for start in range(k * rows, min((k + 1) * rows, sp.count), job.batch_size)]
-    loader = DataLoader(_Images(sp.reader, sp.count, job.settings.size), batch_sampler=batches,
+    loader = DataLoader(_Images(sp.reader, sp.count, job.settings.size, job.settings.interpolation,
+                                job.settings.val_resize if sp.name == "validation" else None), batch_sampler=batches,
                         num_workers=job.num_workers, collate_fn=_passthrough, pin_memory=dev.type == "cuda")
     shard, gen = _Shard(), None
     for images, positions, errors in loader:
@@ -505,6 +518,10 @@ def _params(s: _Settings, src: ImageSource, padding_mode: str, train_mode: bool,
     params = {"resolution": list(s.size), "ratio": s.ratio, "order": s.groups, "timesteps": TIMESTEPS,
               "padding_mode": padding_mode, "train_mode": train_mode, "rows_per_shard": s.rows,
               "class_names": src.class_names}
+    if s.interpolation != "pil_bicubic":  # manifests written before the option existed hold none (= pil_bicubic)
+        params["interpolation"] = s.interpolation
+    if s.val_resize is not None:
+        params["val_resize"] = s.val_resize
     if train_mode:  # the random draws depend on these too
         params.update(seed=seed, batch_size=batch_size, device_type=s.device.type)
     return params
@@ -512,7 +529,8 @@ def _params(s: _Settings, src: ImageSource, padding_mode: str, train_mode: bool,
 
 def _converter(s: _Settings, padding_mode: str, train_mode: bool) -> I2E:
     """The converter on the device: eval mode (canonical directions) unless ``train_mode``."""
-    conv = I2E(ratio=s.ratio, order=s.groups, padding_mode=padding_mode, dtype=torch.bool).to(s.device)
+    conv = I2E(ratio=s.ratio, order=s.groups, padding_mode=padding_mode, dtype=torch.bool,
+              direction_draw="sample").to(s.device)
     return conv.train(train_mode)
 
 
@@ -562,6 +580,7 @@ def convert(
     train_mode: bool = False,
     seed: int = 0,
     padding_mode: str = "replicate",
+    interpolation: str = "auto",
     on_bad_image: str = "raise",
     overwrite: bool = False,
     limit: int | None = None,
@@ -588,6 +607,10 @@ def convert(
         train_mode: random direction vectors (I2E augmentation) drawn from ``seed``; the draw
             is seeded per shard, so a resumed run gives the same bytes as a clean one.
         padding_mode: the converter's padding ("replicate", as the released data).
+        interpolation: the resize before conversion: "auto" (as the released data of a catalog
+            config was made: "bilinear" for I2E-CIFAR10/100 and I2E-ImageNet, the official
+            notebooks; "bicubic", the dataset card's protocol, otherwise), "bilinear", "bicubic"
+            (torchvision v2 on the uint8 tensor) or "pil_bicubic" (i2e-train before the recipe audit).
         on_bad_image: "raise" (stop with an error naming the file) or "skip" (drop the image,
             count it in the summary and the manifest).
         overwrite: delete the config's existing shards and manifest first.
@@ -596,7 +619,8 @@ def convert(
         progress: show a progress bar. on_shard: called with the path of every shard written.
     """
     t0 = time.perf_counter()
-    s = _settings(config, resolution, ratio, order, rows_per_shard, device, batch_size, on_bad_image)
+    s = _settings(config, resolution, ratio, order, rows_per_shard, device, batch_size, on_bad_image,
+                  interpolation)
     src = open_source(source, source_type, parse_splits(splits), hf_config, image_column, label_column, cache_dir,
                       limit)
     out, cfg_dir = Path(out), Path(out) / config

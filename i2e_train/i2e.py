@@ -12,8 +12,10 @@ Algorithm (Ma et al., AAAI 2026), for images [B, 3, H, W] in [0, 1]:
 Evaluation mode uses the canonical (first) vector of each group and is bit-identical to the
 official converter, which runs one float32 ``conv2d`` with eight {-1, 0, +1} kernels: each
 output there is the single-rounded float32 difference of two pixels, exactly what the slicing
-below computes. Training mode draws one vector per group *per sample* (the official code
-draws once per batch; per sample is a superset and a stronger augmentation).
+below computes. Training mode draws one vector per group per forward, shared by the batch
+(``direction_draw="batch"``, the official converter's ``random.choice`` per ``set_weight``), or
+one per group *per sample* (``direction_draw="sample"``: a stronger augmentation, and what
+i2e-train did before the recipe audit).
 
 Edge case kept from the official code on purpose: a flat image has range 0, so thr = 0 and,
 because the comparison is ``>=``, every pixel fires in both channels at every timestep.
@@ -56,6 +58,7 @@ ORDER_PRESETS: tuple[tuple[int, ...], ...] = (
 )
 
 BACKENDS = ("auto", "numba", "compiled", "torch")
+DIRECTION_DRAWS = ("batch", "sample")
 _PAD_MODES = {"replicate": "replicate", "reflect": "reflect", "circular": "circular", "zeros": "constant"}
 _MAX_GROUP = max(len(g) for g in DIRECTION_GROUPS)
 
@@ -93,6 +96,8 @@ class I2E(nn.Module):
         threshold: "dynamic" (paper) or "fixed" (the paper's ablation baseline).
         random_directions: in training mode, draw a random vector from each group (paper's
             augmentation); False keeps the canonical vectors in training too (ablation).
+        direction_draw: "batch" (official: one draw per group per forward, shared by the batch)
+            or "sample" (one draw per group and sample).
         backend: how the events are computed; every back-end gives the same bits.
             ``"numba"``: CPU kernels (:mod:`i2e_train.kernels.converter`) compute the
             intensity, then the difference and comparisons straight into float32, bool or
@@ -116,6 +121,7 @@ class I2E(nn.Module):
         threshold: str = "dynamic",
         random_directions: bool = True,
         backend: str = "auto",
+        direction_draw: str = "batch",
     ) -> None:
         super().__init__()
         if not ratio >= 0:
@@ -130,6 +136,9 @@ class I2E(nn.Module):
         self.dtype = _as_dtype(dtype)
         self.threshold = threshold
         self.random_directions = bool(random_directions)
+        if direction_draw not in DIRECTION_DRAWS:
+            raise ValueError(f"direction_draw must be one of {', '.join(DIRECTION_DRAWS)}, got {direction_draw!r}")
+        self.direction_draw = direction_draw
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
@@ -157,6 +166,7 @@ class I2E(nn.Module):
         return (
             f"ratio={self.ratio}, order={list(self.order)}, padding_mode={self.padding_mode!r}, "
             f"dtype={self.dtype}, threshold={self.threshold!r}, random_directions={self.random_directions}, "
+            f"direction_draw={self.direction_draw!r}, "
             f"backend={self.backend!r}"
         )
 
@@ -178,8 +188,10 @@ class I2E(nn.Module):
         """[B, C, H, W] float in [0,1] or uint8 -> V [B, H, W] float32 (max over channels)."""
         self._check_images(images)
         if images.dtype == torch.uint8:
-            # max commutes with the monotone uint8 -> [0, 1] scaling, so take it on bytes first.
-            return images.amax(dim=1).to(torch.float32).div_(255.0)
+            # max commutes with the monotone uint8 -> [0, 1] scaling, so take it on bytes first. The
+            # scaling is torchvision's v2.ToDtype(float32, scale=True), the official pipeline's:
+            # x.to(float32) * float32(1/255) (differs from x / 255 in the last bit for 126 of 256 bytes).
+            return images.amax(dim=1).to(torch.float32).mul_(1.0 / 255.0)
         v = images.amax(dim=1).to(torch.float32)
         finite = torch.isfinite(v).all()
         message = self._nonfinite_message(images)
@@ -201,21 +213,35 @@ class I2E(nn.Module):
         """Cell indices (a, b) per timestep and sample: two LongTensors [T, B] (values 0..8).
 
         Canonical vectors in eval mode (or with random_directions=False); otherwise one random
-        vector of group order[t] per (t, sample).
+        vector of group order[t] per t, shared by the batch (direction_draw="batch") or per
+        (t, sample) ("sample").
         """
         groups = self.order_groups.to(device)  # [T]
         vec_a, vec_b = self.vec_a.to(device), self.vec_b.to(device)
         if self.training and self.random_directions:
             sizes = self.group_sizes.to(device)[groups]  # [T]
-            u = torch.rand(len(groups), batch, device=device, generator=generator)
-            idx = (u * sizes[:, None]).long().clamp_max_(sizes[:, None] - 1)  # [T, B]
+            draws = batch if self.direction_draw == "sample" else 1
+            u = torch.rand(len(groups), draws, device=device, generator=generator)
+            idx = (u * sizes[:, None]).long().clamp_max_(sizes[:, None] - 1)  # [T, B] or [T, 1]
+            idx = idx.expand(len(groups), batch).contiguous()
         else:
             idx = torch.zeros(len(groups), batch, dtype=torch.long, device=device)
         return vec_a[groups[:, None], idx], vec_b[groups[:, None], idx]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """images [B, C, H, W] -> events [T, B, 2, H, W] of ``self.dtype``."""
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """images [B, C, H, W] -> events [T, B, 2, H, W] of ``self.dtype``.
+
+        ``compute_dtype`` (float16 / bfloat16): the response as the official converter computes
+        it under ``torch.autocast`` (its conv2d casts the padded intensity to that dtype and
+        rounds each output to it; threshold and comparisons stay float32). None: float32, as
+        the official converter outside autocast (evaluation, CPU, the released data).
+        """
+        if compute_dtype is not None and compute_dtype != torch.float32:
+            if compute_dtype not in (torch.float16, torch.bfloat16):
+                raise ValueError(f"compute_dtype must be float16, bfloat16, float32 or None, got {compute_dtype}")
+            return self._convert(images, generator, packed=False, round_to=compute_dtype)
         return self._convert(images, generator, packed=False)
 
     def forward_packed(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -260,9 +286,10 @@ class I2E(nn.Module):
             return "compiled"
         return "numba" if self._numba_unsupported(images, out_dtype) is None else "torch"
 
-    def _convert(self, images, generator, packed: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _convert(self, images, generator, packed: bool, dtype: torch.dtype | None = None,
+                 round_to: torch.dtype | None = None) -> torch.Tensor:
         out_dtype = torch.uint8 if packed else (dtype or self.dtype)
-        backend = self.backend_for(images, out_dtype)
+        backend = self.backend_for(images, out_dtype) if round_to is None else "torch"
         if backend == "numba":
             return self._convert_numba(images, generator, packed, out_dtype)
         v = self.intensity(images)  # [B, H, W]
@@ -271,7 +298,7 @@ class I2E(nn.Module):
         if backend == "compiled" and not packed:
             cell_a, cell_b = self.directions(v.shape[0], v.device, generator)  # [T, B]
             return _fused_events()(vpad, cell_a, cell_b, thr, v.shape[1], v.shape[2], out_dtype)
-        return self._convert_tensors(vpad, thr, generator, packed, out_dtype)
+        return self._convert_tensors(vpad, thr, generator, packed, out_dtype, round_to)
 
     def _convert_numba(self, images, generator, packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
         """The conversion in numba kernels, bit-identical to the tensor path: max, the uint8
@@ -302,7 +329,8 @@ class I2E(nn.Module):
         k.i2e_dense(vpad, thr, cell_a.numpy(), cell_b.numpy(), out.numpy())
         return out
 
-    def _convert_tensors(self, vpad, thr, generator, packed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    def _convert_tensors(self, vpad, thr, generator, packed: bool, out_dtype: torch.dtype,
+                         round_to: torch.dtype | None = None) -> torch.Tensor:
         """The tensor-operation path: events [T, B, 2, H, W] of ``out_dtype``, or packed uint8 [B, N]."""
         bsz, h, w = vpad.shape[0], vpad.shape[1] - 2, vpad.shape[2] - 2
         dev = vpad.device
@@ -316,10 +344,11 @@ class I2E(nn.Module):
         # On CPU, work through the batch in chunks; one chunk on accelerators.
         chunk = bsz if dev.type != "cpu" else max(1, _CHUNK_PIXELS // (h * w))
         for s in range(0, bsz, chunk):
-            self._events_chunk(vpad, thr, cells, out, s, min(bsz, s + chunk), packed)
+            self._events_chunk(vpad, thr, cells, out, s, min(bsz, s + chunk), packed, round_to)
         return out.view(bsz, -1) if packed else out
 
-    def _events_chunk(self, vpad, thr, cells, out, s: int, e: int, packed: bool) -> None:
+    def _events_chunk(self, vpad, thr, cells, out, s: int, e: int, packed: bool,
+                      round_to: torch.dtype | None = None) -> None:
         """Events of samples s..e-1 into ``out`` (dense [T, B, 2, H, W] or packed [B, T, 2, H, W/8]).
 
         Comparisons are written straight into a float32 output. For other outputs they go
@@ -330,6 +359,8 @@ class I2E(nn.Module):
         direct = not packed and out.dtype == vpad.dtype
         dense = None if packed or direct else (out.view(torch.bool) if out.dtype == torch.uint8 else out)
         vp, th = vpad[s:e], thr[s:e].view(-1, 1, 1)
+        if round_to is not None:  # autocast's conv2d input: V rounded to the low-precision dtype
+            vp = vp.to(round_to).to(vpad.dtype)
         thresholds = (th, -th)
         diff = torch.empty((e - s, h, w), dtype=vpad.dtype, device=dev)
         scratch = None if direct else torch.empty_like(diff)
@@ -342,6 +373,8 @@ class I2E(nn.Module):
             else:
                 ca, cb = DIRECTION_GROUPS[g][0]
                 torch.sub(_shift(vp, cb - 1, h, w), _shift(vp, ca - 1, h, w), out=diff)
+            if round_to is not None:  # ... and its output: the difference (exact in float32) rounded once
+                diff.copy_(diff.to(round_to))
             # ON: R >= thr; OFF: -R >= thr (negation is exact, so this equals R <= -thr).
             for c, compare in enumerate((torch.ge, torch.le)):
                 if direct:

@@ -63,6 +63,14 @@ class SNNClassifier(LightningModule):
             CPU about half the peak; README, Training memory). ``"pytorch"`` leaves PyTorch's
             allocator (it does not take back one installed earlier in the process). Values are
             the same either way.
+        eval_autocast: run validation / test under the trainer's mixed precision. False
+            (default, the official scripts: their ``validate`` has no autocast) runs the network
+            in float32 there, whatever the trainer's precision.
+        batch_transform: applied to the training events [T, B, C, H, W] before the network
+            (e.g. ``i2e_train.data.augment.TemporalDelete``, the official ``--t_train``); None = none.
+
+    A training batch may carry soft targets [B, classes] as a third element (MixUp/CutMix):
+    the loss is then taken on them, the accuracy on the hard labels.
     """
 
     def __init__(
@@ -78,6 +86,8 @@ class SNNClassifier(LightningModule):
         fast_kernels: bool = True,
         memory: str = "bits",
         host_allocator: str = "caching",
+        eval_autocast: bool = False,
+        batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -93,6 +103,8 @@ class SNNClassifier(LightningModule):
         if host_allocator not in HOST_ALLOCATORS:
             raise ValueError(f"unknown host_allocator {host_allocator!r}; expected one of {', '.join(map(repr, HOST_ALLOCATORS))}")
         self.host_allocator = host_allocator
+        self.eval_autocast = bool(eval_autocast)
+        self.batch_transform = batch_transform
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         top5 = min(5, self.num_classes)
         self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
@@ -119,11 +131,14 @@ class SNNClassifier(LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
-        events, labels = batch
+        events, labels = batch[0], batch[1]
+        targets = batch[2] if len(batch) > 2 else labels  # soft targets [B, classes] of MixUp/CutMix
         if labels.numel() == 0:  # every record of the batch was skipped (data.on_bad_record=skip)
             return None
+        if self.batch_transform is not None:
+            events = self.batch_transform(events)
         logits = self(events)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         self.train_top1(logits, labels)
         bs = labels.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
@@ -134,7 +149,9 @@ class SNNClassifier(LightningModule):
         events, labels = batch
         if labels.numel() == 0:  # every record of the batch was skipped (data.on_bad_record=skip)
             return
-        logits = self(events)
+        with torch.autocast(events.device.type, enabled=torch.is_autocast_enabled(events.device.type)
+                            and self.eval_autocast):
+            logits = self(events).float()
         loss = F.cross_entropy(logits, labels)
         bs = labels.shape[0]
         self.val_top1(logits, labels)

@@ -52,9 +52,10 @@ def folder(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("imgs") / "src")
 
 
-def expected_events(files, size=(SIZE, SIZE), ratio=RATIO, order=4) -> torch.Tensor:
-    """The converter (eval mode) on the standard preprocessing of ``files``: bool [T, N, 2, H, W]."""
-    x = torch.stack([preprocess_image(load_image(str(f)), size) for f in files])
+def expected_events(files, size=(SIZE, SIZE), ratio=RATIO, order=4, interpolation="bicubic") -> torch.Tensor:
+    """The converter (eval mode) on the standard preprocessing of ``files``: bool [T, N, 2, H, W]
+    (configs outside I2E-CIFAR10/100 / I2E-ImageNet: the dataset card's v2 bicubic resize)."""
+    x = torch.stack([preprocess_image(load_image(str(f)), size, interpolation=interpolation) for f in files])
     with torch.no_grad():
         return I2E(ratio=ratio, order=order, dtype=torch.bool).eval()(x)
 
@@ -210,7 +211,7 @@ def test_local_copy_of_a_hub_dataset(tmp_path):
     assert summary.splits == {"train": 7, "validation": 4}  # test -> validation (no validation split)
     rows = read_rows(out, "I2E-Tiny")
     assert [r["file_path"] for r in rows] == [f"{i % 3}/{i}.npy" for i in range(7)]
-    x = torch.stack([preprocess_image(im, (SIZE, SIZE)) for im in train_imgs])
+    x = torch.stack([preprocess_image(im, (SIZE, SIZE), interpolation="bicubic") for im in train_imgs])
     ev = I2E(ratio=RATIO, dtype=torch.bool).eval()(x)
     assert [r["data"] for r in rows] == [encode_record(ev[:, i]) for i in range(7)]
 

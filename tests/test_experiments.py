@@ -69,7 +69,7 @@ def test_sim2real_experiment_matches_recipe(name):
     assert cfg.data.num_classes == cfg.model.num_classes == cfg.module.num_classes == r["classes"]
     assert list(cfg.data.resolution) == [r["res"], r["res"]] and cfg.data.timesteps == 8
     assert cfg.data.batch_size == r["batch"] and cfg.data.augment is r["aug"]
-    assert cfg.optim.opt == "momentum" and cfg.optim.lr == pytest.approx(r["lr"]) and cfg.optim.momentum == 0.9
+    assert cfg.optim.opt == "sgd" and cfg.optim.lr == pytest.approx(r["lr"]) and cfg.optim.momentum == 0.9
     assert cfg.optim.weight_decay == pytest.approx(r["wd"])
     assert cfg.scheduler.lr_min == pytest.approx(r["lr_min"]) and cfg.scheduler.warmup_t == 0
     assert cfg.trainer.max_epochs == cfg.scheduler.t_initial == r["epochs"]
@@ -101,7 +101,7 @@ def test_experiment_matches_recipe(name):
     assert cfg.data.num_classes == cfg.model.num_classes == cfg.module.num_classes == r["classes"]
     assert list(cfg.data.resolution) == [r["res"], r["res"]] and cfg.data.timesteps == 8
     assert cfg.data.batch_size == r["batch"]
-    assert cfg.optim.lr == pytest.approx(r["lr"]) and cfg.optim.momentum == 0.9
+    assert cfg.optim.opt == "sgd" and cfg.optim.lr == pytest.approx(r["lr"]) and cfg.optim.momentum == 0.9
     assert cfg.optim.weight_decay == pytest.approx(r["wd"])
     assert cfg.scheduler.lr_min == pytest.approx(r["lr_min"]) and cfg.scheduler.warmup_t == 0
     assert cfg.trainer.max_epochs == cfg.scheduler.t_initial == r["epochs"]

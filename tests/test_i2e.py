@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import to_dtype
 
 from i2e_train.i2e import (
     DIRECTION_GROUPS,
@@ -18,7 +19,7 @@ from i2e_train.i2e import (
 def official_i2e(images: torch.Tensor, ratio: float, order: int) -> torch.Tensor:
     """The official converter's approach: V = max over RGB, replicate pad, one float32 conv2d
     with the eight canonical {-1, +1} kernels, dynamic threshold, '>=' comparisons."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    x = to_dtype(images, torch.float32, scale=True) if images.dtype == torch.uint8 else images.float()
     v = x.max(dim=1, keepdim=True)[0]  # [B, 1, H, W]
     kernels = torch.zeros(8, 1, 3, 3)
     for t, g in enumerate(ORDER_PRESETS[order]):
@@ -72,10 +73,17 @@ def test_grayscale_equals_rgb_replicated():
     assert torch.equal(conv(gray), official_i2e(gray.expand(-1, 3, -1, -1), 0.1, 4))
 
 
-def test_uint8_matches_float_division():
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_uint8_scaling_is_torchvision_to_dtype(backend):
+    """uint8 images are scaled as the official pipeline's v2.ToDtype(float32, scale=True)
+    (x * float32(1/255), not x / 255: they differ in the last bit for 126 of 256 values)."""
+    img = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16).clone()
+    img[1] = img[1].flip(-1)
+    conv = I2E(ratio=0.07, backend=backend).eval()
+    assert torch.equal(conv.intensity(img), to_dtype(img, torch.float32, scale=True).amax(1))
+    assert torch.equal(conv(img), conv(to_dtype(img, torch.float32, scale=True)))
     img = torch.randint(0, 256, (4, 3, 20, 24), dtype=torch.uint8)
-    conv = I2E(ratio=0.07).eval()
-    assert torch.equal(conv(img), conv(img.float() / 255.0))
+    assert torch.equal(conv(img), conv(to_dtype(img, torch.float32, scale=True)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32])
@@ -101,7 +109,7 @@ def _all_candidates(v_pad: torch.Tensor, group: int, h: int, w: int) -> list[tor
 
 
 def test_train_mode_vectors_always_from_the_right_group():
-    conv = I2E(ratio=0.07, order=4).train()
+    conv = I2E(ratio=0.07, order=4, direction_draw="sample").train()
     gen = torch.Generator().manual_seed(0)
     a, b = conv.directions(500, torch.device("cpu"), gen)  # [T, B]
     seen = [set() for _ in range(8)]
@@ -115,7 +123,7 @@ def test_train_mode_vectors_always_from_the_right_group():
 
 def test_train_mode_output_is_one_group_vector_per_sample():
     img = torch.rand(6, 3, 12, 12)
-    conv = I2E(ratio=0.05, order=2).train()
+    conv = I2E(ratio=0.05, order=2, direction_draw="sample").train()
     ev = conv(img, generator=torch.Generator().manual_seed(1))
     v = img.amax(dim=1)
     vpad = F.pad(v.unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
@@ -129,6 +137,33 @@ def test_train_mode_output_is_one_group_vector_per_sample():
             assert any(matches)
             differs += not matches[0]
     assert differs > 0, "random directions must sometimes differ from the canonical ones"
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_train_mode_default_draws_one_vector_per_group_per_batch(backend):
+    """direction_draw="batch" (default, the official converter): every sample of a forward uses
+    the same vector at timestep t; across forwards every vector of the group is drawn."""
+    conv = I2E(ratio=0.07, order=4, backend=backend).train()
+    assert conv.direction_draw == "batch"
+    gen = torch.Generator().manual_seed(0)
+    seen = [set() for _ in range(8)]
+    for _ in range(60):
+        a, b = conv.directions(5, torch.device("cpu"), gen)  # [T, B]
+        assert torch.equal(a, a[:, :1].expand_as(a)) and torch.equal(b, b[:, :1].expand_as(b))
+        for t in range(8):
+            seen[t].add((int(a[t, 0]), int(b[t, 0])))
+    assert all(seen[t] == {(x - 1, y - 1) for x, y in DIRECTION_GROUPS[g]} for t, g in enumerate(conv.order))
+    img = torch.rand(4, 3, 10, 10)
+    ev = conv(img, generator=torch.Generator().manual_seed(3))
+    a, b = conv.directions(4, torch.device("cpu"), torch.Generator().manual_seed(3))
+    v = img.amax(dim=1)
+    vpad = F.pad(v.unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
+    thr = 0.07 * (v.flatten(1).amax(1) - v.flatten(1).amin(1))
+    for t in range(8):
+        (ra, ca), (rb, cb) = divmod(int(a[t, 0]), 3), divmod(int(b[t, 0]), 3)
+        r = vpad[:, rb : rb + 10, cb : cb + 10] - vpad[:, ra : ra + 10, ca : ca + 10]
+        assert torch.equal(ev[t, :, 0], (r >= thr.view(-1, 1, 1)).float())
+        assert torch.equal(ev[t, :, 1], (-r >= thr.view(-1, 1, 1)).float())
 
 
 def test_random_directions_off_equals_eval():

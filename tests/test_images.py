@@ -92,9 +92,12 @@ def test_imagefolder_made_split_labels_and_eval_events_match_the_released_prepro
     pickle.dumps(dm2.datasets["train"])
 
 
-def test_train_mode_cifar_recipes(image_folder):
+def test_train_mode_cifar_recipes_pil_bicubic(image_folder):
+    """The earlier preprocessing (interpolation=pil_bicubic): PIL resize in the workers, crop, flip
+    and bicubic resize on the device. (The official v2 pipeline: tests/test_recipe_parity.py.)"""
     torch.manual_seed(0)
-    dm = _dm(image_folder, train_aug="baseline1", hflip=0.0, encoder={"ratio": 0.07, "random_directions": False})
+    old = dict(interpolation="pil_bicubic")
+    dm = _dm(image_folder, train_aug="baseline1", hflip=0.0, encoder={"ratio": 0.07, "random_directions": False}, **old)
     dm.setup()
     src, _ = _first(dm.train_dataloader())
     assert src.shape == (8, 3, 16, 16)  # the workers hand over the source-size image
@@ -104,17 +107,18 @@ def test_train_mode_cifar_recipes(image_folder):
     up = torch.nn.functional.interpolate(src.float() / 255, size=RES, mode="bicubic", antialias=True).clamp(0, 1)
     assert torch.equal(ev1, I2E(ratio=0.07).eval()(up))
     # baseline2 adds pad 4 (edge) + random crop before the resize: draws differ from baseline1
-    dm2 = _dm(image_folder, train_aug="baseline2", hflip=0.0, encoder={"ratio": 0.07, "random_directions": False})
+    dm2 = _dm(image_folder, train_aug="baseline2", hflip=0.0, encoder={"ratio": 0.07, "random_directions": False},
+              **old)
     assert not torch.equal(dm2.to_events(src, train=True), ev1)
     # the full recipe: random directions + flip + crop, different on every draw
-    dm3 = _dm(image_folder)
+    dm3 = _dm(image_folder, **old)
     a, b = dm3.to_events(src, train=True), dm3.to_events(src, train=True)
     assert a.shape == b.shape == (8, 8, 2, *RES) and not torch.equal(a, b)
     assert set(a.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_imagenet_family_crops_in_the_workers(image_folder):
-    dm = _dm(image_folder, aug_family="imagenet", train_aug="baseline2", test_resize=36)
+def test_imagenet_family_crops_in_the_workers_pil_bicubic(image_folder):
+    dm = _dm(image_folder, aug_family="imagenet", train_aug="baseline2", test_resize=36, interpolation="pil_bicubic")
     dm.setup()
     images, labels = _first(dm.train_dataloader())
     assert images.shape == (8, 3, *RES)  # RandomResizedCrop to the resolution in the workers
@@ -188,7 +192,7 @@ def test_eval_events_equal_the_i2e_convert_records(hub_parquet, tmp_path):
     root, labels = hub_parquet
     out = tmp_path / "converted"
     convert(root, out, "tiny", splits={"validation": "test"}, resolution=RES[0], ratio=0.07, order=4,
-            num_workers=0, device="cpu", progress=False, cache_dir=str(tmp_path / "cache"))
+            interpolation="bilinear", num_workers=0, device="cpu", progress=False, cache_dir=str(tmp_path / "cache"))
     (shard,) = (out / "tiny").glob("validation-*.parquet")
     recs = pq.read_table(shard).column("data").to_pylist()
     converted = torch.from_numpy(np.stack([decode_record(r) for r in recs])).transpose(0, 1)  # [T, B, C, H, W]

@@ -18,11 +18,17 @@ What keeps a run recoverable:
 * :class:`StopOnNonFinite`: stop at a NaN/Inf loss; never checkpoint NaN/Inf weights.
 * :class:`BadRecordsReport`: records skipped under ``data.on_bad_record=skip``, counted and written.
 
+What a run on a GPU sets as the official scripts do:
+
+* :class:`CudaMath`: cuDNN autotuning (unless deterministic) and TF32 matmuls, for the run only
+  (the gpu / ddp trainer configs' ``cuda_math`` block).
+
 All of them are cheap: SpikeStats hooks the network during validation epochs only, media and
 plots are made on rank 0.
 """
 
 from .bad_records import BadRecordsReport
+from .cuda_math import CudaMath
 from .event_media import EventMediaLogger
 from .learning_curves import LearningCurves
 from .nonfinite import NonFiniteLossError, StopOnNonFinite
@@ -33,4 +39,4 @@ from .step_checkpoint import StepCheckpoint
 
 __all__ = ["SpikeStats", "EventMediaLogger", "LearningCurves", "RunInfo", "StepCheckpoint", "RestoreRNGState",
            "StopOnNonFinite", "NonFiniteLossError", "BadRecordsReport", "rng_states", "set_rng_states",
-           "spiking_layers"]
+           "spiking_layers", "CudaMath"]

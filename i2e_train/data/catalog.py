@@ -12,7 +12,7 @@ matched by class name through ``class_names`` (label index -> class name).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from i2e_train.naming import unknown_name
 
@@ -63,6 +63,13 @@ class DatasetInfo:
     hub_repo: str | None = HUB_REPO
     class_names: tuple[str, ...] = ()  # label index -> class name, where known
     twin: str | None = None  # real recordings: the I2E config converted from the same source images
+    # How the source images were resized before conversion (i2e_train.data.preprocess): "bilinear"
+    # where the official notebooks made the data (v2.Resize default: CIFAR-10/100, ImageNet),
+    # else the dataset card's protocol, "bicubic" (v2.Resize BICUBIC on the uint8 tensor).
+    interpolation: str = "bicubic"
+    # Validation images: shorter side resized to this, then a centre crop to the resolution
+    # (the ImageNet notebook's Resize(256) + CenterCrop(224)); None = resized straight.
+    val_resize: int | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -74,10 +81,10 @@ class DatasetInfo:
         return "validation" in self.splits
 
 
-def _i2e(name, source, res, classes, splits, ratio, rate, names=()) -> DatasetInfo:
+def _i2e(name, source, res, classes, splits, ratio, rate, names=(), interpolation="bicubic") -> DatasetInfo:
     return DatasetInfo(
         name=name, source=source, resolution=(res, res), num_classes=classes,
-        splits=splits, ratio=ratio, event_rate=rate, class_names=tuple(names),
+        splits=splits, ratio=ratio, event_rate=rate, class_names=tuple(names), interpolation=interpolation,
     )
 
 
@@ -91,7 +98,7 @@ def _recorded(name, source, twin: DatasetInfo, splits) -> DatasetInfo:
 
 _MNIST = _i2e("I2E-MNIST", "MNIST", 32, 10, {"train": 60_000, "validation": 10_000}, 0.10, 0.0956, MNIST_CLASSES)
 _CIFAR10 = _i2e("I2E-CIFAR10", "CIFAR-10", 128, 10, {"train": 50_000, "validation": 10_000}, 0.07, 0.0586,
-                CIFAR10_CLASSES)
+                CIFAR10_CLASSES, interpolation="bilinear")
 _CALTECH101 = _i2e("I2E-Caltech101", "Caltech-101", 224, 101, {"train": 8_677}, 0.12, 0.0625, CALTECH101_CLASSES)
 
 
@@ -99,8 +106,10 @@ CATALOG: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
         _CIFAR10,
-        _i2e("I2E-CIFAR100", "CIFAR-100", 128, 100, {"train": 50_000, "validation": 10_000}, 0.07, 0.0576),
-        _i2e("I2E-ImageNet", "ILSVRC2012", 224, 1000, {"train": 1_281_167, "validation": 50_000}, 0.12, 0.0666),
+        _i2e("I2E-CIFAR100", "CIFAR-100", 128, 100, {"train": 50_000, "validation": 10_000}, 0.07, 0.0576,
+             interpolation="bilinear"),
+        replace(_i2e("I2E-ImageNet", "ILSVRC2012", 224, 1000, {"train": 1_281_167, "validation": 50_000}, 0.12,
+                     0.0666, interpolation="bilinear"), val_resize=256),
         _CALTECH101,
         _i2e("I2E-Caltech256", "Caltech-256", 224, 257, {"train": 30_607}, 0.12, 0.0604),
         _i2e("I2E-Mini-ImageNet", "Mini-ImageNet", 224, 100, {"train": 60_000}, 0.12, 0.0665),

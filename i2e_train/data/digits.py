@@ -1,7 +1,7 @@
 """The embedded default dataset: scikit-learn's digits as an I2E parquet, built offline.
 
 1,797 real 8x8 grayscale digits (values 0..16, shipped inside scikit-learn) go through the
-standard I2E preprocessing (scaled to 8 bit, RGB, bicubic resize to 32x32) and the converter
+standard I2E preprocessing (scaled to 8 bit, RGB, PIL bicubic resize to 32x32: "pil_bicubic") and the converter
 in evaluation mode (ratio 0.10 as for MNIST, order preset 4) into the released schema:
 ``<root>/I2E-Digits/{train,validation}-00000-of-00001.parquet`` plus a dataset card, with a
 fixed stratified 80/20 split (1,437 / 360). The build is deterministic: rebuilding gives the
@@ -50,7 +50,7 @@ def _images(size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
     d = load_digits()
     imgs8 = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # [N, 8, 8]
     batch = torch.stack(
-        [preprocess_image(Image.fromarray(im, mode="L"), size, f"digit {i}") for i, im in enumerate(imgs8)]
+        [preprocess_image(Image.fromarray(im, mode="L"), size, f"digit {i}", "pil_bicubic") for i, im in enumerate(imgs8)]
     )
     return batch, d.target
 

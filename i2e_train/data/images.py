@@ -15,31 +15,30 @@ Labels: class names that are the numbers 0..K-1 (ClassLabel indices, digit folde
 class index; other names (``n01440764``, ``cat``) are indexed in sorted order, as
 torchvision's ImageFolder does.
 
-Where the work happens:
-- DataLoader workers decode, convert to RGB and resize with PIL (bicubic), and hand uint8
-  tensors to the loader: batches are (images uint8 [B, 3, h, w], labels int64 [B]).
-- ``on_after_batch_transfer`` runs on the training device, batched, one random draw per
-  sample, then the I2E converter (training: train mode, random directions; validation: eval
-  mode, canonical directions): batches become (events [T, B, 2, H, W] float32, labels).
+Where the work happens (``interpolation="bilinear"``, the default, and "bicubic"): the official
+scripts' pipeline.
+- DataLoader workers decode, convert to RGB and run the recipe's torchvision ``v2.Compose`` on the
+  uint8 tensor (``OfficialTransform``), exactly the official ``transform_train`` /
+  ``transform_test`` without the final ``ToDtype`` (the converter scales uint8 as it does):
+  - cifar, baseline2: Pad(crop_padding, edge), RandomCrop(source_size), Resize(resolution),
+    RandomHorizontalFlip(hflip); baseline1: Resize + flip;
+  - imagenet, baseline2: RandomResizedCrop(resolution) + flip; baseline1: Resize + flip;
+  - evaluation (and train_aug=none): Resize(resolution), or Resize(test_resize) + CenterCrop.
+  Random draws come from a seed per (run seed, epoch, sample index) (``sample_seed``): the
+  same for any number of workers, and again the same for a resumed epoch.
+- ``on_after_batch_transfer`` runs the I2E converter on the training device (training: train
+  mode, random directions; validation: eval mode, canonical directions): batches become
+  (events [T, B, 2, H, W] float32, labels).
 
-Recipes (``train_aug`` x ``aug_family``; the official scripts'):
-- cifar, baseline1: workers give the source_size image (32x32); device: horizontal flip, then
-  bicubic resize to ``resolution`` (``interpolate(antialias=True)`` on float, clamped to [0, 1]).
-- cifar, baseline2: as baseline1 with, before the resize, pad ``crop_padding`` (edge mode)
-  + random crop back to source_size.
-- imagenet, baseline1: workers resize to ``resolution``; device: flip.
-- imagenet, baseline2: workers RandomResizedCrop to ``resolution`` (variable crop sizes, so on
-  PIL); device: flip.
-- none: the evaluation preprocessing, no image augmentation (the converter still draws random
-  directions in training unless ``encoder.random_directions=false``).
-Evaluation: workers resize to ``resolution`` with PIL exactly as the released datasets were
-made (``preprocess_image``), so eval events equal the released / ``i2e-convert`` records; with
-``test_resize`` (ImageNet: 256) they resize the shorter side to it and centre-crop instead.
+``interpolation="pil_bicubic"`` (i2e-train before the recipe audit): workers resize with PIL
+bicubic (cifar: to source_size; imagenet baseline2: RandomResizedCrop on PIL); the device
+crops, flips and (cifar) resizes with ``interpolate(bicubic, antialias)`` on float.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -50,14 +49,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from i2e_train.data.augment import random_crop, random_hflip
+from i2e_train.data.augment import mixup_active, mixup_cutmix, random_crop, random_hflip
 from i2e_train.data.base import (
     DatasetUnavailableError,
     EventDataModule,
     as_size,
     resolve_info,
 )
-from i2e_train.data.preprocess import preprocess_image, to_rgb
+from i2e_train.data.preprocess import check_interpolation, preprocess_image, to_rgb, to_uint8
 from i2e_train.data.sources import (
     BadImageError,
     SourceError,
@@ -73,10 +72,14 @@ __all__ = ["ImageDataModule", "ImageSet", "build_encoder", "class_targets", "TRA
 log = logging.getLogger(__name__)
 
 TRAIN_AUGS = ("baseline1", "baseline2", "none")
+TRAIN_CONVERSIONS = ("autocast", "float32")
+_AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 AUG_FAMILIES = ("cifar", "imagenet")
 _PAD_MODES = {"replicate": "replicate", "edge": "replicate", "constant": "constant", "zeros": "constant",
               "reflect": "reflect", "circular": "circular"}
-_ENCODER_KEYS = ("ratio", "order", "padding_mode", "threshold", "random_directions", "dtype")
+_V2_PAD_MODES = {"replicate": "edge", "edge": "edge", "constant": "constant", "zeros": "constant",
+                 "reflect": "reflect"}
+_ENCODER_KEYS = ("ratio", "order", "padding_mode", "threshold", "random_directions", "dtype", "direction_draw")
 _VAL_FOLDERS = ("val", "validation", "valid", "test")
 
 
@@ -125,13 +128,13 @@ def class_targets(class_names: Sequence[str], num_classes: int, where: str) -> d
 
 # --------------------------------------------------------------------------- worker transforms
 class _Resize:
-    """RGB + bicubic resize to (H, W) with PIL -> uint8 [3, H, W] (the released preprocessing)."""
+    """RGB + bicubic resize to (H, W) with PIL -> uint8 [3, H, W] (interpolation=pil_bicubic)."""
 
     def __init__(self, size: tuple[int, int]) -> None:
         self.size = tuple(size)
 
-    def __call__(self, img: Image.Image, where: str) -> torch.Tensor:
-        return preprocess_image(img, self.size, where)
+    def __call__(self, img: Image.Image, where: str, seed: int | None = None) -> torch.Tensor:
+        return preprocess_image(img, self.size, where, "pil_bicubic")
 
     def __repr__(self) -> str:
         return f"Resize{self.size}"
@@ -143,7 +146,7 @@ class _ResizeCenterCrop:
     def __init__(self, resize: int, size: tuple[int, int]) -> None:
         self.resize, self.size = int(resize), tuple(size)
 
-    def __call__(self, img: Image.Image, where: str) -> torch.Tensor:
+    def __call__(self, img: Image.Image, where: str, seed: int | None = None) -> torch.Tensor:
         import torchvision.transforms.functional as TF
         from torchvision.transforms import InterpolationMode
 
@@ -167,11 +170,46 @@ class _RandomResizedCrop:
         self.op = transforms.RandomResizedCrop(self.size, scale=tuple(scale), ratio=tuple(ratio),
                                                interpolation=InterpolationMode.BICUBIC)
 
-    def __call__(self, img: Image.Image, where: str) -> torch.Tensor:
+    def __call__(self, img: Image.Image, where: str, seed: int | None = None) -> torch.Tensor:
         return _to_uint8(self.op(to_rgb(img, where)))
 
     def __repr__(self) -> str:
         return f"RandomResizedCrop({self.size}, scale={self.op.scale}, ratio={self.op.ratio})"
+
+
+class OfficialTransform:
+    """The official scripts' torchvision ``v2.Compose`` on the uint8 tensor of an RGB image,
+    without the final ``ToDtype(float32, scale=True)`` (the converter scales exactly as it does):
+    image -> uint8 [3, H, W].
+
+    Random transforms (RandomCrop, RandomResizedCrop, RandomHorizontalFlip) draw from torch's
+    global generator, as in the official DataLoader workers; here it is seeded with the sample's
+    own seed (a function of the run's seed, the epoch and the sample index, see ``sample_seed``)
+    inside ``torch.random.fork_rng``, so the draws do not depend on the number of workers, a
+    resumed epoch draws the same, and the process's generator is left as it was.
+    """
+
+    def __init__(self, ops: Sequence[Any]) -> None:
+        from torchvision.transforms import v2
+
+        self.compose = v2.Compose(list(ops))
+
+    def __call__(self, img: Image.Image, where: str, seed: int | None = None) -> torch.Tensor:
+        x = to_uint8(img, where)  # v2.PILToTensor() of the RGB image
+        if seed is None:
+            return self.compose(x)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.compose(x)
+
+    def __repr__(self) -> str:
+        return f"OfficialTransform({self.compose})"
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's random augmentation in one epoch."""
+    return int(np.random.SeedSequence([int(seed) % 2**32, int(epoch), int(index), 0xA06]).generate_state(1, np.uint64)[0]
+               % 2**63)
 
 
 def _to_uint8(img: Image.Image) -> torch.Tensor:
@@ -188,17 +226,29 @@ class ImageSet(Dataset):
     batch: (uint8 [B, 3, h, w], int64 [B]). An unreadable image raises an error naming it.
     """
 
-    def __init__(self, reader, rows: np.ndarray, targets: np.ndarray, transform, split: str) -> None:
+    def __init__(self, reader, rows: np.ndarray, targets: np.ndarray, transform, split: str,
+                 seed: int | None = None) -> None:
         self.reader, self.rows = reader, np.asarray(rows, dtype=np.int64)
         self.targets = np.asarray(targets, dtype=np.int64)
         if len(self.rows) != len(self.targets):
             raise ValueError(f"split {split!r}: {len(self.rows)} rows but {len(self.targets)} targets")
         self.transform, self.split = transform, split
+        # per-sample augmentation seeds: the training sampler then yields (index, epoch) items
+        self.seed = None if seed is None else int(seed)
+        self.wants_epoch = self.seed is not None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: Sequence[int] | Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items are indices, or (index, epoch) pairs from the training sampler: those seed each
+        sample's random augmentation with ``sample_seed(seed, epoch, index)``."""
+        seeds: list[int | None] = [None] * len(indices)
+        if len(indices) and isinstance(indices[0], (tuple, list)):
+            pairs = [(int(i), int(e)) for i, e in indices]
+            indices = [i for i, _ in pairs]
+            if self.seed is not None:
+                seeds = [sample_seed(self.seed, e, i) for i, e in pairs]
         idx = np.asarray(indices, dtype=np.int64)
         rows = self.rows[idx]
         try:
@@ -207,11 +257,11 @@ class ImageSet(Dataset):
             raise BadImageError(f"{self.reader.where(int(rows[0]))}: cannot read rows "
                                 f"({type(exc).__name__}: {exc})") from exc
         images = []
-        for pos, value in zip(rows.tolist(), values):
+        for pos, value, seed in zip(rows.tolist(), values, seeds):
             where = self.reader.where(pos)
             img = load_image(value, where)  # BadImageError names the file / row
             try:
-                images.append(self.transform(img, where))
+                images.append(self.transform(img, where, seed))
             except BadImageError:
                 raise
             except Exception as exc:  # noqa: BLE001 - resize/crop failures name the file too
@@ -244,6 +294,11 @@ def _check_settings(source, source_type, train_aug, aug_family, pad_mode, hflip,
         raise ValueError(f"source_type must be auto, hub, parquet or imagefolder, got {source_type!r}")
     if source is None or str(source) == "":
         raise ValueError("source is required: a hub dataset id, a local copy of one, parquet files or an image folder")
+
+
+def _run_seed(seed: int | None) -> int:
+    """The DataModule's seed, else seed_everything's (the run's), else 0 (as the sampler's)."""
+    return int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def _encoder_for(encoder, info) -> I2E:
@@ -287,7 +342,15 @@ class ImageDataModule(EventDataModule):
             (ImageNet: 256); None = resize straight to resolution (the released data).
         rrc_scale, rrc_ratio: (imagenet, baseline2) RandomResizedCrop scale and aspect ranges.
         encoder: I2E settings (dict / DictConfig: ratio, order, padding_mode, threshold,
-            random_directions, dtype) or an I2E instance; ratio defaults to the catalog's.
+            random_directions, direction_draw, dtype) or an I2E instance; ratio defaults to the catalog's.
+        interpolation: "bilinear" (official: the scripts' torchvision v2 Compose in the workers),
+            "bicubic" (the same with v2 bicubic) or "pil_bicubic" (i2e-train before the recipe
+            audit: PIL bicubic in the workers, crop / flip / bicubic resize on the device).
+        train_conversion: "autocast" (official: under a 16-mixed / bf16-mixed trainer on CUDA the
+            training conversion's response is rounded as autocast's conv2d rounds it) or "float32".
+        mixup: the official ``--mixup``: ``v2.RandomChoice([CutMix, MixUp])`` on the training
+            images (float, before the converter) while ``epoch <= max_epochs * 2 / 3``; batches
+            then carry soft targets [B, K] as a third element (loss on them, accuracy on the labels).
     """
 
     collate_fn = collate_images
@@ -322,8 +385,20 @@ class ImageDataModule(EventDataModule):
         rrc_scale: Sequence[float] = (0.08, 1.0),
         rrc_ratio: Sequence[float] = (3 / 4, 4 / 3),
         encoder: I2E | Mapping[str, Any] | None = None,
+        interpolation: str = "bilinear",
+        train_conversion: str = "autocast",
+        mixup: bool = False,
     ) -> None:
         _check_settings(source, source_type, train_aug, aug_family, pad_mode, hflip, crop_padding)
+        self.interpolation = check_interpolation(interpolation, "data.interpolation")
+        if train_conversion not in TRAIN_CONVERSIONS:
+            raise ValueError(f"data.train_conversion must be one of {', '.join(TRAIN_CONVERSIONS)}, "
+                             f"got {train_conversion!r}")
+        self.train_conversion = train_conversion
+        self.mixup = bool(mixup)
+        if self.interpolation != "pil_bicubic" and pad_mode not in _V2_PAD_MODES:
+            raise ValueError(f"pad_mode {pad_mode!r} has no torchvision v2 equivalent; use one of "
+                             f"{sorted(_V2_PAD_MODES)} or data.interpolation=pil_bicubic")
         super().__init__(resolve_info(name, num_classes, resolution, timesteps, kind="online"), batch_size,
                          num_workers, pin_memory, drop_last, seed)
         self.encoder = _encoder_for(encoder, self.info)
@@ -337,14 +412,48 @@ class ImageDataModule(EventDataModule):
         self.crop_padding, self.pad_mode, self.hflip = int(crop_padding), _PAD_MODES[pad_mode], float(hflip)
         self.test_resize = None if test_resize is None else int(test_resize)
         self.rrc_scale, self.rrc_ratio = tuple(float(s) for s in rrc_scale), tuple(float(r) for r in rrc_ratio)
+        self.pad_mode_name = pad_mode
 
     # ---- worker-side transforms
+    @property
+    def official(self) -> bool:
+        """The official torchvision v2 pipeline in the workers (interpolation bilinear / bicubic)."""
+        return self.interpolation != "pil_bicubic"
+
+    def _v2_ops(self, train: bool) -> list:
+        """The official scripts' v2.Compose of this recipe (without PILToTensor / ToDtype)."""
+        from torchvision.transforms import InterpolationMode, v2
+
+        mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[self.interpolation]
+        size = list(self.resolution)
+        if not train or self.train_aug == "none":
+            if self.test_resize is not None:  # ImageNet: Resize(256), CenterCrop(224)
+                return [v2.Resize(self.test_resize, interpolation=mode), v2.CenterCrop(size)]
+            return [v2.Resize(size, interpolation=mode)]
+        ops: list = []
+        if self.aug_family == "cifar":
+            if self.train_aug == "baseline2":
+                ops += [v2.Pad(self.crop_padding, padding_mode=_V2_PAD_MODES[self.pad_mode_name]),
+                        v2.RandomCrop(list(self.source_size))]
+            ops.append(v2.Resize(size, interpolation=mode))
+        elif self.train_aug == "baseline2":
+            ops.append(v2.RandomResizedCrop(size, scale=self.rrc_scale, ratio=self.rrc_ratio, interpolation=mode))
+        else:
+            ops.append(v2.Resize(size, interpolation=mode))
+        if self.hflip > 0:
+            ops.append(v2.RandomHorizontalFlip(self.hflip))
+        return ops
+
     def _eval_transform(self):
+        if self.official:
+            return OfficialTransform(self._v2_ops(train=False))
         if self.test_resize is not None:
             return _ResizeCenterCrop(self.test_resize, self.resolution)
         return _Resize(self.resolution)
 
     def _train_transform(self):
+        if self.official:
+            return OfficialTransform(self._v2_ops(train=True))
         if self.train_aug == "none":
             return self._eval_transform()
         if self.aug_family == "cifar":
@@ -428,14 +537,16 @@ class ImageDataModule(EventDataModule):
             if len(rows) == 0:
                 raise DatasetUnavailableError(f"{self.name}: split {labels[key]!r} of {self.source} is empty")
             targets = per_split[sp.name][1][rows]
-            transform = self._train_transform() if key == "train" else self._eval_transform()
-            self.datasets[key] = ImageSet(sp.reader, rows, targets, transform, labels[key])
+            train = key == "train"
+            transform = self._train_transform() if train else self._eval_transform()
+            seed = _run_seed(getattr(self, "seed", None)) if train and self.official else None
+            self.datasets[key] = ImageSet(sp.reader, rows, targets, transform, labels[key], seed)
 
     # ---- device side
     def augment_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training augmentation on the device: uint8 [B, 3, h, w] -> [B, 3, H, W] (uint8 or float in [0, 1])."""
         x = images
-        if self.train_aug == "none":
+        if self.train_aug == "none" or self.official:  # official: augmented in the workers (v2)
             return x
         if self.aug_family == "cifar" and self.train_aug == "baseline2" and self.crop_padding > 0:
             x = random_crop(x, tuple(x.shape[-2:]), self.crop_padding, self.pad_mode, generator=generator)
@@ -456,18 +567,35 @@ class ImageDataModule(EventDataModule):
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images [B, 3, h, w], got shape {tuple(images.shape)}")
         enc = self.encoder.to(images.device)  # buffers only: a no-op once it sits on the device
+        compute_dtype = None
         if train:
             x = self.augment_images(images, generator)
             enc.train()
+            compute_dtype = self.conversion_dtype(images.device)
         else:
             x = images
             enc.eval()
         if tuple(x.shape[-2:]) != self.resolution:
             raise ValueError(f"images of size {tuple(x.shape[-2:])} reached the converter; the config's resolution "
                              f"is {self.resolution}")
-        return enc(x, generator=generator)
+        return enc(x, generator=generator, compute_dtype=compute_dtype)
+
+    def conversion_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype of the training conversion's response: the official scripts run the in-model
+        converter inside ``torch.amp.autocast(device_type="cuda")``, so with a mixed-precision
+        trainer on CUDA its conv2d rounds to float16 (``train_conversion="autocast"``, default);
+        None (float32) on CPU, with 32-bit trainers, or with ``train_conversion="float32"``."""
+        if self.train_conversion != "autocast" or device.type != "cuda" or self.trainer is None:
+            return None
+        return _AUTOCAST_DTYPES.get(str(self.trainer.precision))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         images, targets = batch
         train = self.trainer is not None and self.trainer.training
+        if train and self.mixup and mixup_active(self.trainer.current_epoch, self.trainer.max_epochs):
+            from torchvision.transforms.v2.functional import to_dtype
+
+            floats = to_dtype(images, torch.float32, scale=True)  # the official ToDtype, then the mix
+            mixed, soft = mixup_cutmix(floats, targets, self.num_classes)
+            return self.to_events(mixed, True), targets, soft
         return self.to_events(images, train), targets

@@ -32,16 +32,21 @@ log = logging.getLogger(__name__)
 
 class ResumableSampler(DistributedSampler):
     """Shuffled indices of one epoch for one rank, ``randperm(len(dataset), seed + epoch)``
-    padded to a multiple of ``num_replicas`` and strided by rank (as ``DistributedSampler``).
+    padded (or, with ``drop_last``, cut) to a multiple of ``num_replicas`` and strided by rank
+    (as ``DistributedSampler``; the DataModules' training loaders cut, as the official scripts).
 
     ``resume_at(epoch, samples)`` makes the next iteration of ``epoch`` skip its first
     ``samples`` indices (this rank's), once.
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, tag_epoch: bool = False, drop_last: bool = False) -> None:
+        # drop_last: drop the epoch's tail that does not split evenly between ranks (the official
+        # scripts' DistributedSampler(train, drop_last=True)) instead of repeating samples
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=int(seed),
-                         drop_last=False)
+                         drop_last=bool(drop_last))
+        # tag_epoch: yield (index, epoch) pairs, for datasets that seed per-sample augmentation
+        self.tag_epoch = bool(tag_epoch)
         self.generator = torch.Generator()  # the DataLoader's: worker base seeds per (seed, epoch)
         self._skip: tuple[int, int] | None = None  # (epoch, samples of this rank to skip)
         self.set_epoch(0)
@@ -62,6 +67,8 @@ class ResumableSampler(DistributedSampler):
             self._skip = None
             if epoch == self.epoch:
                 indices = indices[samples:]
+        if self.tag_epoch:
+            return iter([(i, self.epoch) for i in indices])
         return iter(indices)
 
 
@@ -113,7 +120,8 @@ class ResumableTrainData:
         world, rank = (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
         if seed is None:  # seed_everything's seed (the run's), else 0
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        sampler = ResumableSampler(dataset, seed=seed, num_replicas=world, rank=rank)
+        sampler = ResumableSampler(dataset, seed=seed, num_replicas=world, rank=rank,
+                                   tag_epoch=bool(getattr(dataset, "wants_epoch", False)), drop_last=True)
         pos, self._resume_position = self._resume_position, None
         if pos:
             if pos.get("world_size") != world or pos.get("batch_size") != batch_size:

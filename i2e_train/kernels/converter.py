@@ -38,10 +38,10 @@ def _row_range(row, lo, hi):  # pragma: no cover - compiled (only run on rows ch
 
 @njit(**_JIT)
 def _sample_intensity(images, b, is_uint8, vp, m):  # pragma: no cover - compiled
-    """V of image b (max over channels; uint8 / 255) into the replicate-padded plane vp [H+2, W+2];
+    """V of image b (max over channels; uint8 * float32(1/255), torchvision's ToDtype(scale=True)) into the replicate-padded plane vp [H+2, W+2];
     returns (min, max, all finite). m: scratch row of the images' dtype."""
     h, w = images.shape[2], images.shape[3]
-    scale = _F32(255.0)
+    scale = _F32(1.0 / 255.0)  # v2.ToDtype(float32, scale=True): x.to(float32).mul_(1 / 255)
     lo = _F32(np.inf)
     hi = _F32(-np.inf)
     finite = True
@@ -50,7 +50,7 @@ def _sample_intensity(images, b, is_uint8, vp, m):  # pragma: no cover - compile
         row = vp[y + 1, 1 : w + 1]
         if is_uint8:
             for x in range(w):
-                row[x] = _F32(m[x]) / scale
+                row[x] = _F32(m[x]) * scale
         else:
             ok = True
             for x in range(w):
@@ -85,7 +85,7 @@ def _i2e_intensity(images, is_uint8, ratio, fixed, vpad, thr, bad):  # pragma: n
 
 def i2e_intensity(images, ratio, fixed, vpad, thr, bad) -> None:
     """images [B, C, H, W] float32 or uint8 -> replicate-padded V = max over C in vpad [B, H+2, W+2]
-    (uint8 / 255 as float32), the per-image threshold in thr [B] (``fixed``: ``ratio`` itself,
+    (uint8 * float32(1/255), as ToDtype(scale=True)), the per-image threshold in thr [B] (``fixed``: ``ratio`` itself,
     else (max - min) * ratio) and ``bad[b]`` set when a float image holds NaN/Inf. One pass; max,
     the division and the threshold are the tensor path's float32 operations."""
     _i2e_intensity(images, images.dtype == np.uint8, _F32(ratio), fixed, vpad, thr, bad)

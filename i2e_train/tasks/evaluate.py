@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from i2e_train.files import atomic_write_json
+from i2e_train.tasks.train import make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,21 @@ def _merge_stored(cfg: DictConfig, stored: dict, overrides: Sequence[str]) -> Di
         if group in chosen or group not in stored:
             continue
         base = OmegaConf.create(stored[group])
+        if group == "data":
+            _earlier_recipe_preprocessing(base)
         dotted = [o for o in overrides if o.lstrip("+~").startswith(group + ".")]
-        cfg[group] = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+") for o in dotted]))
+        # "data.batch_size=3" -> batch_size=3 inside the group (the dotted key without its group)
+        cfg[group] = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+~")[len(group) + 1:] for o in dotted]))
     cfg.module.num_classes = cfg.data.num_classes
     return cfg
+
+
+def _earlier_recipe_preprocessing(data: DictConfig) -> None:
+    """An online-mode run made before the recipe audit stored no ``interpolation``: its images
+    were resized with PIL bicubic, so it is evaluated that way (docs/recipes.md)."""
+    if str(data.get("_target_", "")).endswith("ImageDataModule") and "interpolation" not in data:
+        log.info("checkpoint from before the recipe audit: data.interpolation=pil_bicubic (its training preprocessing)")
+        data.interpolation = "pil_bicubic"
 
 
 def _write_results(cfg: DictConfig, module, source: str, metrics: dict[str, float]) -> dict[str, Any]:
@@ -94,7 +106,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     model = instantiate(cfg.model)
     log.info("loaded: %s", load_checkpoint(model, source, cache_dir=cfg.paths.checkpoint_dir))
     module = instantiate(cfg.module, model=model)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer: L.Trainer = make_trainer(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     res = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     return _write_results(cfg, module, source, {k: float(v) for k, v in res.items()})
 

@@ -69,7 +69,21 @@ def _trainer(cfg: DictConfig, out_dir: Path) -> L.Trainer:
     if not loggers:  # Lightning refuses an LR monitor without a logger; nothing to monitor into
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     callbacks = recovery_callbacks(out_dir) + callbacks  # exact resume (RNG), NaN/Inf stop, bad_records.json
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return make_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def make_trainer(trainer_cfg: DictConfig, callbacks: list | None = None, **kwargs) -> L.Trainer:
+    """``lightning.Trainer`` of a trainer config; its ``cuda_math`` block (gpu / ddp configs: the
+    official scripts' cudnn.benchmark and TF32 settings) becomes a :class:`~i2e_train.callbacks.CudaMath`."""
+    from i2e_train.callbacks import CudaMath
+
+    tcfg = trainer_cfg.copy()
+    OmegaConf.set_struct(tcfg, False)
+    cuda_math = tcfg.pop("cuda_math", None)
+    callbacks = list(callbacks or [])
+    if cuda_math:
+        callbacks.append(CudaMath(**OmegaConf.to_container(cuda_math, resolve=True)))
+    return instantiate(tcfg, callbacks=callbacks, **kwargs)
 
 
 def _write_results(cfg: DictConfig, module, result: dict[str, Any], out_dir: Path) -> None:
