@@ -58,7 +58,7 @@ from i2e_train.data.sources import (
     open_source,
 )
 from i2e_train.data.writer import MANIFEST, shard_name, update_card, write_shard
-from i2e_train.files import atomic_write_json
+from i2e_train.files import atomic_write_json, remove_stale_temporaries
 from i2e_train.i2e import I2E, resolve_order
 
 __all__ = ["ConvertError", "ConvertSummary", "convert", "parse_splits", "resolve_device", "MANIFEST"]
@@ -535,8 +535,8 @@ def _start_manifest(cfg_dir: Path, s: _Settings, src: ImageSource, params: dict,
     plans = _plan(src, cfg_dir, s.rows, manifest)
     cfg_dir.mkdir(parents=True, exist_ok=True)
     for tmp in cfg_dir.glob(".*.parquet.tmp-*"):  # a shard whose writer was killed: never complete
-        log.info("removing the unfinished shard %s", tmp)
-        tmp.unlink(missing_ok=True)
+        for gone in remove_stale_temporaries(cfg_dir / tmp.name[1:].split(".tmp-")[0]):
+            log.info("removed the unfinished shard %s (its writer is gone)", gone)
     manifest["params"] = params
     _save_manifest(manifest_path, manifest)
     return manifest, plans
