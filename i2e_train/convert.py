@@ -298,6 +298,12 @@ def _settings(config: str, resolution, ratio, order, rows_per_shard, device, bat
         if info is None or info.ratio is None:
             raise ConvertError(f"ratio is required for config {config!r} (not a catalog config)")
         ratio = info.ratio
+    try:
+        ratio = float(ratio)
+    except (TypeError, ValueError):
+        raise ConvertError(f"ratio={ratio!r}: expected a number (CIFAR 0.07, ImageNet 0.12, MNIST 0.10)") from None
+    if not math.isfinite(ratio) or ratio < 0:
+        raise ConvertError(f"ratio={ratio}: the threshold ratio must be a finite number >= 0 (e.g. 0.07)")
     if order is None:
         order = info.order if info is not None and info.order is not None else 4
     groups = list(resolve_order(order if isinstance(order, int) else list(order)))
@@ -600,6 +606,9 @@ def convert(
     src = open_source(source, source_type, parse_splits(splits), hf_config, image_column, label_column, cache_dir,
                       limit)
     out, cfg_dir = Path(out), Path(out) / config
+    for folder in (out, cfg_dir):
+        if folder.exists() and not folder.is_dir():
+            raise ConvertError(f"out={out}: {folder} is a file, not a folder; pass the folder to write the dataset into")
     params = _params(s, src, padding_mode, bool(train_mode), int(seed), int(batch_size))
     manifest, plans = _start_manifest(cfg_dir, s, src, params, overwrite)
     writer = _ShardWriter(cfg_dir, src.class_names, manifest, cfg_dir / MANIFEST, on_shard)

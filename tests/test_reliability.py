@@ -144,3 +144,191 @@ def test_finished_run_is_not_overwritten_and_resumes_from_checkpoints_read_weigh
     train_in_process(tmp_path, monkeypatch, "trainer.max_epochs=2", *TINY, "ckpt_path=last")
     resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert resumed["epoch"] > ckpt["epoch"] and resumed["global_step"] == 2 * ckpt["global_step"]
+
+
+def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):
+    """Two i2e-train processes started together: each gets its own folder with its own config.
+    (trainer.max_epochs=0 stops each right after Hydra made its folder.)"""
+    procs = [subprocess.Popen([sys.executable, "-m", "i2e_train.cli.train", f"seed={s}", "trainer.max_epochs=0"],
+                              cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for s in (1, 2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], errs
+    for err in errs:  # the bad value is one line naming the key
+        assert err.strip().splitlines()[-1] == "i2e-train: error: trainer.max_epochs=0: expected a whole number >= 1"
+    runs = sorted((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 2, runs
+    seeds = sorted((r / ".hydra" / "config.yaml").read_text().split("\nseed: ")[1].split("\n")[0] for r in runs)
+    assert seeds == ["1", "2"]
+    assert all(not (r / "checkpoints").exists() for r in runs)  # refused before anything was written
+
+
+_SLOW_WRITER = """
+import sys, time
+from i2e_train.files import atomic_write
+def write(fh):
+    fh.write(b"first " * 1000)
+    print("writing", flush=True)
+    time.sleep(float(sys.argv[2]))
+    fh.write(b"done")
+atomic_write(sys.argv[1], write)
+"""
+
+
+def test_atomic_write_never_removes_another_live_writers_temporary(tmp_path):
+    from i2e_train import files
+
+    target = tmp_path / "metrics.json"
+    slow = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(target), "3"], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert slow.stdout.readline().strip() == "writing"
+    files.atomic_write_text(target, "second")  # another writer of the same file, meanwhile
+    assert slow.wait(timeout=60) == 0  # its temporary survived: it finished its write
+    assert target.read_bytes().endswith(b"done")
+    # a temporary of a writer that is gone (same host, dead pid) is removed by the next write
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".metrics.json.tmp-{files._host()}-{int(dead.stdout)}"
+    other_host = tmp_path / f".metrics.json.tmp-elsewhere-{int(dead.stdout)}"
+    stale.write_text("half")
+    other_host.write_text("half")
+    files.atomic_write_text(target, "third")
+    assert not stale.exists() and other_host.exists()
+
+
+# --------------------------------------------------------------------------- values and files named
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_epochs=-1", "trainer.max_epochs=-1: expected a whole number >= 1"),
+    ("data.batch_size=0", "data.batch_size=0: expected a whole number >= 1"),
+    ("data.batch_size=abc", "data.batch_size='abc': expected a whole number >= 1"),
+    ("model.tau=1", "model.tau=1.0: the LIF time constant must be > 1"),
+    ("model.tau=abc", "model.tau='abc': expected a number"),
+])
+def test_bad_config_value_is_named_before_a_library_asserts(override, message):
+    from i2e_train.config import compose
+    from i2e_train.tasks.checks import check_train_config
+
+    with pytest.raises(ValueError) as err:
+        check_train_config(compose("train", [override]))
+    assert str(err.value).startswith(message)
+
+
+def test_int_tau_becomes_a_float_instead_of_a_spikingjelly_assert():
+    from hydra.utils import instantiate
+
+    from i2e_train.config import compose
+    from i2e_train.tasks.checks import check_train_config
+
+    cfg = check_train_config(compose("train", ["model.tau=3"]))
+    assert cfg.model.tau == 3.0 and isinstance(cfg.model.tau, float)
+    model = instantiate(compose("train", ["model.tau=3"]).model)  # the library itself coerces too
+    taus = {m.tau for m in model.modules() if hasattr(m, "tau")}
+    assert taus == {3.0}
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"not a checkpoint\n", "not a readable torch checkpoint"),
+    (None, "not a readable torch checkpoint"),  # a real checkpoint cut in half
+])
+def test_text_file_or_truncated_checkpoint_as_ckpt_path_names_the_file(tmp_path, content, reason):
+    path = tmp_path / "run.ckpt"
+    if content is None:
+        torch.save({"state_dict": create_model("ms_resnet_tiny", num_classes=10).state_dict(), "epoch": 1}, path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    from i2e_train.config import compose
+    from i2e_train.tasks.train import train
+
+    with pytest.raises(CheckpointFormatError) as err:
+        train(compose("train", [f"ckpt_path={path}", f"paths.output_dir={tmp_path / 'run'}"]))
+    assert str(path) in str(err.value) and reason in str(err.value) and "weights_only=False" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ckpt_path_last_without_the_run_folder_is_an_error(tmp_path):
+    from i2e_train.cli._hydra import check_command_line
+    from i2e_train.tasks.runs import RunFolderError
+
+    with pytest.raises(RunFolderError, match="does not exist"):
+        check_command_line("train", [f"hydra.run.dir={tmp_path / 'typo'}", "ckpt_path=last"])
+    with pytest.raises(ValueError, match="hydra.run.dir"):
+        check_command_line("train", ["ckpt_path=last"])
+    (tmp_path / "started").mkdir()
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        check_command_line("train", [f"hydra.run.dir={tmp_path / 'started'}", "ckpt_path=last"])
+
+
+def test_running_run_folder_is_refused_even_with_overwrite(tmp_path):
+    from i2e_train.tasks.runs import RunFolderError, check_run_folder
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (tmp_path / "RUNNING").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        for overwrite in (False, True):
+            with pytest.raises(RunFolderError, match=f"pid {sleeper.pid}"):
+                check_run_folder(tmp_path, None, overwrite)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    check_run_folder(tmp_path, None, False)  # its process is gone and it left nothing: usable
+
+
+def test_convert_bad_ratio_or_out_file_is_refused_before_anything_is_written(tmp_path):
+    from i2e_train.convert import ConvertError, convert
+
+    folder = tmp_path / "images" / "cat"
+    folder.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(folder / "a.png")
+    with pytest.raises(ConvertError, match="ratio=-1.0: the threshold ratio must be"):
+        convert(tmp_path / "images", tmp_path / "out", "MY-I2E", resolution=8, ratio=-1, progress=False)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConvertError, match="is a file, not a folder"):
+        convert(tmp_path / "images", tmp_path / "afile", "MY-I2E", resolution=8, ratio=0.1, progress=False)
+    summary = convert(tmp_path / "images", tmp_path / "out", "MY-I2E", resolution=8, ratio=0.1, progress=False,
+                      num_workers=0)
+    assert summary.complete  # the corrected command is accepted
+
+
+# --------------------------------------------------------------------------- eval overrides, names, README forms
+def test_eval_overrides_of_the_stored_config_land_at_their_key(tmp_path):
+    from omegaconf import OmegaConf
+
+    from i2e_train.config import compose
+    from i2e_train.tasks.evaluate import _merge_stored
+
+    stored = OmegaConf.to_container(compose("train", ["paths.output_dir=x"]).copy(), resolve=False)
+    stored = {"model": dict(stored["model"], tau=2.0), "data": dict(stored["data"], path="/old/data")}
+    overrides = [f"data.path={tmp_path}", "model.tau=3.0", f"ckpt_path={tmp_path / 'a.ckpt'}"]
+    cfg = _merge_stored(compose("eval", overrides), stored, overrides)
+    assert cfg.data.path == str(tmp_path) and "data" not in cfg.data
+    assert cfg.model.tau == 3.0 and "model" not in cfg.model
+
+
+def test_unknown_experiment_lists_the_nested_ones():
+    from i2e_train.cli._hydra import check_command_line
+
+    with pytest.raises(ValueError) as err:
+        check_command_line("train", ["experiment=cifar10/baseline"])
+    msg = str(err.value)
+    assert "'cifar10/baseline1'" in msg and "imagenet/baseline1_r18" in msg and "demo" in msg
+
+
+def test_readme_pipeline_examples_parse():
+    import re
+    import shlex
+
+    from i2e_train.config import compose
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [c.split("#")[0] for c in re.findall(r"^(i2e-pipeline [^\n]+)$", readme, re.M)]
+    assert len(commands) >= 3 and any("common_overrides=[trainer=gpu" in c for c in commands), commands
+    for command in commands:
+        cfg = compose("pipeline", shlex.split(command)[1:])
+        for item in cfg.common_overrides:
+            assert "=" in item  # each element is an override of its own
+    cfg = compose("pipeline", ["common_overrides=[trainer=gpu,paths.i2e=/data/I2E,trainer.devices=[0,1]]"])
+    assert list(cfg.common_overrides) == ["trainer=gpu", "paths.i2e=/data/I2E", "trainer.devices=[0,1]"]

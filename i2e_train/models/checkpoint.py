@@ -102,14 +102,17 @@ def _torch_load(path: Path, map_location: Any) -> Any:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported (?:global|operand)[^\n]*?(?:GLOBAL\s+)?([\w.]+) was not an allowed", str(exc))
-        if found or "Unsupported" in str(exc):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found or "Unsupported global" in str(exc):
             what = f"'{found.group(1)}'" if found else "an object that is not a tensor"
             raise CheckpointFormatError(
                 f"{path}: refused: it holds the Python object {what}, not only tensors and numbers, and "
                 f"loading it would run code stored in the file. {_CONVERT}."
             ) from exc
-        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({_reason(exc)}); {_REFETCH}") from exc
+        operand = re.search(r"Unsupported operand (\d+)", str(exc))
+        reason = (f"pickle opcode {operand.group(1)} is not one a torch checkpoint uses: a text file, another "
+                  "format, or a pickle of arbitrary objects (refused, never run)") if operand else _reason(exc)
+        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({reason}); {_REFETCH}") from exc
     except Exception as exc:
         raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({_reason(exc)}); {_REFETCH}") from exc
 
