@@ -332,3 +332,110 @@ def test_readme_pipeline_examples_parse():
             assert "=" in item  # each element is an override of its own
     cfg = compose("pipeline", ["common_overrides=[trainer=gpu,paths.i2e=/data/I2E,trainer.devices=[0,1]]"])
     assert list(cfg.common_overrides) == ["trainer=gpu", "paths.i2e=/data/I2E", "trainer.devices=[0,1]"]
+
+
+# --------------------------------------------------------------------------- data completeness, hub layouts
+def _data(root, **kw):
+    from test_i2e_dataset import make_parquet
+
+    return make_parquet(root, n=30, shards=3, **kw)
+
+
+def _setup(root, **kw):
+    from i2e_train.data import I2EDataModule
+
+    dm = I2EDataModule(name="I2E-MNIST", path=str(root), data_dir=str(root / "cache"), batch_size=8, num_workers=0,
+                       **kw)
+    dm.setup()
+    return dm
+
+
+def test_missing_shard_is_named_not_trained_without(tmp_path):
+    from i2e_train.data.base import DataFileError
+
+    _data(tmp_path)
+    gone = tmp_path / "I2E-MNIST" / "train-00001-of-00003.parquet"
+    gone.unlink()
+    with pytest.raises(DataFileError, match=f"{gone} is missing"):
+        _setup(tmp_path)
+
+
+def test_missing_validation_split_listed_by_the_card_is_an_error_not_carved(tmp_path):
+    from i2e_train.data.base import DatasetUnavailableError
+
+    _data(tmp_path)
+    for f in (tmp_path / "I2E-MNIST").glob("validation-*"):
+        f.unlink()
+    with pytest.raises(DatasetUnavailableError, match=r"'validation'.*missing.*README.md lists it"):
+        _setup(tmp_path)
+    dm = _setup(tmp_path, val_split=None)  # carving one on purpose
+    assert len(dm.datasets["train"]) + len(dm.datasets["validation"]) == 30
+
+
+def test_missing_split_listed_by_the_convert_manifest_is_an_error(tmp_path):
+    from i2e_train.data.base import DatasetUnavailableError
+
+    _data(tmp_path, name="MY-I2E", card=False, splits=("train",))
+    (tmp_path / "MY-I2E" / "convert-manifest.json").write_text(json.dumps(
+        {"splits": {"train": {"shards": 3, "done": {}}, "validation": {"shards": 1, "done": {}}}}))
+    from i2e_train.data import I2EDataModule
+
+    dm = I2EDataModule(name="MY-I2E", path=str(tmp_path), data_dir=str(tmp_path / "c"), num_workers=0,
+                       num_classes=10, resolution=[32, 32])
+    with pytest.raises(DatasetUnavailableError, match="convert-manifest.json lists it"):
+        dm.setup()
+
+
+def test_changed_file_with_the_same_mtime_is_read_again(tmp_path):
+    from test_i2e_dataset import make_parquet
+
+    first = make_parquet(tmp_path / "a", n=8, shards=1, seed=0)
+    second = make_parquet(tmp_path / "b", n=8, shards=1, seed=1)
+    target = tmp_path / "a" / "I2E-MNIST" / "train-00000-of-00001.parquet"
+    dm = _setup(tmp_path / "a")
+    before = dm.datasets["train"].table.column("data").to_pylist()
+    st = target.stat()
+    target.write_bytes((tmp_path / "b" / "I2E-MNIST" / "train-00000-of-00001.parquet").read_bytes())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime as before
+    after = _setup(tmp_path / "a").datasets["train"].table.column("data").to_pylist()
+    assert before != after and len(first["train"][0]) == len(second["train"][0])
+
+
+def test_bit_rotted_parquet_page_names_the_file(tmp_path):
+    from i2e_train.data.base import DataFileError
+
+    _data(tmp_path)
+    f = tmp_path / "I2E-MNIST" / "train-00002-of-00003.parquet"
+    raw = bytearray(f.read_bytes())
+    for i in range(100, 400):  # inside the first data page, footer intact
+        raw[i] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(DataFileError, match=str(f)):
+        _setup(tmp_path)
+
+
+def test_hub_parquet_branch_layout_keeps_train_and_validation_apart(tmp_path):
+    """``<config>/<split>/0000.parquet`` (the hub's auto-converted branch): splits from folders."""
+    from i2e_train.data.parquet import find_data_files
+
+    _data(tmp_path / "src")
+    for split in ("train", "validation"):
+        d = tmp_path / "hub" / "I2E-MNIST" / split
+        d.mkdir(parents=True)
+        for i, f in enumerate(sorted((tmp_path / "src" / "I2E-MNIST").glob(f"{split}-*.parquet"))):
+            (d / f"{i:04d}.parquet").write_bytes(f.read_bytes())
+    found = find_data_files(tmp_path / "hub", "I2E-MNIST")
+    assert sorted(found) == ["train", "validation"] and all(len(v) == 3 for v in found.values())
+    dm = _setup(tmp_path / "hub")
+    assert len(dm.datasets["train"]) == len(dm.datasets["validation"]) == 30
+
+
+def test_card_listing_no_files_falls_back_to_the_config_folder(tmp_path):
+    from i2e_train.data.parquet import find_data_files
+
+    _data(tmp_path)
+    card = tmp_path / "README.md"
+    card.write_text(card.read_text().replace("I2E-MNIST/train-", "elsewhere/train-").replace(
+        "I2E-MNIST/validation-", "elsewhere/validation-"))
+    found = find_data_files(tmp_path, "I2E-MNIST")
+    assert sorted(found) == ["train", "validation"] and all(len(v) == 3 for v in found.values())

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from i2e_train.codec import unpack_events
 from i2e_train.data.augment import EventAugment
-from i2e_train.data.base import DatasetUnavailableError, EventDataModule, resolve_info
+from i2e_train.data.base import DataFileError, DatasetUnavailableError, EventDataModule, resolve_info
 from i2e_train.data.packed import (
     BadRecordCounter,
     LabelMap,
@@ -38,12 +38,36 @@ from i2e_train.data.packed import (
     StreamingI2EDataset,
     collate_packed,
 )
-from i2e_train.data.parquet import check_parquet_files, find_data_files
+from i2e_train.data.parquet import (check_complete, check_parquet_files, files_fingerprint, find_data_files,
+                                    listed_splits)
 from i2e_train.data.splits import stratified_split
 
 __all__ = ["I2EDataModule"]
 
 log = logging.getLogger(__name__)
+
+
+def _load_parquet(files: list[str], split: str, streaming: bool, data_dir: Path, where: str):
+    """``datasets`` over local parquet files. Its Arrow cache is keyed on file modification times
+    only, so it lives under a folder keyed by :func:`files_fingerprint` (size, inode, ctime too): a
+    replaced file is always read again. A file that fails to decode is named."""
+    import datasets
+
+    cache = data_dir / "hf-cache" / f"local-{files_fingerprint(files)}"
+    try:
+        return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming,
+                                     cache_dir=str(cache))
+    except Exception as exc:  # noqa: BLE001 - DatasetGenerationError names no file: find it
+        import pyarrow.parquet as pq
+
+        for f in files:
+            try:
+                pq.read_table(f)
+            except Exception as bad:  # noqa: BLE001
+                raise DataFileError(f"{f}: its data cannot be read ({type(bad).__name__}: {bad}); the file is "
+                                    f"corrupt: download or convert it again ({where})") from None
+        raise DataFileError(f"{where}: reading {len(files)} parquet file(s) failed ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
 class I2EDataModule(EventDataModule):
@@ -62,7 +86,9 @@ class I2EDataModule(EventDataModule):
         dtype: dtype of the unpacked events ("float32", "bfloat16", "float16", "bool", ...).
         augment: event augmentation in training, e.g. {crop_padding: 4, hflip: 0.5}.
         on_bad_record: "raise" (default) or "skip" (drop, count, log, write to the run folder).
-        train_split, val_split: split names to read.
+        train_split, val_split: split names to read. ``val_split=None`` carves a stratified
+            validation split of ``val_fraction`` from train on purpose (otherwise that happens only
+            where the catalog, card and manifest list no validation split).
         num_classes, resolution, timesteps: the data's facts. For catalog configs they may be
             omitted and are checked when given; a config of your own (e.g. written by
             ``i2e-convert`` under a new name) needs num_classes and resolution, and a ``path``.
@@ -86,7 +112,7 @@ class I2EDataModule(EventDataModule):
         augment: dict[str, Any] | None = None,
         on_bad_record: str = "raise",
         train_split: str = "train",
-        val_split: str = "validation",
+        val_split: str | None = "validation",
         drop_last: bool = False,
         num_classes: int | None = None,
         resolution: Sequence[int] | None = None,
@@ -132,8 +158,7 @@ class I2EDataModule(EventDataModule):
                     f"split {split!r} of {self.name} not found under {str(root)!r}; found splits: {sorted(files)}"
                 )
             where = f"split {split!r} of {self.name} under {str(root)!r}"
-            ds = datasets.load_dataset("parquet", data_files={split: check_parquet_files(files[split], where)},
-                                       split=split, streaming=streaming, cache_dir=str(self.data_dir / "hf-cache"))
+            ds = _load_parquet(check_parquet_files(files[split], where), split, streaming, self.data_dir, where)
         else:
             try:
                 ds = datasets.load_dataset(self.info.hub_repo, self.name, split=split, streaming=streaming,
@@ -149,6 +174,28 @@ class I2EDataModule(EventDataModule):
             ds = ds.select_columns(columns)
         return ds
 
+    def _local_needs_split(self) -> bool:
+        """Whether the validation split is carved from train: ``val_split=null`` (on purpose), or no
+        validation split where neither the catalog, the dataset card nor the i2e-convert manifest
+        lists one. A listed split that is absent, or a missing shard, is an error naming it."""
+        root = self._local_root()
+        files = find_data_files(root, self.name)
+        check_complete(files, root, self.name)
+        if self.val_split is None:
+            return True
+        if self.val_split in files:
+            return False
+        listed = listed_splits(root, self.name)
+        catalog = self.info.has_validation and self.info.kind != "embedded"
+        if self.val_split in listed or catalog or self.val_split != "validation":
+            said = (f"though {listed[self.val_split]} lists it" if self.val_split in listed else
+                    f"though the catalog entry of {self.name} has one" if catalog else "and data.val_split names it")
+            raise DatasetUnavailableError(
+                f"split {self.val_split!r} of {self.name} is missing under {str(root)!r} (found {sorted(files)}), "
+                f"{said}; download or convert it again (data.val_split=null carves a validation split of "
+                f"data.val_fraction from train on purpose)")
+        return True
+
     def _label_map(self, features) -> LabelMap:
         label = features["label"] if features is not None and "label" in features else None
         names = getattr(label, "names", None)
@@ -160,9 +207,10 @@ class I2EDataModule(EventDataModule):
         if self.datasets:
             return
         splits = {"train": self.train_split, "validation": self.val_split}
-        need_made_split = not self.info.has_validation and self.path is None and self.info.kind != "embedded"
+        need_made_split = self.val_split is None or (not self.info.has_validation and self.path is None
+                                                     and self.info.kind != "embedded")
         if self._local_root() is not None:
-            need_made_split = self.val_split not in find_data_files(self._local_root(), self.name)
+            need_made_split = self._local_needs_split()
         if self.streaming:
             self._setup_streaming(splits, need_made_split)
         else:
