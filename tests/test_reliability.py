@@ -439,3 +439,54 @@ def test_card_listing_no_files_falls_back_to_the_config_folder(tmp_path):
         "I2E-MNIST/validation-", "elsewhere/validation-"))
     found = find_data_files(tmp_path, "I2E-MNIST")
     assert sorted(found) == ["train", "validation"] and all(len(v) == 3 for v in found.values())
+
+
+# --------------------------------------------------------------------------- streaming
+class _Tiny(__import__("lightning").LightningModule):
+    """A linear classifier over the unpacked events [T, B, C, H, W]; records each epoch's labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8 * 2 * 32 * 32, 10)
+        self.seen: dict[int, list[int]] = {}
+
+    def training_step(self, batch, _):
+        events, labels = batch
+        self.seen.setdefault(self.current_epoch, []).extend(labels.tolist())
+        return torch.nn.functional.cross_entropy(self.fc(events.permute(1, 0, 2, 3, 4).flatten(1)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_streaming_training_set_is_reshuffled_every_epoch(tmp_path):
+    import lightning as L
+
+    from i2e_train.callbacks import StreamEpoch
+    from i2e_train.data import I2EDataModule
+    from test_i2e_dataset import make_parquet
+
+    make_parquet(tmp_path, n=40, shards=4)
+    dm = I2EDataModule(name="I2E-MNIST", path=str(tmp_path), data_dir=str(tmp_path / "c"), batch_size=8,
+                       num_workers=0, streaming=True, shuffle_buffer=16)
+    module = _Tiny()
+    L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[StreamEpoch()], limit_val_batches=0,
+              accelerator="cpu").fit(module, datamodule=dm)
+    orders = [module.seen[e] for e in range(3)]
+    assert all(sorted(o) == sorted(orders[0]) and len(o) == 40 for o in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+
+
+def test_streaming_under_ddp_is_refused_with_a_clear_message(tmp_path):
+    import lightning as L
+
+    from i2e_train.data import I2EDataModule
+    from test_i2e_dataset import make_parquet
+
+    make_parquet(tmp_path, n=8, shards=1)
+    dm = I2EDataModule(name="I2E-MNIST", path=str(tmp_path), data_dir=str(tmp_path / "c"), num_workers=0,
+                       streaming=True)
+    dm.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    with pytest.raises(ValueError, match="data.streaming=true with 2 processes.*data.streaming=false"):
+        dm.setup()

@@ -235,11 +235,12 @@ class I2EDataModule(EventDataModule):
                                                   split, self.on_bad_record, self.bad_records)
 
     def _setup_streaming(self, splits: dict[str, str], made: bool) -> None:
-        from datasets.distributed import split_dataset_by_node
-
-        rank, world = 0, 1
-        if self.trainer is not None:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1:
+            raise ValueError(
+                f"data.streaming=true with {world} processes (DDP) is refused: split_dataset_by_node can give the "
+                "ranks unequal batch counts, and a rank waiting for another's batch hangs the run. Train under DDP "
+                "with data.streaming=false (memory-mapped Arrow files, equal batches per rank)")
         val_paths = None
         if made:  # a stratified split needs the labels once: read only the light columns
             light = self._load(self.train_split, True, columns=["file_path", "label"])
@@ -256,8 +257,6 @@ class I2EDataModule(EventDataModule):
             self.label_map = self._label_map(stream.features)
             if key == "train":
                 stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            if world > 1:
-                stream = split_dataset_by_node(stream, rank=rank, world_size=world)
             keep = None if not made else (train_paths if key == "train" else val_paths)
             self.datasets[key] = StreamingI2EDataset(stream, self.info, self.label_map, src if not made else
                                                      f"{src}[{key}]", keep, self.on_bad_record, self.bad_records)

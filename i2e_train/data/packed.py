@@ -204,7 +204,7 @@ class StreamingI2EDataset(IterableDataset):
     """Streaming view of one split (a `datasets` IterableDataset): yields (packed [N], target).
 
     Worker sharding comes from `datasets` (each worker reads its own parquet shards); under
-    DDP the stream is first split with ``split_dataset_by_node``.
+    DDP streaming is refused by the DataModule (unequal batch counts per rank would hang).
     """
 
     def __init__(self, stream, info: DatasetInfo, label_map: LabelMap, split: str,
