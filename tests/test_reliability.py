@@ -490,3 +490,33 @@ def test_streaming_under_ddp_is_refused_with_a_clear_message(tmp_path):
     dm.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
     with pytest.raises(ValueError, match="data.streaming=true with 2 processes.*data.streaming=false"):
         dm.setup()
+
+
+@pytest.mark.parametrize("layout", ["names", "indices", "wnids"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_label_check_accepts_name_index_and_wnid_folders_and_says_which(tmp_path, caplog, layout, streaming):
+    """ClassLabel names are words; file_path folders are the words, the class indices or wnids."""
+    import logging
+
+    import numpy as np
+
+    from i2e_train.codec import encode_record
+    from i2e_train.data import I2EDataModule
+    from i2e_train.data.writer import shard_name, write_card, write_shard
+
+    words = [f"word{c}" for c in range(10)]
+    folder = {"names": words, "indices": [str(c) for c in range(10)], "wnids": [f"n0{c:07d}" for c in range(10)]}
+    labels = [i % 10 for i in range(20)]
+    recs = [encode_record(np.zeros((8, 2, 32, 32), dtype=bool))] * 20
+    for split in ("train", "validation"):
+        paths = [f"{folder[layout][lab]}/{split}{i}.npy" for i, lab in enumerate(labels)]
+        write_shard(tmp_path / "MY" / shard_name(split, 0, 1), paths, labels, recs, words)
+    write_card(tmp_path, {"MY": ["train", "validation"]})
+    caplog.set_level(logging.INFO)
+    dm = I2EDataModule(name="MY", path=str(tmp_path), data_dir=str(tmp_path / "c"), num_workers=0, batch_size=20,
+                       num_classes=10, resolution=[32, 32], streaming=streaming)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert sorted(torch.cat([b[1] for b in loader]).tolist()) == sorted(labels)
+    said = {"names": "the label's class name", "indices": "the class index", "wnids": "neither"}[layout]
+    assert f"file_path holds {said}" in caplog.text

@@ -196,12 +196,19 @@ class I2EDataModule(EventDataModule):
                 f"data.val_fraction from train on purpose)")
         return True
 
-    def _label_map(self, features) -> LabelMap:
+    def _label_map(self, features, table=None, split: str = "") -> LabelMap:
+        """Label index -> target; with a table, the folder naming of its file_path is found from
+        its first rows (class names, indices or other names such as wnids: logged)."""
         label = features["label"] if features is not None and "label" in features else None
         names = getattr(label, "names", None)
         if names is None:  # plain integer labels: identity on 0..K-1
             names = [str(i) for i in range(self.num_classes)]
-        return LabelMap.from_names(names, self.num_classes, f"{self.name} label feature")
+        lmap = LabelMap.from_names(names, self.num_classes, f"{self.name} label feature")
+        if table is not None and "file_path" in table.column_names:
+            head = table.slice(0, 256)
+            lmap = lmap.with_folders(head.column("file_path").to_pylist(), head.column("label").to_pylist(),
+                                     f"{self.name} split {split!r}")
+        return lmap
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -219,7 +226,7 @@ class I2EDataModule(EventDataModule):
     def _setup_map(self, splits: dict[str, str], made: bool) -> None:
         if made:
             ds = self._load(self.train_split, False)
-            self.label_map = self._label_map(ds.features)
+            self.label_map = self._label_map(ds.features, ds.data.table, self.train_split)
             labels = np.asarray(ds.data.table.column("label").to_numpy(zero_copy_only=False))
             tr, va = stratified_split(labels, self.val_fraction, self.seed)
             for key, rows in (("train", tr), ("validation", va)):
@@ -230,7 +237,7 @@ class I2EDataModule(EventDataModule):
             ds = self._load(split, False)
             if len(ds) == 0:
                 raise DatasetUnavailableError(f"{self.name} split {split!r} is empty")
-            self.label_map = self._label_map(ds.features)
+            self.label_map = self._label_map(ds.features, ds.data.table, split)
             self.datasets[key] = PackedI2EDataset(ds.data.table, np.arange(len(ds)), self.info, self.label_map,
                                                   split, self.on_bad_record, self.bad_records)
 
@@ -254,7 +261,9 @@ class I2EDataModule(EventDataModule):
         for key, split in splits.items():
             src = self.train_split if made else split
             stream = self._load(src, True)
-            self.label_map = self._label_map(stream.features)
+            head = list(self._load(src, True, columns=["file_path", "label"]).take(256))
+            self.label_map = self._label_map(stream.features).with_folders(
+                [ex["file_path"] for ex in head], [ex["label"] for ex in head], f"{self.name} split {src!r}")
             if key == "train":
                 stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             keep = None if not made else (train_paths if key == "train" else val_paths)
