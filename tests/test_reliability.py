@@ -520,3 +520,14 @@ def test_label_check_accepts_name_index_and_wnid_folders_and_says_which(tmp_path
     assert sorted(torch.cat([b[1] for b in loader]).tolist()) == sorted(labels)
     said = {"names": "the label's class name", "indices": "the class index", "wnids": "neither"}[layout]
     assert f"file_path holds {said}" in caplog.text
+
+
+def test_cifar10dvs_tonic_with_too_few_recordings_for_validation_is_an_error(tmp_path):
+    from test_dvs import make_extract
+    from test_real_events import _dm
+
+    make_extract(tmp_path, files_per_class=(1,) * 10)  # per class: ceil(0.9 * 1) = 1 train, 0 validation
+    dm = _dm("CIFAR10-DVS", tmp_path)
+    dm.prepare_data()
+    with pytest.raises(ValueError, match="no validation recordings.*train_ratio=0.9.*no metrics"):
+        dm.setup()
