@@ -531,3 +531,32 @@ def test_cifar10dvs_tonic_with_too_few_recordings_for_validation_is_an_error(tmp
     dm.prepare_data()
     with pytest.raises(ValueError, match="no validation recordings.*train_ratio=0.9.*no metrics"):
         dm.setup()
+
+
+def test_entry_points_hide_only_the_named_third_party_noise(tmp_path, caplog):
+    import logging
+    import warnings
+
+    import lightning as L
+
+    from i2e_train.cli._hydra import _DropTip, filter_known_noise
+    from i2e_train.data import I2EDataModule
+    from test_i2e_dataset import make_parquet
+
+    make_parquet(tmp_path, n=8, shards=1)
+    dm = I2EDataModule(name="I2E-MNIST", path=str(tmp_path), data_dir=str(tmp_path / "c"), batch_size=8, num_workers=0)
+    caplog.set_level(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            filter_known_noise()
+            L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      accelerator="cpu").fit(_Tiny(), datamodule=dm)
+    finally:
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+            for f in [f for f in logging.getLogger(name).filters if isinstance(f, _DropTip)]:
+                logging.getLogger(name).removeFilter(f)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "LeafSpec" in m], messages
+    assert [m for m in messages if "validation_step" in m], messages  # other warnings still show
+    assert "litlogger" not in caplog.text and "GPU available" in caplog.text  # other INFO lines still show

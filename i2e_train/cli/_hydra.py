@@ -38,7 +38,7 @@ class _DropTip(logging.Filter):
 def filter_known_noise() -> None:
     """Hide the known, named third-party messages above (called by the entry points only)."""
     for message in _NOISE_WARNINGS:
-        warnings.filterwarnings("ignore", message=re.escape(message))
+        warnings.filterwarnings("ignore", message=re.escape(message) + "$", category=FutureWarning)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTip())
 

@@ -9,6 +9,7 @@ config, fits, validates the best checkpoint and writes the run's results.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +151,9 @@ def _train(cfg: DictConfig, out_dir: Path, resume: str | None) -> dict[str, Any]
 def train_for_sweep(cfg: DictConfig) -> float | None:
     """:func:`train`, returning ``cfg.optimized_metric`` (the value a sweeper optimises).
 
-    Inside a multirun a failing job writes ``error.txt`` to its folder and returns None, which
-    the Optuna sweeper records as a FAIL trial, so one failed trial does not end a sweep.
+    Inside a multirun a failing job writes ``error.txt`` to its folder, says so on stderr and
+    returns None, which the Optuna sweeper records as a FAIL trial, so one failed trial does not
+    end a sweep (its folder has no ``metrics.json``: tests/test_all_experiments.py checks both).
     """
     from i2e_train.sweeps import in_multirun, record_failure
     from i2e_train.tracking import finish_wandb
@@ -165,7 +167,9 @@ def train_for_sweep(cfg: DictConfig) -> float | None:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
-        record_failure(HydraConfig.get().runtime.output_dir, err, overrides)
+        path = record_failure(HydraConfig.get().runtime.output_dir, err, overrides)
+        print(f"i2e-train: job {HydraConfig.get().job.num} failed: {type(err).__name__}: {err} (traceback in {path}); "
+              "the sweep goes on", file=sys.stderr, flush=True)
         return None
     finish_wandb()  # the next job of a multirun starts its own wandb run
     metric = cfg.get("optimized_metric")
