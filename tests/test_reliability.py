@@ -560,3 +560,31 @@ def test_entry_points_hide_only_the_named_third_party_noise(tmp_path, caplog):
     assert not [m for m in messages if "LeafSpec" in m], messages
     assert [m for m in messages if "validation_step" in m], messages  # other warnings still show
     assert "litlogger" not in caplog.text and "GPU available" in caplog.text  # other INFO lines still show
+
+
+def test_eval_convert_and_pipeline_failures_are_one_error_line(bad, tmp_path):
+    """Three entry points at once (in parallel: each start costs the imports)."""
+    path, _ = bad
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    runs = {
+        "i2e-eval": ["i2e_train.cli.eval", f"ckpt_path={text}"],
+        "i2e-convert": ["i2e_train.cli.convert", f"source={tmp_path / 'images'}", f"out={tmp_path / 'out'}",
+                        "config=MY", "resolution=8", "ratio=-1"],
+        "i2e-pipeline": ["i2e_train.cli.pipeline", "pipeline=demo", f"run_dir={tmp_path / 'pipe'}",
+                         f"common_overrides=[debug=fast,init_from={path}]"],
+    }
+    procs = {name: subprocess.Popen([sys.executable, "-m", *args], cwd=tmp_path, env=cli_env(tmp_path),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in runs.items()}
+    want = {"i2e-eval": [str(text), "not a readable torch checkpoint"],
+            "i2e-convert": ["ratio=-1.0: the threshold ratio must be"],
+            "i2e-pipeline": [str(path), "refused"]}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, (name, err[-2000:])
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"{name}: error: ") and all(w in last for w in want[name]), (name, err[-2000:])
+        assert "Traceback" not in err, (name, err[-2000:])
+    assert not (tmp_path / "out").exists()

@@ -75,11 +75,16 @@ def check_command_line(config_name: str, args: list[str]) -> None:
 
 
 def _fail(name: str, err: BaseException) -> None:
-    """One line (what, where, how to fix) instead of a traceback, then exit status 1."""
+    """One line (what, where, how to fix) instead of a traceback, then exit status 1. Hydra's
+    wrapper of an error raised by a ``_target_`` is unwrapped to the error itself."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
     message = str(err).strip() or type(err).__name__
+    if not isinstance(err, (ValueError, FileNotFoundError, KeyError, RuntimeError)):
+        message += f" ({type(err).__name__}; HYDRA_FULL_ERROR=1 or --traceback shows where)"
     print(f"{name}: error: {message}", file=sys.stderr, flush=True)
-    if not isinstance(err, (ValueError, FileNotFoundError, KeyError)) and type(err).__name__ not in message:
-        print(f"({type(err).__name__}; HYDRA_FULL_ERROR=1 or --traceback shows where)", file=sys.stderr)
     raise SystemExit(1)
 
 
