@@ -588,3 +588,20 @@ def test_eval_convert_and_pipeline_failures_are_one_error_line(bad, tmp_path):
         assert last.startswith(f"{name}: error: ") and all(w in last for w in want[name]), (name, err[-2000:])
         assert "Traceback" not in err, (name, err[-2000:])
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_true_replaces_a_finished_run_and_nothing_else_does(tmp_path):
+    from omegaconf import OmegaConf
+
+    from i2e_train.tasks.runs import MARKER, RunFolderError, check_run_folder
+    from i2e_train.tasks.train import _claim_folder
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "epoch003.ckpt").write_bytes(b"old")
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="already holds checkpoints"):
+        check_run_folder(tmp_path, None, False)
+    check_run_folder(tmp_path, None, True)
+    _claim_folder(OmegaConf.create({"overwrite": True, "ckpt_path": None}), tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [MARKER, "notes.txt"]

@@ -27,8 +27,10 @@ class RunFolderError(RuntimeError):
 
 
 def primary_process() -> bool:
-    """False in the processes a DDP launcher started for ranks > 0 (they share rank 0's folder)."""
-    return all(os.environ.get(v, "0") in ("", "0") for v in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+    """False in the processes a DDP launcher (Lightning, torchrun, SLURM, MPI) started for ranks > 0:
+    they share rank 0's folder, which rank 0 checks and marks."""
+    ranks = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    return all(os.environ.get(v, "0") in ("", "0") for v in ranks)
 
 
 def _live_marker(folder: Path) -> str | None:
