@@ -114,6 +114,8 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
         def main() -> object:
             args = [a for a in sys.argv[1:] if a != "--traceback"]
             full["value"] = _full_errors(sys.argv[1:])
+            if full["value"]:
+                os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then shows the whole traceback too
             filter_known_noise()
             try:
                 args = quote_list_overrides(expand_nested_globs(args))
