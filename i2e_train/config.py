@@ -14,6 +14,8 @@ Resolvers (registered when :mod:`i2e_train` is imported):
   and manifest, :mod:`i2e_train.data.local`); ``data=local`` reads classes, resolution, T, ratio.
 * ``${i2e.paper_top1:<released name or null>}``: the paper's top-1 of a released weight
   (:mod:`i2e_train.models.released`), null for null.
+* ``${i2e.pid:}``: this process's id (run folder names: two runs started in the same
+  microsecond by two processes still get two folders).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-__all__ = ["config_dir", "compose", "call_target", "register_resolvers", "expand_nested_globs", "group_options", "NESTED_GROUPS", "FRAMEWORK_KEYS"]
+__all__ = ["config_dir", "compose", "call_target", "register_resolvers", "expand_nested_globs", "group_options", "NESTED_GROUPS", "FRAMEWORK_KEYS",
+           "quote_list_overrides", "check_group_option"]
 
 def config_dir() -> Path:
     """The Hydra config folder: inside the installed wheel, else the repository's top level."""
@@ -80,6 +83,62 @@ def expand_nested_globs(args: Sequence[str]) -> list[str]:
     return out
 
 
+def check_group_option(group: str, value: str) -> None:
+    """ValueError naming the closest options of every depth when ``group=value`` names no config
+    (Hydra's own error lists only the top level of a nested group)."""
+    import difflib
+
+    known = group_options(group)
+    if value in known:
+        return
+    close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"unknown {group} config {value!r}.{hint} Available: {', '.join(known)}")
+
+
+def _split_top(text: str) -> list[str]:
+    """``"a=b,c.d=[1,2],'x'"`` -> ``["a=b", "c.d=[1,2]", "'x'"]`` (commas inside brackets or quotes stay)."""
+    parts, depth, quote, cur = [], 0, "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    return parts + [cur] if cur.strip() else parts
+
+
+_LIST_OVERRIDE = re.compile(r"^(?P<key>[+~]{0,2}[\w./@-]+)=\[(?P<items>.*)\]$", re.S)
+
+
+def quote_list_overrides(args: Sequence[str]) -> list[str]:
+    """Quote the elements of a list override that are overrides themselves, so that
+    ``common_overrides=[trainer=gpu,paths.i2e=/data]`` (the form the README shows) parses: Hydra's
+    grammar allows no ``=`` in an unquoted list element."""
+    out = []
+    for arg in args:
+        m = _LIST_OVERRIDE.match(arg)
+        if not m:
+            out.append(arg)
+            continue
+        items = [x.strip() for x in _split_top(m.group("items"))]
+        if not any("=" in x and x[:1] not in "'\"" for x in items):
+            out.append(arg)
+            continue
+        quoted = [x if x[:1] in "'\"" or "=" not in x else "'" + x.replace("\\", "\\\\").replace("'", "\\'") + "'"
+                  for x in items]
+        out.append(f"{m.group('key')}=[{','.join(quoted)}]")
+    return out
+
+
 def compose(config_name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """Compose a config outside of a Hydra run (the pipeline's stages, tests, notebooks).
 
@@ -89,6 +148,7 @@ def compose(config_name: str, overrides: Sequence[str] = (), return_hydra_config
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    overrides = quote_list_overrides(overrides)
     if GlobalHydra.instance().is_initialized():
         return _compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir()), job_name=config_name):
@@ -148,10 +208,17 @@ def _local_fact(fact: str, path: str, name: str | None = None):
     return local_fact(fact, path, name)
 
 
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
 def register_resolvers() -> None:
     """Register the ``i2e.*`` resolvers with OmegaConf (once)."""
     from omegaconf import OmegaConf
 
-    for name, fn in (("i2e.catalog", _catalog_fact), ("i2e.paper_top1", _paper_top1), ("i2e.local", _local_fact)):
+    for name, fn in (("i2e.catalog", _catalog_fact), ("i2e.paper_top1", _paper_top1), ("i2e.local", _local_fact),
+                     ("i2e.pid", _pid)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

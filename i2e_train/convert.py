@@ -59,7 +59,7 @@ from i2e_train.data.sources import (
     open_source,
 )
 from i2e_train.data.writer import MANIFEST, shard_name, update_card, write_shard
-from i2e_train.files import atomic_write_json
+from i2e_train.files import atomic_write_json, remove_stale_temporaries
 from i2e_train.i2e import I2E, resolve_order
 
 __all__ = ["ConvertError", "ConvertSummary", "convert", "parse_splits", "resolve_device", "MANIFEST"]
@@ -303,6 +303,12 @@ def _settings(config: str, resolution, ratio, order, rows_per_shard, device, bat
         if info is None or info.ratio is None:
             raise ConvertError(f"ratio is required for config {config!r} (not a catalog config)")
         ratio = info.ratio
+    try:
+        ratio = float(ratio)
+    except (TypeError, ValueError):
+        raise ConvertError(f"ratio={ratio!r}: expected a number (CIFAR 0.07, ImageNet 0.12, MNIST 0.10)") from None
+    if not math.isfinite(ratio) or ratio < 0:
+        raise ConvertError(f"ratio={ratio}: the threshold ratio must be a finite number >= 0 (e.g. 0.07)")
     if order is None:
         order = info.order if info is not None and info.order is not None else 4
     groups = list(resolve_order(order if isinstance(order, int) else list(order)))
@@ -553,8 +559,8 @@ def _start_manifest(cfg_dir: Path, s: _Settings, src: ImageSource, params: dict,
     plans = _plan(src, cfg_dir, s.rows, manifest)
     cfg_dir.mkdir(parents=True, exist_ok=True)
     for tmp in cfg_dir.glob(".*.parquet.tmp-*"):  # a shard whose writer was killed: never complete
-        log.info("removing the unfinished shard %s", tmp)
-        tmp.unlink(missing_ok=True)
+        for gone in remove_stale_temporaries(cfg_dir / tmp.name[1:].split(".tmp-")[0]):
+            log.info("removed the unfinished shard %s (its writer is gone)", gone)
     manifest["params"] = params
     _save_manifest(manifest_path, manifest)
     return manifest, plans
@@ -624,6 +630,9 @@ def convert(
     src = open_source(source, source_type, parse_splits(splits), hf_config, image_column, label_column, cache_dir,
                       limit)
     out, cfg_dir = Path(out), Path(out) / config
+    for folder in (out, cfg_dir):
+        if folder.exists() and not folder.is_dir():
+            raise ConvertError(f"out={out}: {folder} is a file, not a folder; pass the folder to write the dataset into")
     params = _params(s, src, padding_mode, bool(train_mode), int(seed), int(batch_size))
     manifest, plans = _start_manifest(cfg_dir, s, src, params, overwrite)
     writer = _ShardWriter(cfg_dir, src.class_names, manifest, cfg_dir / MANIFEST, on_shard)

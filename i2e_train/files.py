@@ -1,15 +1,19 @@
 """Files that are either complete or absent: every write of the package goes through here.
 
-A file is written to a temporary name in its own folder (``.<name>.tmp-<pid>``), flushed and
-renamed over the target (``os.replace``, atomic on one filesystem), so a process killed while
-writing leaves the previous good file, or nothing, never a half-written one. Temporary files of
-writers that were killed are removed by the next write of the same target.
+A file is written to a temporary name in its own folder (``.<name>.tmp-<host>-<pid>``), flushed
+and renamed over the target (``os.replace``, atomic on one filesystem), so a process killed while
+writing leaves the previous good file, or nothing, never a half-written one. A temporary file is
+only ever removed by its owner, or by the next write of the same target when it is provably
+dead: written on this host by a process that no longer exists. Another live writer's file (a
+second process, another host on a shared filesystem) is never touched.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -17,19 +21,38 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_wr
            "remove_stale_temporaries"]
 
 
+def _host() -> str:
+    """This machine's name, reduced to characters safe in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
 def temporary_name(path: str | os.PathLike) -> Path:
-    """The temporary file this process writes ``path`` through (same folder, hidden)."""
+    """The temporary file this process writes ``path`` through (same folder, hidden; names host and pid)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files of ``path`` left by writers that were killed (other pids)."""
+    """Delete the temporary files of ``path`` whose writer is provably dead: written on this host
+    by a process that no longer exists. Files of live writers and of other hosts are kept."""
     path = Path(path)
-    own = temporary_name(path).name
-    stale = [p for p in path.parent.glob(f".{path.name}.tmp-*") if p.name != own]
-    for p in stale:
-        p.unlink(missing_ok=True)
+    prefix, host = f".{path.name}.tmp-", _host()
+    stale = []
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        m = re.fullmatch(r"(.+)-(\d+)", p.name[len(prefix):])
+        if m and m.group(1) == host and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            p.unlink(missing_ok=True)
+            stale.append(p)
     return stale
 
 

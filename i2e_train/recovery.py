@@ -50,6 +50,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def recovery_callbacks(output_dir: str | os.PathLike | None = None) -> list[Callback]:
     """The callbacks every ``i2e-train`` run gets (not a config group: resuming exactly and
     stopping on NaN must not depend on the chosen callback set)."""
-    from i2e_train.callbacks import BadRecordsReport, RestoreRNGState, StopOnNonFinite
+    from i2e_train.callbacks import BadRecordsReport, RestoreRNGState, StopOnNonFinite, StreamEpoch
 
-    return [RestoreRNGState(), StopOnNonFinite(), BadRecordsReport(output_dir)]
+    return [RestoreRNGState(), StopOnNonFinite(), BadRecordsReport(output_dir), StreamEpoch()]

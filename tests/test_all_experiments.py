@@ -77,6 +77,12 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path):
     launched = [line for line in proc.stdout.splitlines() if "experiment=" in line and "#" in line]
     sim2real = [n for n in group_options("experiment") if n.split("/")[0] in ("nmnist", "ncaltech101")]
     assert len(launched) == len(group_options("experiment")) - len(sim2real) == 14, proc.stdout[-3000:]
+    # a failing job of a multirun writes error.txt and the sweep goes on: every job must have its metrics
+    jobs = sorted(p for p in (tmp_path / "logs" / "train" / "multiruns").glob("*/*") if (p / ".hydra").is_dir())
+    assert len(jobs) == 14, jobs
+    failed = {j.name: (j / "error.txt").read_text()[-1500:] for j in jobs if (j / "error.txt").exists()}
+    assert not failed, failed
+    assert all((j / "metrics.json").is_file() for j in jobs), [j.name for j in jobs if not (j / "metrics.json").exists()]
 
 
 @pytest.mark.slow

@@ -175,6 +175,9 @@ def test_made_up_validation_split_is_stratified_and_deterministic(tmp_path):
     make_parquet(tmp_path, n=100, splits=("train",), shards=2)
     kw = dict(name="I2E-MNIST", path=str(tmp_path), batch_size=100, num_workers=0,
               data_dir=str(tmp_path), val_fraction=0.2, seed=3)
+    with pytest.raises(DatasetUnavailableError, match="catalog entry of I2E-MNIST has one"):
+        I2EDataModule(**kw).setup()  # I2E-MNIST has a validation split: carved only when asked
+    kw["val_split"] = None
     a, b = I2EDataModule(**kw), I2EDataModule(**kw)
     a.setup()
     b.setup()

@@ -272,7 +272,7 @@ def cifar10dvs(tmp_path_factory):
     from i2e_train.data.dvs import CIFAR10DVSDataModule
 
     root = tmp_path_factory.mktemp("cifar10dvs")
-    make_extract(root, files_per_class=(3, 4, 3, 3, 5, 3, 3, 4, 3, 3))
+    make_extract(root, files_per_class=(3, 4, 3, 3, 5, 3, 3, 4, 3, 11))  # 11: one validation recording
     sj = CIFAR10DVSDataModule(root=str(root), batch_size=4, num_workers=0)
     sj.prepare_data()
     sj.setup()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from helpers import cli_env, run_cli
+from i2e_train import files
 from i2e_train.callbacks import NonFiniteLossError, StepCheckpoint, StopOnNonFinite
 from i2e_train.data.sampler import ResumableSampler
 from i2e_train.recovery import AtomicCheckpointIO, recovery_callbacks
@@ -236,7 +237,8 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
     good = path.read_bytes()
-    (tmp_path / ".last.ckpt.tmp-999999").write_bytes(b"half")  # left by a writer that was killed
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".last.ckpt.tmp-{files._host()}-{int(dead.stdout)}").write_bytes(b"half")  # a killed writer's
 
     class Unpicklable:
         def __reduce__(self):

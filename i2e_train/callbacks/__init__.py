@@ -17,6 +17,7 @@ What keeps a run recoverable:
 * :class:`RestoreRNGState`: RNG states saved in checkpoints and restored on resume.
 * :class:`StopOnNonFinite`: stop at a NaN/Inf loss; never checkpoint NaN/Inf weights.
 * :class:`BadRecordsReport`: records skipped under ``data.on_bad_record=skip``, counted and written.
+* :class:`StreamEpoch`: the epoch reaches a streaming training set (a new shuffle order each epoch).
 
 What a run on a GPU sets as the official scripts do:
 
@@ -34,9 +35,10 @@ from .learning_curves import LearningCurves
 from .nonfinite import NonFiniteLossError, StopOnNonFinite
 from .rng_state import RestoreRNGState, rng_states, set_rng_states
 from .run_info import RunInfo
+from .stream_epoch import StreamEpoch
 from .spike_stats import SpikeStats, spiking_layers
 from .step_checkpoint import StepCheckpoint
 
-__all__ = ["SpikeStats", "EventMediaLogger", "LearningCurves", "RunInfo", "StepCheckpoint", "RestoreRNGState",
+__all__ = ["SpikeStats", "StreamEpoch", "EventMediaLogger", "LearningCurves", "RunInfo", "StepCheckpoint", "RestoreRNGState",
            "StopOnNonFinite", "NonFiniteLossError", "BadRecordsReport", "rng_states", "set_rng_states",
            "spiking_layers", "CudaMath"]

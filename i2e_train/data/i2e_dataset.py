@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from i2e_train.codec import unpack_events
 from i2e_train.data.augment import EventAugment
-from i2e_train.data.base import DatasetUnavailableError, EventDataModule, resolve_info
+from i2e_train.data.base import DataFileError, DatasetUnavailableError, EventDataModule, resolve_info
 from i2e_train.data.packed import (
     BadRecordCounter,
     LabelMap,
@@ -38,12 +38,36 @@ from i2e_train.data.packed import (
     StreamingI2EDataset,
     collate_packed,
 )
-from i2e_train.data.parquet import check_parquet_files, find_data_files
+from i2e_train.data.parquet import (check_complete, check_parquet_files, files_fingerprint, find_data_files,
+                                    listed_splits)
 from i2e_train.data.splits import stratified_split
 
 __all__ = ["I2EDataModule"]
 
 log = logging.getLogger(__name__)
+
+
+def _load_parquet(files: list[str], split: str, streaming: bool, data_dir: Path, where: str):
+    """``datasets`` over local parquet files. Its Arrow cache is keyed on file modification times
+    only, so it lives under a folder keyed by :func:`files_fingerprint` (size, inode, ctime too): a
+    replaced file is always read again. A file that fails to decode is named."""
+    import datasets
+
+    cache = data_dir / "hf-cache" / f"local-{files_fingerprint(files)}"
+    try:
+        return datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming,
+                                     cache_dir=str(cache))
+    except Exception as exc:  # noqa: BLE001 - DatasetGenerationError names no file: find it
+        import pyarrow.parquet as pq
+
+        for f in files:
+            try:
+                pq.read_table(f)
+            except Exception as bad:  # noqa: BLE001
+                raise DataFileError(f"{f}: its data cannot be read ({type(bad).__name__}: {bad}); the file is "
+                                    f"corrupt: download or convert it again ({where})") from None
+        raise DataFileError(f"{where}: reading {len(files)} parquet file(s) failed ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
 class I2EDataModule(EventDataModule):
@@ -62,7 +86,9 @@ class I2EDataModule(EventDataModule):
         dtype: dtype of the unpacked events ("float32", "bfloat16", "float16", "bool", ...).
         augment: event augmentation in training, e.g. {crop_padding: 4, hflip: 0.5}.
         on_bad_record: "raise" (default) or "skip" (drop, count, log, write to the run folder).
-        train_split, val_split: split names to read.
+        train_split, val_split: split names to read. ``val_split=None`` carves a stratified
+            validation split of ``val_fraction`` from train on purpose (otherwise that happens only
+            where the catalog, card and manifest list no validation split).
         num_classes, resolution, timesteps: the data's facts. For catalog configs they may be
             omitted and are checked when given; a config of your own (e.g. written by
             ``i2e-convert`` under a new name) needs num_classes and resolution, and a ``path``.
@@ -86,7 +112,7 @@ class I2EDataModule(EventDataModule):
         augment: dict[str, Any] | None = None,
         on_bad_record: str = "raise",
         train_split: str = "train",
-        val_split: str = "validation",
+        val_split: str | None = "validation",
         drop_last: bool = False,
         num_classes: int | None = None,
         resolution: Sequence[int] | None = None,
@@ -132,8 +158,7 @@ class I2EDataModule(EventDataModule):
                     f"split {split!r} of {self.name} not found under {str(root)!r}; found splits: {sorted(files)}"
                 )
             where = f"split {split!r} of {self.name} under {str(root)!r}"
-            ds = datasets.load_dataset("parquet", data_files={split: check_parquet_files(files[split], where)},
-                                       split=split, streaming=streaming, cache_dir=str(self.data_dir / "hf-cache"))
+            ds = _load_parquet(check_parquet_files(files[split], where), split, streaming, self.data_dir, where)
         else:
             try:
                 ds = datasets.load_dataset(self.info.hub_repo, self.name, split=split, streaming=streaming,
@@ -149,20 +174,50 @@ class I2EDataModule(EventDataModule):
             ds = ds.select_columns(columns)
         return ds
 
-    def _label_map(self, features) -> LabelMap:
+    def _local_needs_split(self) -> bool:
+        """Whether the validation split is carved from train: ``val_split=null`` (on purpose), or no
+        validation split where neither the catalog, the dataset card nor the i2e-convert manifest
+        lists one. A listed split that is absent, or a missing shard, is an error naming it."""
+        root = self._local_root()
+        files = find_data_files(root, self.name)
+        check_complete(files, root, self.name)
+        if self.val_split is None:
+            return True
+        if self.val_split in files:
+            return False
+        listed = listed_splits(root, self.name)
+        catalog = self.info.has_validation and self.info.kind != "embedded"
+        if self.val_split in listed or catalog or self.val_split != "validation":
+            said = (f"though {listed[self.val_split]} lists it" if self.val_split in listed else
+                    f"though the catalog entry of {self.name} has one" if catalog else "and data.val_split names it")
+            raise DatasetUnavailableError(
+                f"split {self.val_split!r} of {self.name} is missing under {str(root)!r} (found {sorted(files)}), "
+                f"{said}; download or convert it again (data.val_split=null carves a validation split of "
+                f"data.val_fraction from train on purpose)")
+        return True
+
+    def _label_map(self, features, table=None, split: str = "") -> LabelMap:
+        """Label index -> target; with a table, the folder naming of its file_path is found from
+        its first rows (class names, indices or other names such as wnids: logged)."""
         label = features["label"] if features is not None and "label" in features else None
         names = getattr(label, "names", None)
         if names is None:  # plain integer labels: identity on 0..K-1
             names = [str(i) for i in range(self.num_classes)]
-        return LabelMap.from_names(names, self.num_classes, f"{self.name} label feature")
+        lmap = LabelMap.from_names(names, self.num_classes, f"{self.name} label feature")
+        if table is not None and "file_path" in table.column_names:
+            head = table.slice(0, 256)
+            lmap = lmap.with_folders(head.column("file_path").to_pylist(), head.column("label").to_pylist(),
+                                     f"{self.name} split {split!r}")
+        return lmap
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         splits = {"train": self.train_split, "validation": self.val_split}
-        need_made_split = not self.info.has_validation and self.path is None and self.info.kind != "embedded"
+        need_made_split = self.val_split is None or (not self.info.has_validation and self.path is None
+                                                     and self.info.kind != "embedded")
         if self._local_root() is not None:
-            need_made_split = self.val_split not in find_data_files(self._local_root(), self.name)
+            need_made_split = self._local_needs_split()
         if self.streaming:
             self._setup_streaming(splits, need_made_split)
         else:
@@ -171,7 +226,7 @@ class I2EDataModule(EventDataModule):
     def _setup_map(self, splits: dict[str, str], made: bool) -> None:
         if made:
             ds = self._load(self.train_split, False)
-            self.label_map = self._label_map(ds.features)
+            self.label_map = self._label_map(ds.features, ds.data.table, self.train_split)
             labels = np.asarray(ds.data.table.column("label").to_numpy(zero_copy_only=False))
             tr, va = stratified_split(labels, self.val_fraction, self.seed)
             for key, rows in (("train", tr), ("validation", va)):
@@ -182,16 +237,17 @@ class I2EDataModule(EventDataModule):
             ds = self._load(split, False)
             if len(ds) == 0:
                 raise DatasetUnavailableError(f"{self.name} split {split!r} is empty")
-            self.label_map = self._label_map(ds.features)
+            self.label_map = self._label_map(ds.features, ds.data.table, split)
             self.datasets[key] = PackedI2EDataset(ds.data.table, np.arange(len(ds)), self.info, self.label_map,
                                                   split, self.on_bad_record, self.bad_records)
 
     def _setup_streaming(self, splits: dict[str, str], made: bool) -> None:
-        from datasets.distributed import split_dataset_by_node
-
-        rank, world = 0, 1
-        if self.trainer is not None:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1:
+            raise ValueError(
+                f"data.streaming=true with {world} processes (DDP) is refused: split_dataset_by_node can give the "
+                "ranks unequal batch counts, and a rank waiting for another's batch hangs the run. Train under DDP "
+                "with data.streaming=false (memory-mapped Arrow files, equal batches per rank)")
         val_paths = None
         if made:  # a stratified split needs the labels once: read only the light columns
             light = self._load(self.train_split, True, columns=["file_path", "label"])
@@ -205,11 +261,11 @@ class I2EDataModule(EventDataModule):
         for key, split in splits.items():
             src = self.train_split if made else split
             stream = self._load(src, True)
-            self.label_map = self._label_map(stream.features)
+            head = list(self._load(src, True, columns=["file_path", "label"]).take(256))
+            self.label_map = self._label_map(stream.features).with_folders(
+                [ex["file_path"] for ex in head], [ex["label"] for ex in head], f"{self.name} split {src!r}")
             if key == "train":
                 stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            if world > 1:
-                stream = split_dataset_by_node(stream, rank=rank, world_size=world)
             keep = None if not made else (train_paths if key == "train" else val_paths)
             self.datasets[key] = StreamingI2EDataset(stream, self.info, self.label_map, src if not made else
                                                      f"{src}[{key}]", keep, self.on_bad_record, self.bad_records)

@@ -33,6 +33,28 @@ class LabelMap:
 
     names: list[str]
     targets: np.ndarray  # int64 [len(names)]
+    # what the class folder of file_path holds (see :meth:`with_folders`): "names" (the label's
+    # name), "indices" (the class index, e.g. names are words or wnids but folders numbers) or
+    # "other" (folders named otherwise, e.g. wnids for index names: not checked per row)
+    folders: str = "names"
+
+    def with_folders(self, paths: Sequence[str | None], labels: Sequence[int | None], where: str) -> "LabelMap":
+        """The folder naming of ``file_path`` found in a sample of rows, logged with what was found."""
+        pairs = [(p.split("/", 1)[0], int(lab)) for p, lab in zip(paths, labels)
+                 if p and "/" in p and lab is not None and 0 <= int(lab) < len(self.names)]
+        if not pairs:
+            return self
+        by_name = sum(f == self.names[lab] for f, lab in pairs)
+        by_index = sum(f == str(int(self.targets[lab])) for f, lab in pairs)
+        if by_name == 0 and by_index == 0:  # no row agrees either way: another naming, e.g. wnids
+            kind, how = "other", "neither the class name nor the index (e.g. wnids): not checked against the label"
+        elif by_name >= by_index:  # rows that disagree are reported when read
+            kind, how = "names", "the label's class name"
+        else:
+            kind, how = "indices", "the class index"
+        log.info("%s: the class folder of file_path holds %s (e.g. %r for label %r)", where, how, pairs[0][0],
+                 self.names[pairs[0][1]])
+        return LabelMap(self.names, self.targets, kind)
 
     @classmethod
     def from_names(cls, names: Sequence[str], num_classes: int, where: str) -> "LabelMap":
@@ -138,8 +160,12 @@ def _decode_rows(
             if lab is None or not 0 <= int(lab) < len(label_map.names):
                 raise RecordError(f"{where}: label {lab} outside 0..{len(label_map.names) - 1}")
             name = label_map.names[int(lab)]
-            if fp is not None and "/" in fp and fp.split("/", 1)[0] != name:
-                raise RecordError(f"{where}: label name {name!r} does not match the class folder of file_path")
+            if fp is not None and "/" in fp and label_map.folders != "other":
+                folder = fp.split("/", 1)[0]
+                expected = name if label_map.folders == "names" else str(int(label_map.targets[int(lab)]))
+                if folder != expected:
+                    what = "label name" if label_map.folders == "names" else "class index of label"
+                    raise RecordError(f"{where}: {what} {expected!r} does not match the class folder of file_path")
             targets[i] = label_map.targets[int(lab)]
         except RecordError as exc:
             if on_bad_record != "skip":
@@ -204,7 +230,7 @@ class StreamingI2EDataset(IterableDataset):
     """Streaming view of one split (a `datasets` IterableDataset): yields (packed [N], target).
 
     Worker sharding comes from `datasets` (each worker reads its own parquet shards); under
-    DDP the stream is first split with ``split_dataset_by_node``.
+    DDP streaming is refused by the DataModule (unequal batch counts per rank would hang).
     """
 
     def __init__(self, stream, info: DatasetInfo, label_map: LabelMap, split: str,

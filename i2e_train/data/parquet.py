@@ -8,7 +8,10 @@ parquet files directly inside it), one parquet file, or a glob.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +21,10 @@ import pyarrow as pa
 import yaml
 
 from i2e_train.data.base import DataFileError, DatasetUnavailableError
+from i2e_train.data.writer import MANIFEST, SHARD_RE, shard_name
 
-__all__ = ["find_data_files", "check_parquet_files", "ChunkedColumn", "COLUMNS"]
+__all__ = ["find_data_files", "check_parquet_files", "check_complete", "listed_splits", "files_fingerprint",
+           "ChunkedColumn", "COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +101,8 @@ class ChunkedColumn:
         return out
 
 
-def _card_data_files(folder: Path, name: str) -> dict[str, list[str]] | None:
+def _card_splits(folder: Path, name: str) -> dict[str, list[str]] | None:
+    """Split -> path patterns the dataset card lists for config ``name`` (None without a card block)."""
     card = folder / "README.md"
     if not card.is_file():
         return None
@@ -113,25 +119,56 @@ def _card_data_files(folder: Path, name: str) -> dict[str, list[str]] | None:
         out: dict[str, list[str]] = {}
         for entry in cfg.get("data_files", []) or []:
             pats = entry["path"] if isinstance(entry["path"], list) else [entry["path"]]
-            files = sorted(str(p) for pat in pats for p in folder.glob(pat) if p.suffix == ".parquet")
-            out.setdefault(entry["split"], []).extend(files)
+            out.setdefault(str(entry["split"]), []).extend(str(p) for p in pats)
         return out
     return None
+
+
+def _card_data_files(folder: Path, name: str) -> dict[str, list[str]] | None:
+    patterns = _card_splits(folder, name)
+    if patterns is None:
+        return None
+    return {split: sorted(str(p) for pat in pats for p in folder.glob(pat) if p.suffix == ".parquet")
+            for split, pats in patterns.items()}
+
+
+_SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
+                "test": "test"}
+
+
+def _split_of(f: Path) -> str:
+    """The split a file belongs to: from a shard name (``train-00000-of-00003.parquet``), a name that
+    starts with a split name, or its folder (``<config>/<split>/0000.parquet``, the hub's parquet
+    branch). A name's prefix counts only when it is a split name (``0000`` is not)."""
+    m = SHARD_RE.match(f.name)
+    if m:
+        return m.group("split")
+    m = _SPLIT_FROM_NAME.match(f.name)
+    if m and m.group("split").lower() in _SPLIT_NAMES:
+        return _SPLIT_NAMES[m.group("split").lower()]
+    parent = f.parent.name
+    if parent.lower() in _SPLIT_NAMES:
+        return _SPLIT_NAMES[parent.lower()]
+    return m.group("split") if m and not m.group("split").isdigit() else parent
 
 
 def _group_by_split(files: Sequence[Path]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for f in sorted(files):
-        m = _SPLIT_FROM_NAME.match(f.name)
-        split = m.group("split") if m else f.parent.name
-        if split in ("val", "valid", "test") and split not in out:
-            split = {"val": "validation", "valid": "validation"}.get(split, split)
-        out.setdefault(split, []).append(str(f))
+        out.setdefault(_split_of(f), []).append(str(f))
     return out
 
 
+def _folder_files(p: Path, name: str) -> dict[str, list[str]]:
+    sub = [d for d in p.rglob(name) if d.is_dir()]
+    files = [f for d in sub for f in d.rglob("*.parquet")] if sub else list(p.glob("*.parquet"))
+    return _group_by_split(files)
+
+
 def find_data_files(path: str | Path, name: str) -> dict[str, list[str]]:
-    """Parquet files per split for config ``name`` under a local ``path`` (folder, file or glob)."""
+    """Parquet files per split for config ``name`` under a local ``path`` (folder, file or glob).
+    In a folder, the dataset card's ``configs:`` block is used for the splits it finds files for;
+    splits it lists without files fall back to the ``<name>/`` folder."""
     p = Path(path)
     if any(ch in str(path) for ch in "*?["):
         files = [Path(f) for f in sorted(glob.glob(str(path), recursive=True))]
@@ -139,11 +176,9 @@ def find_data_files(path: str | Path, name: str) -> dict[str, list[str]]:
     elif p.is_file():
         found = _group_by_split([p])
     elif p.is_dir():
-        found = _card_data_files(p, name)
-        if not found:
-            sub = [d for d in p.rglob(name) if d.is_dir()]
-            files = [f for d in sub for f in d.rglob("*.parquet")] if sub else list(p.glob("*.parquet"))
-            found = _group_by_split(files)
+        card = {k: v for k, v in (_card_data_files(p, name) or {}).items() if v}
+        found = card if card and all(card.values()) and card.keys() >= set(_card_splits(p, name) or ()) else \
+            {**_folder_files(p, name), **card}
     else:
         raise DatasetUnavailableError(f"data path {str(path)!r} does not exist")
     found = {k: v for k, v in (found or {}).items() if v}
@@ -153,3 +188,69 @@ def find_data_files(path: str | Path, name: str) -> dict[str, list[str]]:
             "a dataset card with a configs: block, or parquet files directly)"
         )
     return found
+
+
+def listed_splits(path: str | Path, name: str) -> dict[str, str]:
+    """Splits that should exist under a local folder -> where that is said (the dataset card's
+    ``configs:`` block, the ``i2e-convert`` manifest)."""
+    p = Path(path)
+    if not p.is_dir():
+        return {}
+    out = {split: str(p / "README.md") for split in (_card_splits(p, name) or {})}
+    manifest = p / name / MANIFEST
+    if manifest.is_file():
+        try:
+            splits = json.loads(manifest.read_text(encoding="utf-8")).get("splits") or {}
+        except (OSError, ValueError, AttributeError):
+            splits = {}
+        out.update({split: str(manifest) for split in splits if split not in out})
+    return out
+
+
+def check_complete(files: dict[str, list[str]], path: str | Path, name: str) -> None:
+    """Every shard of a split is there: ``<split>-0000i-of-0000N.parquet`` for i < N, and the shards
+    the ``i2e-convert`` manifest recorded (with their row counts). ``DataFileError`` names the
+    missing or changed file."""
+    import pyarrow.parquet as pq
+
+    for split, paths in files.items():
+        by_folder: dict[Path, list[re.Match]] = {}
+        for f in paths:
+            m = SHARD_RE.match(Path(f).name)
+            if m:
+                by_folder.setdefault(Path(f).parent, []).append(m)
+        for folder, matches in by_folder.items():
+            totals = {int(m.group("total")) for m in matches}
+            have = {int(m.group("index")) for m in matches}
+            for total in totals:
+                gone = [shard_name(split, i, total) for i in range(total) if i not in have]
+                if gone:
+                    raise DataFileError(f"split {split!r} of {name}: {folder / gone[0]} is missing ({len(gone)} of "
+                                        f"{total} shards missing: {', '.join(gone[:5])}); download or convert it again")
+    manifest = Path(path) / name / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("splits") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    for split, entry in recorded.items():
+        for shard, stats in ((entry or {}).get("done") or {}).items():
+            f = manifest.parent / shard
+            if not f.is_file():
+                raise DataFileError(f"split {split!r} of {name}: {f} is missing ({manifest} records it); "
+                                    "convert again (the same command resumes)")
+            rows = stats.get("rows") if isinstance(stats, dict) else None
+            if rows is not None and pq.read_metadata(f).num_rows != rows:
+                raise DataFileError(f"{f}: {pq.read_metadata(f).num_rows} rows, {manifest} records {rows}: the "
+                                    "file changed since it was written; convert it again")
+
+
+def files_fingerprint(files: Sequence[str]) -> str:
+    """A key that changes whenever a file is replaced or rewritten: path, size, mtime, inode and
+    ctime (which no copy tool can set back), so a cache is never reused for other bytes."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}\n".encode())
+    return h.hexdigest()[:16]

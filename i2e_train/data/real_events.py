@@ -261,6 +261,14 @@ class RealEventsDataModule(EventDataModule):
         train, val = self._split(self.recordings, self.targets)
         if not train:
             raise ValueError(f"{self.info.name}: no training recordings under {self.source.folder(self.root)}")
+        if not val:
+            how = (f"data.train_ratio={self.train_ratio} leaves none of each class's" if self.split == "per_class"
+                   else f"data.val_fraction={self.val_fraction} leaves none of the" if self.split == "stratified"
+                   else "the official test folder holds no")
+            raise ValueError(
+                f"{self.info.name}: no validation recordings under {self.source.folder(self.root)}: {how} "
+                f"{len(self.recordings)} recording(s) for validation, so the run would have no validation, no best "
+                "checkpoint and no metrics. Add recordings, or lower data.train_ratio / raise data.val_fraction")
         for key, rows in (("train", train), ("validation", val)):
             self.datasets[key] = FrameDataset([self.cache.path(self.recordings[i]) for i in rows],
                                               [self.targets[i] for i in rows], self.resolution, self.spatial)

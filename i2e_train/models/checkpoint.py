@@ -32,7 +32,7 @@ from i2e_train.files import atomic_write_bytes
 from i2e_train.models.errors import CheckpointFormatError
 from i2e_train.models.released import RELEASED_WEIGHTS
 
-__all__ = ["Checkpoint", "read_checkpoint", "remap_state_dict", "infer_architecture", "describe_architecture",
+__all__ = ["Checkpoint", "read_checkpoint", "load_torch_file", "remap_state_dict", "infer_architecture", "describe_architecture",
            "export_safetensors", "state_digest"]
 
 
@@ -62,34 +62,82 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def _torch_load(path: Path, map_location: Any, weights_only: Optional[bool], trusted: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True`` first. With ``weights_only=None``, files that
-    need more (arbitrary pickled objects) are fully unpickled only when they are Lightning
-    ``.ckpt`` files (our own runs, whose hyper-parameters may be any object) or ``trusted``
-    (released weights of the table, as the official inference code loads them)."""
-    safe_first = True if weights_only is None else weights_only
+def _safe_globals() -> list:
+    """The only non-tensor globals a checkpoint may name: numpy scalars and their dtypes (an
+    official ``best_acc1`` may be one). Rebuilding them makes a number, never calls code."""
+    import numpy as np
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=safe_first)
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    kinds = (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_)
+    return [scalar, np.dtype, *{type(np.dtype(k)) for k in kinds}]
+
+
+_CONVERT = (
+    "If you trust the file, convert it once where running its code is acceptable: "
+    "`sd = torch.load(path, weights_only=False)['state_dict']` (or the model's state_dict()), then "
+    "`safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'weights.safetensors')` "
+    "or `torch.save(sd, 'weights.pth')`, and pass the new file"
+)
+
+
+def load_torch_file(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Any:
+    """The object a torch file holds, read as :func:`read_checkpoint` reads it (``weights_only=True``
+    plus numpy scalars; nothing in the file runs). :class:`CheckpointFormatError` names the file
+    when it is missing, not a checkpoint, truncated or refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointFormatError(f"checkpoint {path} does not exist or is not a file")
+    return _torch_load(path, map_location)
+
+
+def _torch_load(path: Path, map_location: Any) -> Any:
+    """``torch.load(weights_only=True)``, always: tensors, plain containers and numpy scalars only
+    (the safe globals are allowed for this call alone, :func:`torch.serialization.safe_globals`).
+    A file that names any other Python object is refused, never unpickled: unpickling can run code.
+    Corrupt or truncated files are named with the reason (without torch's advice to unpickle)."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if weights_only is None and (trusted or path.suffix == ".ckpt"):
-            return torch.load(path, map_location=map_location, weights_only=False)
-        raise CheckpointFormatError(
-            f"{path}: cannot be unpickled with weights_only=True ({exc}). "
-            "If you trust this file, pass weights_only=False."
-        ) from exc
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found or "Unsupported global" in str(exc):
+            what = f"'{found.group(1)}'" if found else "an object that is not a tensor"
+            raise CheckpointFormatError(
+                f"{path}: refused: it holds the Python object {what}, not only tensors and numbers, and "
+                f"loading it would run code stored in the file. {_CONVERT}."
+            ) from exc
+        operand = re.search(r"Unsupported operand (\d+)", str(exc))
+        reason = (f"pickle opcode {operand.group(1)} is not one a torch checkpoint uses: a text file, another "
+                  "format, or a pickle of arbitrary objects (refused, never run)") if operand else _reason(exc)
+        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({reason}); {_REFETCH}") from exc
     except Exception as exc:
-        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({_reason(exc)}); {_REFETCH}") from exc
+
+
+_REFETCH = "the file is truncated, corrupt or not a checkpoint: copy or download it again"
+
+
+def _reason(exc: BaseException) -> str:
+    """The first sentence of a loading error, without torch's advice to unpickle the file."""
+    text = str(exc).strip().split("\n")[0]
+    text = text.split(". ")[0] if ". " in text else text
+    if not text or isinstance(exc, KeyError):
+        text = {EOFError: "the file ends early", KeyError: "not a zip archive nor a pickle"}.get(type(exc), text)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def read_checkpoint(
     path: Union[str, os.PathLike],
     map_location: Any = "cpu",
-    weights_only: Optional[bool] = None,
-    trusted: bool = False,
 ) -> Checkpoint:
     """Read a checkpoint file into its state dict plus epoch / best_acc1 / metadata.
 
-    ``weights_only`` / ``trusted``: see :func:`load_checkpoint`.
+    Nothing in the file is run: torch files are read with ``weights_only=True`` (a file that needs
+    more is refused, :class:`CheckpointFormatError` says how to convert it), safetensors hold
+    tensors only.
     """
     path = Path(path)
     if not path.is_file():
@@ -112,7 +160,7 @@ def read_checkpoint(
             sd, "safetensors", _as_number(meta.get("epoch"), int), _as_number(meta.get("best_acc1"), float), meta
         )
 
-    obj = _torch_load(path, map_location, weights_only, trusted)
+    obj = _torch_load(path, map_location)
     if isinstance(obj, nn.Module):
         return Checkpoint(dict(obj.state_dict()), "module")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

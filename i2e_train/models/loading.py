@@ -142,15 +142,6 @@ def replace_head(model: nn.Module, num_classes: Optional[int] = None) -> nn.Modu
     return model
 
 
-def _resolve_source(
-    source: Union[str, os.PathLike], cache_dir: Union[str, os.PathLike]
-) -> tuple[Path, Optional[ReleasedWeight]]:
-    released = find_released(source)
-    if released is not None:
-        return resolve_released(released.name, cache_dir=cache_dir, repo_id=released.repo_id), released
-    return Path(source), None
-
-
 def _resolve_source(source: Union[str, os.PathLike], cache_dir: Union[str, os.PathLike]
                     ) -> tuple[Path, Optional[ReleasedWeight]]:
     released = find_released(source)
@@ -159,13 +150,12 @@ def _resolve_source(source: Union[str, os.PathLike], cache_dir: Union[str, os.Pa
     return Path(source), None
 
 
-def _read(source, map_location: Any, cache_dir, weights_only: Optional[bool]
-          ) -> tuple[Checkpoint, str, Optional[ReleasedWeight]]:
+def _read(source, map_location: Any, cache_dir) -> tuple[Checkpoint, str, Optional[ReleasedWeight]]:
     """The checkpoint a source names, its label for messages and its released-table row."""
     if isinstance(source, Mapping):
         return Checkpoint(dict(source), "state_dict"), "<in-memory state dict>", None
     path, released = _resolve_source(source, cache_dir)
-    ckpt = read_checkpoint(path, map_location=map_location, weights_only=weights_only, trusted=released is not None)
+    ckpt = read_checkpoint(path, map_location=map_location)
     return ckpt, str(path), released
 
 
@@ -216,7 +206,6 @@ def load_checkpoint(
     strict: bool = True,
     map_location: Any = "cpu",
     cache_dir: Union[str, os.PathLike] = "checkpoints",
-    weights_only: Optional[bool] = None,
 ) -> LoadReport:
     """Load weights into ``model`` after remapping foreign keys; strict by default.
 
@@ -232,16 +221,15 @@ def load_checkpoint(
             is reported.
         map_location: passed to ``torch.load`` (device for safetensors).
         cache_dir: where released weights are looked for / downloaded to.
-        weights_only: ``torch.load`` safety. ``None`` (default) loads with
-            ``weights_only=True`` and falls back to full unpickling only for Lightning ``.ckpt``
-            files (our own runs) and for released weights named through the table; any other
-            file that needs it raises :class:`~i2e_train.models.errors.CheckpointFormatError`
-            unless ``weights_only=False`` is passed.
+
+    Nothing in a file is ever run: torch files are read with ``weights_only=True`` (tensors,
+    containers, numbers); a file that holds any other Python object is refused with
+    :class:`~i2e_train.models.errors.CheckpointFormatError`, which says how to convert it.
 
     Returns:
         a :class:`LoadReport`.
     """
-    ckpt, label, released = _read(source, map_location, cache_dir, weights_only)
+    ckpt, label, released = _read(source, map_location, cache_dir)
     model_sd = model.state_dict()
     head = _head_name(model)
     check = _check_keys(model_sd, ckpt.state_dict, head, replace_head)

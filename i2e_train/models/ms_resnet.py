@@ -103,6 +103,18 @@ class NeuronConfig:
     surrogate: str = "atan"
     surrogate_alpha: float | None = 2.0
 
+    def __post_init__(self) -> None:
+        """Numbers given as ints (``model.tau=3``) become floats; SpikingJelly asserts a float tau > 1."""
+        for name in ("tau", "v_threshold", "v_reset", "surrogate_alpha"):
+            value = getattr(self, name)
+            if value is None and name in ("v_reset", "surrogate_alpha"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"model.{name}={value!r}: expected a number")
+            object.__setattr__(self, name, float(value))
+        if not self.tau > 1.0:
+            raise ValueError(f"model.tau={self.tau}: the LIF time constant must be > 1 (the I2E setting is 2.0)")
+
     def build(self) -> nn.Module:
         """A fresh multi-step :class:`~i2e_train.models.lif.LIFNode` (SpikingJelly's LIF with the
         fused CPU kernel; input ``[T, ...]``, output spikes of the same shape)."""

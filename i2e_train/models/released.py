@@ -16,12 +16,15 @@ from typing import Optional, Union
 from i2e_train.data.catalog import DatasetInfo, get_info
 from i2e_train.naming import unknown_name
 
-__all__ = ["HF_REPO_ID", "RELEASED_PREFIX", "ReleasedWeight", "RELEASED_WEIGHTS", "find_released", "get_released",
+__all__ = ["HF_REPO_ID", "RELEASED_PREFIX", "RELEASED_EXTENSIONS", "ReleasedWeight", "RELEASED_WEIGHTS", "find_released", "get_released",
            "released_key"]
 
 HF_REPO_ID = "Ruichen0424/I2E"
 RELEASED_PREFIX = "released:"
 _SUFFIX = ".pth.tar"
+# Extensions a released file may carry on the hub (the official code saves `.pth.tar`; the model
+# card speaks of `.pth` files; a converted copy may be `.safetensors`), in order of preference.
+RELEASED_EXTENSIONS = (".pth.tar", ".pth", ".pt", ".safetensors")
 # Data config (configs/data/<name>.yaml) each released model is evaluated on: models fed by the
 # converter are evaluated on the released I2E validation data (converted in eval mode).
 _DATA_CONFIGS = {"I2E-CIFAR10": "i2e_cifar10", "I2E-CIFAR100": "i2e_cifar100", "I2E-ImageNet": "i2e_imagenet",
@@ -83,6 +86,11 @@ class ReleasedWeight:
         return self.name + _SUFFIX
 
     @property
+    def filenames(self) -> tuple[str, ...]:
+        """Every file name the weight may have (name stem with each of :data:`RELEASED_EXTENSIONS`)."""
+        return tuple(self.name + ext for ext in RELEASED_EXTENSIONS)
+
+    @property
     def url(self) -> str:
         """Where to get the file by hand."""
         return f"https://huggingface.co/{self.repo_id}"
@@ -116,8 +124,9 @@ def released_key(name: str) -> str:
     if name.startswith(RELEASED_PREFIX):
         name = name[len(RELEASED_PREFIX) :]
     name = PurePosixPath(name).name
-    if name.endswith(_SUFFIX):
-        name = name[: -len(_SUFFIX)]
+    for ext in RELEASED_EXTENSIONS:
+        if name.endswith(ext):
+            return name[: -len(ext)]
     return name
 
 

@@ -40,15 +40,20 @@ def latest_checkpoint(log_dir: str | Path) -> Path:
 
 
 def _stored_config(path: Path) -> dict | None:
-    """The run config an i2e-train checkpoint carries (None for foreign checkpoints)."""
+    """The run config an i2e-train checkpoint carries (None for foreign checkpoints). Read as every
+    checkpoint is (:func:`~i2e_train.models.checkpoint.load_torch_file`: nothing in it runs)."""
+    from i2e_train.models.checkpoint import load_torch_file
+
     if path.suffix != ".ckpt":
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_torch_file(path)
     return ckpt.get("i2e_config") if isinstance(ckpt, dict) else None
 
 
 def _merge_stored(cfg: DictConfig, stored: dict, overrides: Sequence[str]) -> DictConfig:
-    """Model and data from the checkpoint's config unless chosen on the command line."""
+    """Model and data from the checkpoint's config unless chosen on the command line; a command
+    line value inside them (``data.path=...``, ``model.tau=3.0``) replaces the stored one at its
+    own key (its value as composed, so typed as Hydra typed it)."""
     chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
@@ -58,9 +63,20 @@ def _merge_stored(cfg: DictConfig, stored: dict, overrides: Sequence[str]) -> Di
         base = OmegaConf.create(stored[group])
         if group == "data":
             _earlier_recipe_preprocessing(base)
-        dotted = [o for o in overrides if o.lstrip("+~").startswith(group + ".")]
-        # "data.batch_size=3" -> batch_size=3 inside the group (the dotted key without its group)
-        cfg[group] = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("+~")[len(group) + 1:] for o in dotted]))
+        for o in overrides:
+            key = o.split("=", 1)[0]
+            name = key.lstrip("+~")
+            if not name.startswith(group + "."):
+                continue
+            inner = name[len(group) + 1:]
+            if key.startswith("~"):
+                parent, _, leaf = inner.rpartition(".")
+                node = OmegaConf.select(base, parent) if parent else base
+                if isinstance(node, DictConfig) and leaf in node:
+                    node.pop(leaf)
+            else:
+                OmegaConf.update(base, inner, OmegaConf.select(cfg, name), force_add=True)
+        cfg[group] = base
     cfg.module.num_classes = cfg.data.num_classes
     return cfg
 
@@ -101,6 +117,9 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         stored = _stored_config(Path(source))
         if stored is not None:
             cfg = _merge_stored(cfg, stored, overrides)
+    from i2e_train.tasks.checks import check_train_config
+
+    check_train_config(cfg)
     log.info("evaluating %s", source)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)

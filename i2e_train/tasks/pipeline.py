@@ -45,12 +45,13 @@ def _init_path(name: str, stage: DictConfig, stages: DictConfig, done: dict[str,
 def _stage_overrides(cfg: DictConfig, name: str, stage: DictConfig, init_path: str | None, stage_dir: Path
                      ) -> list[str]:
     """The ``i2e-train`` overrides of one stage: its own, the common ones, its initial weights
-    and its fixed run folder (so that a re-run resumes it from ``last.ckpt``)."""
+    and its fixed run folder (a re-run resumes it from ``last.ckpt`` when there is one)."""
     overrides = list(stage.get("overrides") or []) + list(cfg.get("common_overrides") or [])
     if init_path is not None:
         overrides.append(f"init_from={_quote(init_path)}")
         overrides.append(f"replace_head={str(bool(stage.get('replace_head', False))).lower()}")
-    return overrides + [f"paths.output_dir={_quote(str(stage_dir))}", f"task_name={name}", "ckpt_path=last"]
+    resume = ["ckpt_path=last"] if (stage_dir / "checkpoints" / "last.ckpt").is_file() else []
+    return overrides + [f"paths.output_dir={_quote(str(stage_dir))}", f"task_name={name}", *resume]
 
 
 def _run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict[str, Any], run_dir: Path,

@@ -9,6 +9,7 @@ config, fits, validates the best checkpoint and writes the run's results.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +52,20 @@ def _instantiate_group(group: DictConfig | None) -> list:
 
 
 def _resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from, checked before Lightning reads it: it must be a readable
+    checkpoint holding only tensors and plain values (read as Lightning will, ``weights_only=True``)."""
+    from i2e_train.models.checkpoint import load_torch_file
+
     ckpt = cfg.get("ckpt_path")
-    if ckpt != "last":
-        return ckpt
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        log.info("resuming from %s", last)
-        return str(last)
-    log.info("ckpt_path=last but %s does not exist yet: starting a fresh run", last)
-    return None
+    if not ckpt:
+        return None
+    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(str(ckpt))
+    state = load_torch_file(path)  # CheckpointFormatError naming the file: missing, text, truncated, refused
+    if not isinstance(state, dict) or "state_dict" not in state or "epoch" not in state:
+        raise ValueError(f"ckpt_path={ckpt}: {path} is not a Lightning checkpoint of i2e-train (it resumes a run); "
+                         "to start from its weights use init_from=<file> instead")
+    log.info("resuming from %s", path)
+    return str(path)
 
 
 def _trainer(cfg: DictConfig, out_dir: Path) -> L.Trainer:
@@ -101,22 +107,55 @@ def _write_results(cfg: DictConfig, module, result: dict[str, Any], out_dir: Pat
               f"{100 * top1:.2f}%")
 
 
+def _claim_folder(cfg: DictConfig, out_dir: Path) -> None:
+    """Mark the (checked) run folder as running; ``overwrite=true`` first removes the earlier run's
+    checkpoints and metrics, so nothing of it is mixed into this one."""
+    from i2e_train.tasks.runs import mark_running
+
+    if cfg.get("overwrite", False) and cfg.get("ckpt_path") != "last":
+        for old in [*(out_dir / "checkpoints").glob("*.ckpt"), out_dir / "metrics.json"]:
+            log.info("overwrite=true: removing %s of the earlier run", old)
+            old.unlink(missing_ok=True)
+    mark_running(out_dir)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; returns the final metrics (floats) and the best checkpoint path."""
-    L.seed_everything(cfg.seed, workers=True)
+    """Run one training job; returns the final metrics (floats) and the best checkpoint path.
+
+    Refused before anything is written: invalid config values (:mod:`i2e_train.tasks.checks`), a
+    run folder holding another run, a checkpoint to resume that is missing or unreadable."""
+    from i2e_train.tasks.checks import check_train_config
+    from i2e_train.tasks.runs import check_run_folder, primary_process, unmark_running
+
+    check_train_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
+    primary = primary_process()
+    if primary:
+        check_run_folder(out_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+    resume = _resume_path(cfg)
+    if primary:
+        _claim_folder(cfg, out_dir)
+    try:
+        return _train(cfg, out_dir, resume)
+    finally:
+        if primary:
+            unmark_running(out_dir)
+
+
+def _train(cfg: DictConfig, out_dir: Path, resume: str | None) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     init_digest = state_digest(module.model.state_dict())  # proves which weights a run started from
     trainer = _trainer(cfg, out_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
     result: dict[str, Any] = {"best_checkpoint": best, "fit": metrics, "init_digest": init_digest}
     if cfg.get("eval_after_fit") and best and not trainer.fast_dev_run:
-        val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
         result["best"] = {k: float(v) for k, v in val[0].items()}
     if trainer.is_global_zero:
         _write_results(cfg, module, result, out_dir)
@@ -126,8 +165,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def train_for_sweep(cfg: DictConfig) -> float | None:
     """:func:`train`, returning ``cfg.optimized_metric`` (the value a sweeper optimises).
 
-    Inside a multirun a failing job writes ``error.txt`` to its folder and returns None, which
-    the Optuna sweeper records as a FAIL trial, so one failed trial does not end a sweep.
+    Inside a multirun a failing job writes ``error.txt`` to its folder, says so on stderr and
+    returns None, which the Optuna sweeper records as a FAIL trial, so one failed trial does not
+    end a sweep (its folder has no ``metrics.json``: tests/test_all_experiments.py checks both).
     """
     from i2e_train.sweeps import in_multirun, record_failure
     from i2e_train.tracking import finish_wandb
@@ -141,7 +181,9 @@ def train_for_sweep(cfg: DictConfig) -> float | None:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
-        record_failure(HydraConfig.get().runtime.output_dir, err, overrides)
+        path = record_failure(HydraConfig.get().runtime.output_dir, err, overrides)
+        print(f"i2e-train: job {HydraConfig.get().job.num} failed: {type(err).__name__}: {err} (traceback in {path}); "
+              "the sweep goes on", file=sys.stderr, flush=True)
         return None
     finish_wandb()  # the next job of a multirun starts its own wandb run
     metric = cfg.get("optimized_metric")
