@@ -123,8 +123,8 @@ class SNNClassifier(LightningModule):
         if labels.numel() == 0:  # every record of the batch was skipped (data.on_bad_record=skip)
             return None
         logits = self(events)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        self.train_top1(logits, labels)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)  # labels [B] or soft [B, K]
+        self.train_top1(logits, labels.argmax(1) if labels.dim() == 2 else labels)
         bs = labels.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
