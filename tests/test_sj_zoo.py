@@ -141,8 +141,8 @@ def test_trains_on_digits_and_the_exported_weights_reload_strictly(name, tmp_pat
                                    f"data.path={digits_root}")
     assert "val/top1" in result["best"]
     assert any(k.startswith("spikes/net.") for k in result["best"]), "spike statistics found the neurons"
-    fresh = _tiny(name, timesteps=8) if False else create_model(f"sj/{name}", num_classes=10, in_channels=2,
-                                                               resolution=RES, timesteps=8, **NEURON, **TINY[name])
+    fresh = create_model(f"sj/{name}", num_classes=10, in_channels=2, resolution=RES, timesteps=8, **NEURON,
+                         **TINY[name])  # the digits' T
     report = load_checkpoint(fresh, out / "model.safetensors")
     assert report.loaded_keys == len(fresh.state_dict()) and not report.missing_keys
 
@@ -162,8 +162,7 @@ def test_two_stage_pipeline_on_real_format_recordings(tmp_path, monkeypatch):
     make_nmnist(tmp_path / "nmnist", train=2, test=1)
     monkeypatch.setenv("I2E_ROOT", str(tmp_path))
     common = [*FAST, "data.batch_size=2", "model=sj/spikformer", *TINY_CLI["spikformer"],
-              f"paths.i2e={tmp_path / 'i2e'}", f"paths.nmnist={tmp_path / 'nmnist'}", "data.build_workers=0"]
-    common = [o for o in common if not o.startswith("data.build_workers")]
+              f"paths.i2e={tmp_path / 'i2e'}", f"paths.nmnist={tmp_path / 'nmnist'}"]
     arg = "common_overrides=[" + ",".join(f"'{o}'" for o in common) + "]"
     manifest = run_pipeline(compose("pipeline", ["pipeline=mnist2nmnist", arg]))
     pre, fine = manifest["stages"]["pretrain"], manifest["stages"]["finetune"]
