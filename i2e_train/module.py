@@ -138,8 +138,8 @@ class SNNClassifier(LightningModule):
         if self.batch_transform is not None:
             events = self.batch_transform(events)
         logits = self(events)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        self.train_top1(logits, labels)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)  # targets [B] or soft [B, K]
+        self.train_top1(logits, labels.argmax(1) if labels.dim() == 2 else labels)
         bs = labels.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)

@@ -108,7 +108,6 @@ class EventDataModule(ResumableTrainData, LightningDataModule):
             expected = ", ".join(map(str, self.shape))
             raise ValueError(f"{self.info.name}: frames of shape {tuple(frames.shape)}, expected [B, {expected}]")
         events = frames.transpose(0, 1).contiguous().float()  # [T, B, C, H, W]
-        augment = getattr(self, "augment", None)
-        if augment is not None and augment.active and self.trainer is not None and self.trainer.training:
-            events = augment(events)
-        return events, targets.long()
+        from i2e_train.data.event_augment import augment_batch
+
+        return augment_batch(self, events, targets.long())  # training only

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 from torch.utils.data import Subset
 
-from i2e_train.data.augment import EventAugment
+from i2e_train.data.event_augment import build_event_augment
 from i2e_train.data.base import DatasetUnavailableError, EventDataModule, resolve_info
 from i2e_train.data.catalog import CIFAR10_CLASSES
 from i2e_train.data.splits import per_class_split
@@ -213,7 +213,8 @@ class CIFAR10DVSDataModule(EventDataModule):
         train_ratio: per-class training fraction (0.9, SpikingJelly's split_to_train_test_set).
         num_classes, resolution, timesteps: checked against the catalog (10, [128, 128], = frames_number).
         batch_size, num_workers, pin_memory, drop_last: the DataLoaders'.
-        augment: event augmentation in training, e.g. {crop_padding: 4, hflip: 0.5}; None (paper) = none.
+        augment: event augmentation in training: a list of data/event_augment.py entries (e.g.
+            [nda, event_drop]) or the legacy {crop_padding: 4, hflip: 0.5}; None (paper) = none.
         verify_md5: check the zips' MD5 before extracting them (download/ route).
     """
 
@@ -230,7 +231,7 @@ class CIFAR10DVSDataModule(EventDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         drop_last: bool = False,
-        augment: dict[str, Any] | None = None,
+        augment: Any = None,
         verify_md5: bool = True,
     ) -> None:
         if int(timesteps) != int(frames_number):
@@ -246,7 +247,7 @@ class CIFAR10DVSDataModule(EventDataModule):
         self.root = Path(root)
         self.frames_number, self.split_by, self.train_ratio = int(frames_number), split_by, float(train_ratio)
         self.verify_md5 = bool(verify_md5)
-        self.augment = EventAugment(**(augment or {}))
+        self.augment = build_event_augment(augment, self.info.num_classes)
         self.class_names = list(CLASS_NAMES)
         self.dataset = None  # the whole CIFAR10DVS DatasetFolder
 

@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from i2e_train.codec import unpack_events
-from i2e_train.data.augment import EventAugment
 from i2e_train.data.base import DataFileError, DatasetUnavailableError, EventDataModule, resolve_info
+from i2e_train.data.event_augment import augment_batch, build_event_augment
 from i2e_train.data.packed import (
     BadRecordCounter,
     LabelMap,
@@ -84,7 +84,8 @@ class I2EDataModule(EventDataModule):
         val_fraction, seed: the stratified split made for configs without a validation split.
         shuffle_buffer: streaming shuffle buffer (rows).
         dtype: dtype of the unpacked events ("float32", "bfloat16", "float16", "bool", ...).
-        augment: event augmentation in training, e.g. {crop_padding: 4, hflip: 0.5}.
+        augment: event augmentation in training: a list of data/event_augment.py entries (e.g.
+            [nda, event_drop]) or the legacy {crop_padding: 4, hflip: 0.5}.
         on_bad_record: "raise" (default) or "skip" (drop, count, log, write to the run folder).
         train_split, val_split: split names to read. ``val_split=None`` carves a stratified
             validation split of ``val_fraction`` from train on purpose (otherwise that happens only
@@ -109,7 +110,7 @@ class I2EDataModule(EventDataModule):
         seed: int = 2024,
         shuffle_buffer: int = 2048,
         dtype: str = "float32",
-        augment: dict[str, Any] | None = None,
+        augment: Any = None,
         on_bad_record: str = "raise",
         train_split: str = "train",
         val_split: str | None = "validation",
@@ -128,7 +129,7 @@ class I2EDataModule(EventDataModule):
         self.shuffle_buffer, self.on_bad_record = shuffle_buffer, on_bad_record
         self.train_split, self.val_split = train_split, val_split
         self.event_dtype = getattr(torch, str(dtype).removeprefix("torch."))
-        self.augment = EventAugment(**(augment or {}))
+        self.augment = build_event_augment(augment, self.info.num_classes)
         self.bad_records = BadRecordCounter()
         self.datasets: dict[str, Dataset] = {}
         self.label_map: LabelMap | None = None
@@ -279,9 +280,7 @@ class I2EDataModule(EventDataModule):
             events = torch.zeros((self.shape[0], 0, *self.shape[1:]), dtype=self.event_dtype, device=packed.device)
         else:
             events = unpack_events(packed, self.shape, self.event_dtype)  # [T, B, C, H, W]
-        if self.augment.active and self.trainer is not None and self.trainer.training and events.shape[1]:
-            events = self.augment(events)
-        return events, targets
+        return augment_batch(self, events, targets)  # training only (data/event_augment.py)
 
     def state_dict(self) -> dict[str, Any]:
         return {"bad_records": self.bad_records.state_dict(), **self._position_state()}

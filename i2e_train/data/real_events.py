@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from i2e_train.data.augment import EventAugment
+from i2e_train.data.event_augment import build_event_augment
 from i2e_train.data.base import EventDataModule, resolve_info
 from i2e_train.data.recordings import SOURCES, FrameCache, Recording, load_frames
 from i2e_train.data.splits import per_class_split, stratified_split
@@ -187,7 +187,8 @@ class RealEventsDataModule(EventDataModule):
         twin_classes: the twin's class names by label index; None = the catalog's.
         exclude_classes, absent_classes: declared class mismatches (see ``align_classes``).
         batch_size, num_workers, pin_memory, drop_last: the DataLoaders'.
-        augment: event augmentation in training, e.g. {crop_padding: 4, hflip: 0.5}; None = none.
+        augment: event augmentation in training: a list of data/event_augment.py entries (e.g.
+            [nda, event_drop]) or the legacy {crop_padding: 4, hflip: 0.5}; None = none.
         build_workers: processes that build the frame cache (0 = this process); progress: a bar.
     """
 
@@ -197,7 +198,7 @@ class RealEventsDataModule(EventDataModule):
                  seed: int | None = None, twin_classes: Sequence[str] | None = None,
                  exclude_classes: Sequence[str] = (), absent_classes: Sequence[str] = (), batch_size: int = 32,
                  num_workers: int = 4, pin_memory: bool = True, drop_last: bool = False,
-                 augment: dict[str, Any] | None = None, build_workers: int = 0, progress: bool = True) -> None:
+                 augment: Any = None, build_workers: int = 0, progress: bool = True) -> None:
         if name not in SOURCES:
             raise ValueError(f"unknown recordings {name!r}; known: {', '.join(SOURCES)}")
         info = resolve_info(name, num_classes, resolution, kind="dvs")
@@ -216,7 +217,7 @@ class RealEventsDataModule(EventDataModule):
         if len(self.twin_classes) != self.num_classes:
             raise ValueError(f"{name}: {len(self.twin_classes)} twin class names for {self.num_classes} classes")
         self.exclude_classes, self.absent_classes = list(exclude_classes), list(absent_classes)
-        self.augment = EventAugment(**(augment or {}))
+        self.augment = build_event_augment(augment, self.info.num_classes)
         self.build_workers, self.progress = int(build_workers), bool(progress)
         self.class_names = list(self.twin_classes)
         self.recordings: list[Recording] = []  # those served (excluded classes left out), path order

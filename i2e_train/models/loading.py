@@ -194,7 +194,9 @@ def _load(model: nn.Module, check: _KeyCheck, head: str, replace: bool, label: s
     if sorted(leftover) != sorted(expected_leftover) or result.unexpected_keys:  # pragma: no cover - defensive
         raise CheckpointError(f"{label}: load_state_dict disagreed with the key check ({result})")
     if replace:
-        model.get_submodule(head).reset_parameters()
+        for m in model.get_submodule(head).modules():  # a Linear, or a block around one (SpikingJelly's MA-SNN)
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
     return to_load
 
 

@@ -1,0 +1,169 @@
+"""data.augment=[...]: NDA's policies and EventDrop's drops on the device, batched, seeded per batch,
+resumed exactly mid-epoch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from i2e_train.data.augment import EventAugment
+from i2e_train.data.event_augment import AUGMENTS, EventPipeline, batch_generator, build_event_augment
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_recovery import _Stop, _StopAt  # noqa: E402
+
+OPS = ["roll", "rotate", "shear", "nda", "nda_cutmix", "drop_random", "drop_time", "drop_area", "event_drop",
+       "crop", "hflip"]
+
+
+def _events(kind: str, seed: int = 0) -> torch.Tensor:
+    """[T=4, B=6, 2, 16, 16]: I2E-like 0/1 events or real-recording counts (integers up to 5)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "binary":
+        return (torch.rand(4, 6, 2, 16, 16, generator=g) < 0.3).float()
+    return torch.randint(0, 6, (4, 6, 2, 16, 16), generator=g).float()
+
+
+def _run(spec, events, seed=0, k=10):
+    aug = build_event_augment([spec], num_classes=k)
+    targets = torch.arange(events.shape[1]) % k
+    return aug(events.clone(), targets, batch_generator(events.device, seed, 0, 0))
+
+
+def test_every_registered_operation_is_tested():
+    assert sorted(AUGMENTS) == sorted(OPS)
+
+
+@pytest.mark.parametrize("kind", ["binary", "counts"])
+@pytest.mark.parametrize("name", OPS)
+def test_shape_and_values_stay_events(name, kind):
+    x = _events(kind)
+    y, t = _run(name, x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    if kind == "binary":
+        assert set(torch.unique(y).tolist()) <= {0.0, 1.0}
+    else:
+        assert torch.equal(y, y.round()) and y.min() >= 0 and y.max() <= x.max()
+    if name.startswith("drop") or name == "event_drop":
+        assert (y <= x).all(), "drops only remove events"
+        assert y.sum() < x.sum()
+    elif name not in ("crop", "hflip"):
+        assert not torch.equal(y, x), f"{name} changed nothing"
+
+
+def test_geometric_policies_move_whole_pixels():
+    """Roll is a permutation of the pixels; rotate / shear copy pixels (nearest) or leave zeros."""
+    x = _events("counts")
+    y, _ = _run({"name": "roll", "max_shift": 3}, x)
+    assert torch.equal(y.sum((0, 2, 3, 4)), x.sum((0, 2, 3, 4))), "roll keeps every event"
+    for name in ("rotate", "shear"):
+        y, _ = _run({"name": name, "max_degrees": 30} if name == "rotate" else name, x)
+        assert set(torch.unique(y).tolist()) <= set(torch.unique(x).tolist())
+
+
+def test_cutmix_labels_sum_to_one_and_follow_the_area():
+    x = _events("binary")
+    y, soft = _run({"name": "nda_cutmix", "alpha": 1.0}, x, seed=3)
+    assert soft.shape == (6, 10) and soft.dtype == torch.float32
+    torch.testing.assert_close(soft.sum(1), torch.ones(6))
+    own = torch.arange(6) % 10
+    foreign = (y != x).any(0).any(1)  # [B, H, W]: pixels that came from the partner
+    assert (soft[torch.arange(6), own] <= 1).all() and (soft[torch.arange(6), own] < 1).any(), "some labels mixed"
+    # a pixel that differs lies in the box, so the own share is at most 1 - changed / (H * W)
+    assert (soft[torch.arange(6), own] <= 1 - foreign.flatten(1).float().mean(1) + 1e-6).all()
+
+
+def test_same_seed_same_batch_other_seed_other_batch():
+    x = _events("binary")
+    spec = [{"name": "nda"}, {"name": "nda_cutmix", "p": 1.0}, "event_drop"]
+    aug = build_event_augment(spec, num_classes=10)
+    t = torch.arange(6)
+    a = aug(x.clone(), t, batch_generator(x.device, 1, 2, 3))
+    b = aug(x.clone(), t, batch_generator(x.device, 1, 2, 3))
+    c = aug(x.clone(), t, batch_generator(x.device, 1, 2, 4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_config_forms_and_bad_entries():
+    assert isinstance(build_event_augment(None, 10), EventAugment) and not build_event_augment(None, 10).active
+    assert isinstance(build_event_augment({"crop_padding": 2, "hflip": 0.5}, 10), EventAugment)
+    pipe = build_event_augment(["nda", {"name": "drop_area", "max_ratio": 0.5}], 10)
+    assert isinstance(pipe, EventPipeline) and pipe.active and not pipe.mixes
+    with pytest.raises(ValueError, match=r"data.augment\[0\].*'ndaa'.*Did you mean"):
+        build_event_augment(["ndaa"], 10)
+    with pytest.raises(ValueError, match=r"data.augment\[1\].*roll.*unexpected keyword"):
+        build_event_augment(["nda", {"name": "roll", "shift": 3}], 10)
+    with pytest.raises(ValueError, match="p must be in"):
+        build_event_augment([{"name": "roll", "p": 2}], 10)
+
+
+# --------------------------------------------------------------------------- exact resume mid-epoch
+class _Seen(L.Callback):
+    """The (augmented) batches the model trained on, by global step."""
+
+    def __init__(self):
+        self.batches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches[trainer.global_step] = (batch[0].clone(), batch[1].clone())
+
+
+def _fit(root, data_root, ckpt_path=None, stop=None):
+    from torch import nn
+
+    from i2e_train.callbacks import StepCheckpoint
+    from i2e_train.data import I2EDataModule
+    from i2e_train.module import SNNClassifier
+    from i2e_train.recovery import AtomicCheckpointIO, recovery_callbacks
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2 * 8 * 8, 4)
+
+        def forward(self, x):  # [T, B, C, H, W] -> [B, 4]
+            return self.fc(x.mean(0).flatten(1))
+
+    L.seed_everything(5)
+    dm = I2EDataModule(name="Tiny", path=str(data_root), data_dir=str(root / "cache"), num_classes=4,
+                       resolution=[8, 8], timesteps=2, batch_size=8, num_workers=0, seed=5,
+                       augment=["nda", {"name": "nda_cutmix", "p": 0.5}, "event_drop"])
+    module = SNNClassifier(Net(), num_classes=4, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
+    seen = _Seen()
+    ckpts = root / "checkpoints"
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpts, save_last=True, enable_version_counter=False),
+                 StepCheckpoint(ckpts, every_n_train_steps=2), *recovery_callbacks(root), seen]
+    trainer = L.Trainer(max_epochs=2, deterministic=True, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=root, plugins=[AtomicCheckpointIO()],
+                        callbacks=callbacks + ([stop] if stop else []), num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module, seen.batches
+
+
+def test_resumed_mid_epoch_sees_exactly_the_augmented_batches_of_the_uninterrupted_run(tmp_path):
+    from i2e_train.codec import encode_record
+    from i2e_train.data.writer import shard_name, write_shard
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("validation", 8)):
+        labels = [i % 4 for i in range(n)]
+        records = [encode_record(rng.random((2, 2, 8, 8)) < 0.2 + 0.15 * c) for c in labels]
+        write_shard(tmp_path / "data" / "Tiny" / shard_name(split, 0, 1), [f"{c}/{i}.npy" for i, c in
+                    enumerate(labels)], labels, records, [str(c) for c in range(4)])
+    clean, clean_seen = _fit(tmp_path / "clean", tmp_path / "data")
+    with pytest.raises(_Stop):
+        _fit(tmp_path / "run", tmp_path / "data", stop=_StopAt(step=3))
+    resumed, resumed_seen = _fit(tmp_path / "run", tmp_path / "data",
+                                 ckpt_path=str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    assert sorted(resumed_seen) == list(range(2, 10)), "resumed after the step-2 checkpoint"
+    for step, (events, targets) in resumed_seen.items():
+        assert torch.equal(events, clean_seen[step][0]) and torch.equal(targets, clean_seen[step][1]), step
+    assert any(t.dim() == 2 for _, t in clean_seen.values()), "CutMix mixed some batches (soft labels)"
+    for (k, v), w in zip(clean.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(v, w), k

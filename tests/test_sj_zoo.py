@@ -1,0 +1,175 @@
+"""model=sj/<name>: SpikingJelly's zoo under the zoo's contract (events [T, B, 2, H, W] -> [B, K],
+reset per call), trained end to end, through a two-stage pipeline on real-format recordings, and
+reloaded strictly.
+
+CPU budget: every layout-configurable class (sj/ms_resnet, sj/max_resnet, sj/att_ms_resnet,
+sj/masnn, sj/spikformer, sj/qkformer, sj/spike_driven_transformer, sj/maxformer, sj/sew_resnet,
+sj/spiking_resnet) runs forward / backward at tiny widths with a strict reload and a head
+replacement; sj/sew_resnet, sj/spikformer and sj/masnn train end to end and sj/spikformer runs the
+two-stage pipeline. The paper-size builders (sj/ms_resnet18, sj/sew_resnet50, sj/spiking_vgg16,
+...) are the same classes with other layouts: their builders and configs are checked, two small
+ones run forward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+import torch
+
+from i2e_train.config import config_dir
+from i2e_train.models import create_model, list_models, load_checkpoint
+from i2e_train.models.sj_zoo import NOT_APPLICABLE, ZOO
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import train_in_process  # noqa: E402
+
+NEURON = dict(tau=2.0, v_threshold=1.0, v_reset=0.0, decay_input=False, detach_reset=True, surrogate="atan",
+              surrogate_alpha=2.0)
+TINY = {
+    "ms_resnet": dict(layers=[1, 1, 1], base_channels=8),
+    "max_resnet": dict(layers=[1, 1, 1], base_channels=8),
+    "att_ms_resnet": dict(layers=[1, 1, 1], base_channels=8),
+    "masnn": dict(channels=[8, 8, 8], fc_hidden=16, reduction_t=2),
+    "spikformer": dict(patch_size=4, embed_dims=32, num_heads=2, depths=1),
+    "qkformer": dict(embed_dims=32, num_heads=[1, 2, 2], depths=[1, 1, 1]),
+    "spike_driven_transformer": dict(embed_dims=32, num_heads=2, depths=1),
+    "maxformer": dict(embed_dims=32, depths=[1, 1, 1]),
+    "sew_resnet": dict(layers=[1, 1, 1, 1]),
+    "spiking_resnet": dict(layers=[1, 1, 1, 1]),
+}
+T, RES = 4, 32
+
+
+def _tiny(name: str, k: int = 10, **kw):
+    return create_model(f"sj/{name}", num_classes=k, in_channels=2, resolution=RES, timesteps=T, **NEURON,
+                        **TINY[name], **kw)
+
+
+def _events(b: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(T, b, 2, RES, RES, generator=g) < 0.3).float()  # [T, B, 2, H, W]
+
+
+def test_every_zoo_classifier_is_registered_or_said_why_not():
+    """Each public builder / class of spikingjelly.activation_based.model is sj/<name> or in NOT_APPLICABLE."""
+    pkg = "spikingjelly.activation_based.model"
+    registered = {(e.module, e.builder) for e in ZOO.values()}
+    for mod in ("ms_resnet", "masnn", "maxformer", "qkformer", "spike_driven_transformer", "spikformer", "sew_resnet",
+                "spiking_resnet", "spiking_vgg", "parametric_lif_net", "spiking_vggws_ottt", "snas_net", "spike_dhs"):
+        module = importlib.import_module(f"{pkg}.{mod}")
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if not (inspect.isfunction(obj) or (inspect.isclass(obj) and issubclass(obj, torch.nn.Module))):
+                continue  # configs of their distributed builders
+            said = any(fnmatch(f"{mod}.{name}", pat.split(" / ")[0]) or f"{mod}.{name}" == pat or
+                       (" / " in pat and name in pat) for pat in NOT_APPLICABLE)
+            if (mod, name) not in registered and not said and inspect.isfunction(obj):
+                pytest.fail(f"{mod}.{name} is neither registered nor in NOT_APPLICABLE")
+    assert list_models("sj/*") == sorted(f"sj/{n}" for n in ZOO)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_entry_has_a_config_and_a_builder(name):
+    entry = ZOO[name]
+    fn = getattr(importlib.import_module(f"spikingjelly.activation_based.model.{entry.module}"), entry.builder)
+    assert callable(fn)
+    text = (config_dir() / "model" / "sj" / f"{name}.yaml").read_text()
+    assert f"name: sj/{name}\n" in text and "${data.num_classes}" in text and "${data.resolution}" in text
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_contract_forward_backward_reset_strict_reload_and_head_replacement(name):
+    model = _tiny(name)
+    x = _events()
+    y = model(x)
+    assert y.shape == (2, 10)
+    y.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a, b), "states are reset inside the call"
+    other = _tiny(name)
+    report = load_checkpoint(other, {k: v.clone() for k, v in model.state_dict().items()})
+    other.eval()
+    with torch.no_grad():
+        assert torch.equal(other(x), a) and report.loaded_keys == len(model.state_dict())
+    five = _tiny(name, k=5)
+    report = load_checkpoint(five, model.state_dict(), replace_head=True)
+    kept = [k for k in model.state_dict() if not k.startswith(f"net.{five.head_name}.")]
+    assert report.head_replaced and all(torch.equal(five.state_dict()[k], model.state_dict()[k]) for k in kept)
+    assert five(x).shape == (2, 5)
+    with pytest.raises(Exception, match="replace_head=True"):
+        load_checkpoint(_tiny(name, k=5), model.state_dict())
+    with pytest.raises(ValueError, match=r"expected events \[T, B, 2, H, W\]"):
+        model(x[:, :, :1])
+
+
+@pytest.mark.parametrize("name, kwargs", [("ms_resnet18", {}), ("spikformer_ti", {})])
+def test_paper_builders_take_events(name, kwargs):
+    model = create_model(f"sj/{name}", num_classes=10, in_channels=2, resolution=RES, timesteps=2, **NEURON,
+                         **kwargs)
+    assert model(_events(1)[:2]).shape == (1, 10) and model.model_info["neurons"] == "paper"
+
+
+def test_legacy_networks_get_an_event_stem_and_the_config_neurons():
+    from i2e_train.models.lif import LIFNode
+
+    model = create_model("sj/sew_resnet", num_classes=10, **dict(NEURON, tau=3.0), **TINY["sew_resnet"])
+    assert model.net.conv1.in_channels == 2
+    lifs = [m for m in model.modules() if isinstance(m, LIFNode)]
+    assert lifs and all(m.tau == 3.0 and m.step_mode == "m" for m in lifs)
+
+
+# --------------------------------------------------------------------------- end to end
+TINY_CLI = {n: [f"++model.{k}={json.dumps(v).replace(' ', '')}" for k, v in kw.items()] for n, kw in TINY.items()}
+FAST = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "~logger",
+        "data.batch_size=4", "data.num_workers=0", "trainer.precision=32-true", "callbacks.spike_stats.plot=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sew_resnet", "spikformer", "masnn"])
+def test_trains_on_digits_and_the_exported_weights_reload_strictly(name, tmp_path, monkeypatch, digits_root):
+    result, out = train_in_process(tmp_path, monkeypatch, f"model=sj/{name}", *TINY_CLI[name], *FAST,
+                                   f"data.path={digits_root}")
+    assert "val/top1" in result["best"]
+    assert any(k.startswith("spikes/net.") for k in result["best"]), "spike statistics found the neurons"
+    fresh = create_model(f"sj/{name}", num_classes=10, in_channels=2, resolution=RES, timesteps=8, **NEURON,
+                         **TINY[name])  # the digits' T
+    report = load_checkpoint(fresh, out / "model.safetensors")
+    assert report.loaded_keys == len(fresh.state_dict()) and not report.missing_keys
+
+
+@pytest.mark.slow
+def test_two_stage_pipeline_on_real_format_recordings(tmp_path, monkeypatch):
+    """pipeline=mnist2nmnist with model=sj/spikformer: I2E-MNIST (tiny local copy) pre-training, then
+    N-MNIST fine-tuning on ATIS files read through tonic, from stage 1's exact weights."""
+    from test_all_experiments import released_i2e_copy
+    from test_real_events import make_nmnist
+
+    from i2e_train.config import compose
+    from i2e_train.models import state_digest
+    from i2e_train.tasks.pipeline import run_pipeline
+
+    released_i2e_copy(tmp_path / "i2e")
+    make_nmnist(tmp_path / "nmnist", train=2, test=1)
+    monkeypatch.setenv("I2E_ROOT", str(tmp_path))
+    common = [*FAST, "data.batch_size=2", "model=sj/spikformer", *TINY_CLI["spikformer"],
+              f"paths.i2e={tmp_path / 'i2e'}", f"paths.nmnist={tmp_path / 'nmnist'}"]
+    arg = "common_overrides=[" + ",".join(f"'{o}'" for o in common) + "]"
+    manifest = run_pipeline(compose("pipeline", ["pipeline=mnist2nmnist", arg]))
+    pre, fine = manifest["stages"]["pretrain"], manifest["stages"]["finetune"]
+    ckpt = torch.load(pre["best_checkpoint"], map_location="cpu", weights_only=True)
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    assert fine["init_from"] == pre["best_checkpoint"] and fine["init_digest"] == state_digest(weights)
+    assert any(k.startswith("net.") for k in weights) and "val/top1" in fine["metrics"]
+    again = create_model("sj/spikformer", num_classes=10, in_channels=2, resolution=32, timesteps=8, **NEURON,
+                         **TINY["spikformer"])
+    assert load_checkpoint(again, fine["best_checkpoint"]).loaded_keys == len(again.state_dict())
