@@ -167,3 +167,31 @@ def test_resumed_mid_epoch_sees_exactly_the_augmented_batches_of_the_uninterrupt
     assert any(t.dim() == 2 for _, t in clean_seen.values()), "CutMix mixed some batches (soft labels)"
     for (k, v), w in zip(clean.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def test_real_recording_frames_are_augmented_in_training_only(tmp_path):
+    """RealEventsDataModule (N-MNIST in the ATIS format through tonic): counts stay integers, the batch's
+    draws are a function of the trainer's position."""
+    from types import SimpleNamespace
+
+    from test_real_events import _dm, make_nmnist
+
+    make_nmnist(tmp_path, train=1, test=1)
+    dm = _dm("N-MNIST", tmp_path, augment=["event_drop", "nda"])
+    dm.prepare_data()
+    dm.setup()
+    frames, labels = next(iter(dm.val_dataloader()))
+    plain, _ = dm.on_after_batch_transfer((frames, labels))
+
+    def at(batch):
+        progress = SimpleNamespace(current=SimpleNamespace(ready=batch))
+        return SimpleNamespace(training=True, current_epoch=0, global_rank=0,
+                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+    dm.trainer = at(0)
+    a, _ = dm.on_after_batch_transfer((frames, labels))
+    b, _ = dm.on_after_batch_transfer((frames, labels))
+    dm.trainer = at(1)
+    c, _ = dm.on_after_batch_transfer((frames, labels))
+    assert a.shape == plain.shape and torch.equal(a, a.round()) and plain.max() > 1, "counts, not bits"
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain)

@@ -90,3 +90,30 @@ def test_demo_study_three_seeds_end_to_end(tmp_path, monkeypatch):
     again = run_study(cfg)
     assert all(r["skipped"] for r in again["runs"]) and again["table"] == out["table"]
     print(f"demo study: {elapsed:.1f} s\n{out['table']}")
+
+
+def test_pipeline_study_runs_compose_the_pipeline_and_give_other_overrides_to_every_stage(tmp_path, monkeypatch):
+    import i2e_train.tasks.pipeline as pipeline
+
+    seen = []
+
+    def fake_pipeline(cfg):
+        seen.append(cfg)
+        return {"stages": {"finetune": {"metrics": {"val/top1": 0.5}}}}
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_pipeline)
+    cfg = _cfg(tmp_path, monkeypatch, "study=sim2real_augment", "seeds=[3]")
+    out = run_study(cfg)
+    assert [c.pipeline.name for c in seen] == ["nmnist_scratch", "nmnist_scratch", "mnist2nmnist", "mnist2nmnist"]
+    nda = seen[-1]
+    assert list(nda.common_overrides) == ["data.augment=[nda]", "seed=3", "++wandb_group=study/sim2real_augment"]
+    assert nda.run_dir == str(tmp_path / "logs" / "study" / "sim2real_augment" / "runs" / "pretrain=i2e,augment=nda" / "seed=3")
+    assert [r["n"] for r in out["rows"]] == [1, 1, 1, 1]
+
+
+def test_wandb_logs_the_table_and_the_plot(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = _cfg(tmp_path, monkeypatch, "study=demo", "seeds=[0,1]", "wandb=true")
+    run_study(cfg, runner=lambda run, name: {"best": {"val/top1": 0.1 * (run["seed"] + 1)}})
+    runs = list((tmp_path / "logs" / "study" / "demo" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -42,6 +42,7 @@ The legacy mapping form ``data.augment={crop_padding: 4, hflip: 0.5}`` keeps its
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -401,8 +402,6 @@ def augment_batch(dm: Any, events: torch.Tensor, targets: torch.Tensor) -> tuple
         return events, targets
     if not isinstance(augment, EventPipeline):
         return augment(events), targets
-    import os
-
     seed = getattr(dm, "seed", None)
     seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else int(seed)
     loop = trainer.fit_loop.epoch_loop
