@@ -540,3 +540,33 @@ def test_ddp_training_split_drops_the_uneven_tail_as_the_official_sampler():
         ranks.append(list(DM()._train_sampling(list(range(9)), 4, seed=1)["sampler"]))
     assert len(set(ranks[0] + ranks[1])) == 8
     assert per_device_batch_size(128, SimpleNamespace(world_size=2)) == int(128 / 2)  # official args.batch_size
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_training_conversion_under_autocast_equals_the_official_converter(dtype):
+    """train_conversion=autocast: the official converter inside autocast (its conv2d in the low
+    precision; run here under CPU autocast, the same casts as CUDA's) == ours with compute_dtype."""
+    from types import SimpleNamespace
+
+    from torchvision.transforms.v2.functional import to_dtype
+
+    from i2e_train.i2e import I2E
+
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    floats = to_dtype(images, torch.float32, scale=True)
+    official = _official_i2e(0.07)
+    with torch.autocast("cpu", dtype=dtype):
+        want = official(floats)
+    assert not torch.equal(want, official(floats))  # the rounding matters on these images
+    ours = I2E(ratio=0.07).eval()
+    assert torch.equal(ours(images, compute_dtype=dtype), want)
+    assert torch.equal(ours(floats, compute_dtype=dtype), want)
+    # the DataModule asks for it only on CUDA under a mixed-precision trainer
+    from i2e_train.data.images import ImageDataModule
+
+    mod = ImageDataModule(name="I2E-CIFAR10", source="unused", source_type="imagefolder", num_workers=0)
+    mod.trainer = SimpleNamespace(precision="16-mixed")
+    assert mod.conversion_dtype(torch.device("cuda")) == torch.float16
+    assert mod.conversion_dtype(torch.device("cpu")) is None
+    mod.trainer = SimpleNamespace(precision="32-true")
+    assert mod.conversion_dtype(torch.device("cuda")) is None
