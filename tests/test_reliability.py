@@ -605,3 +605,30 @@ def test_overwrite_true_replaces_a_finished_run_and_nothing_else_does(tmp_path):
     check_run_folder(tmp_path, None, True)
     _claim_folder(OmegaConf.create({"overwrite": True, "ckpt_path": None}), tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [MARKER, "notes.txt"]
+
+
+def test_released_weight_is_found_by_stem_and_checked_against_its_download(tmp_path, monkeypatch):
+    from i2e_train.models import hub
+    from i2e_train.models.errors import ReleasedWeightsUnavailable
+
+    downloads = []
+
+    def hf_hub_download(repo_id, filename, *, revision=None, local_dir=None, **kw):
+        downloads.append(filename)
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"weights")
+        return str(target)
+
+    monkeypatch.setattr(hub, "_hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "list_repo_files", lambda repo_id, **kw: ["README.md", "w/cifar10_baseline.pth",
+                                                                       "w/cifar10_baseline_old.pth.tar"])
+    monkeypatch.setattr(hub, "hf_hub_download", hf_hub_download)
+    path = hub.resolve_released("cifar10_baseline", cache_dir=tmp_path)  # the card's .pth, not another stem
+    assert path == tmp_path / "w" / "cifar10_baseline.pth" and downloads == ["w/cifar10_baseline.pth"]
+    index = json.loads((tmp_path / "released.json").read_text())["cifar10_baseline"]
+    assert index["size"] == 7 and len(index["sha256"]) == 64
+    assert hub.resolve_released("cifar10_baseline", cache_dir=tmp_path) == path and len(downloads) == 1
+    path.write_bytes(b"weightz")  # same size, other bytes
+    with pytest.raises(ReleasedWeightsUnavailable, match="changed since it was downloaded"):
+        hub.resolve_released("cifar10_baseline", cache_dir=tmp_path)
