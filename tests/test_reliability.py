@@ -127,6 +127,7 @@ def test_malicious_checkpoint_is_one_error_line_at_the_cli(bad, tmp_path):
 TINY = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "~logger", "eval_after_fit=false"]
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten_and_resumes_from_checkpoints_read_weights_only(tmp_path, monkeypatch):
     """Our .ckpt files (hyper-parameters, callback states, optimiser, schedule, RNG) hold nothing
     weights_only=True refuses; a finished run folder is refused unless resumed or overwritten."""
@@ -146,6 +147,7 @@ def test_finished_run_is_not_overwritten_and_resumes_from_checkpoints_read_weigh
     assert resumed["epoch"] > ckpt["epoch"] and resumed["global_step"] == 2 * ckpt["global_step"]
 
 
+@pytest.mark.slow
 def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):
     """Two i2e-train processes started together: each gets its own folder with its own config.
     (trainer.max_epochs=0 stops each right after Hydra made its folder.)"""
@@ -563,6 +565,7 @@ def test_entry_points_hide_only_the_named_third_party_noise(tmp_path, caplog):
     assert "litlogger" not in caplog.text and "GPU available" in caplog.text  # other INFO lines still show
 
 
+@pytest.mark.slow
 def test_eval_convert_and_pipeline_failures_are_one_error_line(bad, tmp_path):
     """Three entry points at once (in parallel: each start costs the imports)."""
     path, _ = bad
