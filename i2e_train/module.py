@@ -95,10 +95,13 @@ class SNNClassifier(LightningModule):
         self.host_allocator = host_allocator
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         top5 = min(5, self.num_classes)
-        self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
-        self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro")
-        self.val_confusion = MulticlassConfusionMatrix(self.num_classes)
+        # validate_args=False: the value checks run torch.unique on every update (a host
+        # synchronisation per metric per step on a GPU); shapes are checked by the loss anyway.
+        checks = {"validate_args": False}
+        self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro", **checks)
+        self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro", **checks)
+        self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro", **checks)
+        self.val_confusion = MulticlassConfusionMatrix(self.num_classes, **checks)
         self.last_confusion: torch.Tensor | None = None  # [classes, classes], rows = true class
 
     def configure_model(self) -> None:
@@ -124,7 +127,7 @@ class SNNClassifier(LightningModule):
             return None
         logits = self(events)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        self.train_top1(logits, labels)
+        self.train_top1.update(logits, labels)  # logged per epoch: no per-batch value to compute
         bs = labels.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
@@ -137,8 +140,8 @@ class SNNClassifier(LightningModule):
         logits = self(events)
         loss = F.cross_entropy(logits, labels)
         bs = labels.shape[0]
-        self.val_top1(logits, labels)
-        self.val_top5(logits, labels)
+        self.val_top1.update(logits, labels)
+        self.val_top5.update(logits, labels)
         self.val_confusion.update(logits, labels)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=bs)
         self.log("val/top1", self.val_top1, on_epoch=True, prog_bar=True, batch_size=bs)
