@@ -32,6 +32,19 @@ __all__ = ["SNNClassifier"]
 HOST_ALLOCATORS = ("caching", "pytorch")
 
 
+class _ConfusionMatrix(MulticlassConfusionMatrix):
+    """``MulticlassConfusionMatrix`` ([classes, classes], rows = true class) whose update adds
+    the batch with an accumulating ``index_put_``: torchmetrics' own uses ``torch.bincount``,
+    whose output size depends on the largest value (a host read per validation step on a GPU).
+    The same counts (``tests/test_gpu_path.py``)."""
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        if preds.is_floating_point():  # logits / probabilities [B, K] -> predicted class [B]
+            preds = preds.argmax(1)
+        cell = target.reshape(-1).long() * self.num_classes + preds.reshape(-1).long()
+        self.confmat.view(-1).index_put_((cell,), torch.ones_like(cell, dtype=self.confmat.dtype), accumulate=True)
+
+
 class SNNClassifier(LightningModule):
     """Classification of event streams with a spiking network.
 
@@ -101,7 +114,7 @@ class SNNClassifier(LightningModule):
         self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro", **checks)
         self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro", **checks)
         self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro", **checks)
-        self.val_confusion = MulticlassConfusionMatrix(self.num_classes, **checks)
+        self.val_confusion = _ConfusionMatrix(self.num_classes, **checks)
         self.last_confusion: torch.Tensor | None = None  # [classes, classes], rows = true class
 
     def configure_model(self) -> None:

@@ -84,34 +84,39 @@ def _device_of(x) -> torch.device | None:
 
 @dataclass
 class HostTraffic(TorchDispatchMode):
-    """Records, while entered, the host-to-device copies (``h2d``), device-to-host copies
-    (``d2h``) and host reads of values (``reads``) of ATen calls on ``device_type`` tensors."""
+    """Records, while entered, the host-to-device copies (``h2d``, blocking or not: a step should
+    make none), blocking device-to-host copies (``d2h``; ``non_blocking=True`` ones, e.g. to pinned
+    memory, go to ``d2h_async`` and are no problem) and host reads of values (``reads``) of ATen
+    calls on ``device_type`` tensors."""
 
     device_type: str = "cuda"
     h2d: list[str] = field(default_factory=list)
     d2h: list[str] = field(default_factory=list)
     reads: list[str] = field(default_factory=list)
+    d2h_async: list[str] = field(default_factory=list)  # non-blocking device-to-host copies (not a wait)
     calls: dict[str, int] = field(default_factory=dict)  # ATen / custom operator -> number of calls
 
     def __post_init__(self) -> None:
         super().__init__()
 
-    def _copy(self, func, src: torch.device | None, dst: torch.device | None) -> None:
+    def _copy(self, func, src: torch.device | None, dst: torch.device | None, non_blocking: bool) -> None:
         if src is None or dst is None:
             return
         if src.type == "cpu" and dst.type == self.device_type:
             self.h2d.append(f"{func} at {_where()}")
-        elif src.type == self.device_type and dst.type == "cpu":
-            self.d2h.append(f"{func} at {_where()}")
+        elif src.type == self.device_type and dst.type == "cpu":  # non-blocking (to pinned memory): no wait
+            (self.d2h_async if non_blocking else self.d2h).append(f"{func} at {_where()}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.calls[str(func)] = self.calls.get(str(func), 0) + 1
         if func is aten._to_copy.default:
             src = _device_of(args[0])
-            self._copy(func, src, torch.device(kwargs["device"]) if kwargs.get("device") is not None else src)
+            dst = torch.device(kwargs["device"]) if kwargs.get("device") is not None else src
+            self._copy(func, src, dst, bool(kwargs.get("non_blocking", False)))
         elif func in (aten.copy_.default, aten.copy.default):
-            self._copy(func, _device_of(args[1]), _device_of(args[0]))
+            non_blocking = bool(args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+            self._copy(func, _device_of(args[1]), _device_of(args[0]), non_blocking)
         elif func in _HOST_READS and any(_device_of(a) is not None and _device_of(a).type == self.device_type
                                          for a in args):  # fmt: skip
             self.reads.append(f"{func} at {_where()}")

@@ -7,8 +7,8 @@ Technique (``tests/fakecuda.py`` explains it in full): tensors are ``FakeTensor`
 needed), so any read of a device value on the host raises, and a ``HostTraffic`` dispatch mode
 records host-to-device / device-to-host copies and host reads with the ``i2e_train`` line that
 made them. The backward pass and the optimiser step, which autograd cannot run on fake CUDA
-without a GPU, are traced on the ``meta`` device. Each check runs the step twice and counts the
-second (what is built once is not a per-step cost). To cover a new path: build its modules with
+without a GPU, are traced on the ``meta`` device. A check that can meet something built on first use runs the step
+twice and counts the second (what is built once is not a per-step cost). To cover a new path: build its modules with
 ``fake_module(mode, build)``, make its inputs inside ``fake_cuda()``, run it inside
 ``HostTraffic()`` and call ``assert_clean``.
 """
@@ -30,8 +30,13 @@ from i2e_train.models.memory import MEMORY_MODES
 
 # the registered networks behind the paper and the demo (101 / 152: same blocks as 50, deeper; left out for time)
 NETWORKS = [n for n in list_models("ms_resnet*") if n not in ("ms_resnet101", "ms_resnet152")]
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`", "ignore:Accessing the data pointer of FakeTensor")
 PRECISIONS = {"32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 T, B, SIZE, CLASSES = 2, 2, 32, 4
+# One step per network check: the module sits on the device before the step and nothing in the
+# network is built on first use (what is, like the converter moving to the device with its first
+# batch, is checked on a second step: the DataModule checks run two).
+STEPS = 1
 
 
 def _classifier(name: str, memory: str):
@@ -70,11 +75,11 @@ def test_fake_cuda_needs_no_gpu_and_catches_a_host_read():
 
 
 def _forward_step(mode, name: str, memory: str, dtype) -> HostTraffic:
-    """SNNClassifier.training_step (network, loss, training top-1) on fake CUDA, twice; the
-    traffic of the second."""
+    """SNNClassifier.training_step (network, loss, training top-1) on fake CUDA; the traffic of
+    the last of ``STEPS`` steps."""
     module = fake_module(mode, lambda: _classifier(name, memory))
     batch = _batch("cuda")
-    for step in range(2):
+    for step in range(STEPS):
         traffic = HostTraffic()
         with traffic, cuda_autocast(dtype) if dtype else contextlib.nullcontext():
             loss = module.training_step(batch, step)
@@ -124,7 +129,7 @@ def test_backward_and_optimiser_step_traced_on_meta(name, memory):
     module = meta_model(lambda: _classifier(name, memory))
     optimizer = module.configure_optimizers()
     batch = _batch("meta")
-    for step in range(2):
+    for step in range(STEPS):
         traffic = HostTraffic("meta")
         with traffic:
             loss = module.training_step(batch, step)
@@ -135,8 +140,20 @@ def test_backward_and_optimiser_step_traced_on_meta(name, memory):
     assert all(p.device.type == "meta" for p in module.parameters())
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason="MulticlassConfusionMatrix.update calls torch.bincount, whose "
-                   "output size depends on the largest label: one host read per validation step (docs/gpu.md)")
+def test_confusion_matrix_counts_equal_torchmetrics():
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    from i2e_train.module import _ConfusionMatrix
+
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = _ConfusionMatrix(7, validate_args=False), MulticlassConfusionMatrix(7)
+    for _ in range(3):
+        logits, labels = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
+        ours.update(logits, labels)
+        theirs.update(logits, labels)
+    assert torch.equal(ours.compute(), theirs.compute()) and ours.compute().sum() == 150
+
+
 def test_validation_step_metrics_on_fake_cuda():
     with fake_cuda() as mode:
         module = fake_module(mode, lambda: _classifier("ms_resnet_tiny", "bits"))
@@ -147,3 +164,118 @@ def test_validation_step_metrics_on_fake_cuda():
             with traffic, torch.no_grad():
                 module.validation_step(batch, step)
         traffic.assert_clean("validation step (top-1, top-5, confusion matrix)")
+
+
+# --------------------------------------------------------------------------- DataModules
+def _device_batches(dm, make_batch, modules=()):
+    """``dm.on_after_batch_transfer`` in training (twice) on a fake-CUDA loader batch from
+    ``make_batch()``; ``modules``: the DataModule's own modules (the converter), made fake."""
+    from types import SimpleNamespace
+
+    dm.trainer = SimpleNamespace(training=True)
+    with fake_cuda() as mode:
+        for m in modules:
+            fake_module(mode, lambda: m)
+        batch = make_batch()
+        for step in range(2):
+            traffic = HostTraffic()
+            with traffic:
+                events, labels = dm.on_after_batch_transfer(batch, 0)
+        assert events.is_cuda and events.dim() == 5 and labels.is_cuda and labels.dtype == torch.int64
+    return traffic, events
+
+
+def test_released_i2e_batches_unpack_and_augment_on_fake_cuda():
+    from i2e_train.codec import packed_size
+    from i2e_train.data.i2e_dataset import I2EDataModule
+
+    dm = I2EDataModule(name="I2E-CIFAR10", augment={"crop_padding": 4, "hflip": 0.5})
+    make = lambda: (torch.randint(0, 256, (B, packed_size(dm.shape)), dtype=torch.uint8, device="cuda"),  # noqa: E731
+                    torch.zeros(B, dtype=torch.long, device="cuda"))
+    traffic, events = _device_batches(dm, make)
+    traffic.assert_clean("I2EDataModule.on_after_batch_transfer (unpack + event augmentation)")
+    assert tuple(events.shape) == (dm.shape[0], B, *dm.shape[1:])
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+@pytest.mark.parametrize("train_aug", ["baseline1", "baseline2"])
+def test_online_i2e_batches_on_fake_cuda(backend, train_aug):
+    from i2e_train.data.images import ImageDataModule
+
+    dm = ImageDataModule(name="I2E-CIFAR10", source="unused", num_classes=10, resolution=[128, 128],
+                         encoder={"ratio": 0.07, "order": 4}, train_aug=train_aug, aug_family="cifar")  # fmt: skip
+    dm.encoder.backend = backend
+    make = lambda: (torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, device="cuda"),  # noqa: E731
+                    torch.zeros(B, dtype=torch.long, device="cuda"))
+    traffic, events = _device_batches(dm, make, modules=[dm.encoder])
+    traffic.assert_clean(f"ImageDataModule.on_after_batch_transfer ({train_aug}, I2E back-end {backend})")
+    assert tuple(events.shape) == (8, B, 2, 128, 128)
+
+
+@pytest.mark.parametrize("name", ["N-MNIST", "N-Caltech101", "CIFAR10-DVS", "CIFAR10-DVS (SpikingJelly)"])
+def test_real_event_batches_on_fake_cuda(tmp_path, name):
+    """Counts [B, T, 2, H, W] as the loaders give them (uint16 from the tonic frame cache;
+    SpikingJelly's CIFAR10-DVS frames as float32) -> events [T, B, 2, H, W] float32 on the device."""
+    from i2e_train.data.dvs import CIFAR10DVSDataModule
+    from i2e_train.data.real_events import RealEventsDataModule
+
+    augment = {"crop_padding": 4, "hflip": 0.5}
+    if name.endswith("(SpikingJelly)"):
+        dm, dtype = CIFAR10DVSDataModule(root=str(tmp_path), augment=augment), torch.float32
+    else:
+        dm, dtype = RealEventsDataModule(name=name, root=str(tmp_path), augment=augment), torch.uint16
+    make = lambda: (torch.empty((B, *dm.shape), dtype=dtype, device="cuda"),  # noqa: E731
+                    torch.zeros(B, dtype=torch.long, device="cuda"))
+    traffic, events = _device_batches(dm, make)
+    traffic.assert_clean(f"{name} on_after_batch_transfer (counts -> events, event augmentation)")
+    assert events.dtype == torch.float32 and tuple(events.shape) == (dm.shape[0], B, *dm.shape[1:])
+
+
+# --------------------------------------------------------------------------- callbacks
+class _Event:
+    """Stands in for ``torch.cuda.Event`` (needs a driver to exist): recorded, never complete
+    before ``synchronize``. Only the deferred NaN check's bookkeeping uses it."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+def test_nan_check_per_step_hooks_on_fake_cuda(monkeypatch):
+    """StopOnNonFinite's hooks inside a step (batch start, before backward, batch end) on a
+    CUDA loss: the flag and the loss go to pinned host memory without blocking, no host read."""
+    from types import SimpleNamespace
+
+    from i2e_train.callbacks import StopOnNonFinite
+
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    cb = StopOnNonFinite()
+    trainer = SimpleNamespace(current_epoch=0, global_step=0, checkpoint_callback=None, checkpoint_callbacks=[])
+    with fake_cuda():
+        loss = torch.ones((), device="cuda")
+        for step in range(2):
+            traffic = HostTraffic()
+            with traffic:
+                cb.on_train_batch_start(trainer, None, None, step)
+                cb.on_before_backward(trainer, None, loss)
+                cb.on_train_batch_end(trainer, None, None, None, step)
+            traffic.assert_clean("StopOnNonFinite per-step hooks")
+    assert len(cb._pending) == 2 and not any(e.done for _, e, *_ in cb._pending)  # read later, off the step
+
+
+def test_checkpoint_weight_check_reads_once_and_names_the_bad_tensors():
+    from i2e_train.callbacks.nonfinite import _nonfinite_tensors
+
+    state = {"a": torch.ones(3), "b": torch.zeros(2, dtype=torch.long), "c": torch.tensor([1.0, float("inf")])}
+    with HostTraffic("cpu") as traffic:  # counts host reads of CPU tensors here
+        assert _nonfinite_tensors({k: v for k, v in state.items() if k != "c"}) == []
+    assert len(traffic.reads) == 1, traffic.reads  # one read for all the tensors of a device
+    assert _nonfinite_tensors(state) == ["c"]
