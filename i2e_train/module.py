@@ -142,7 +142,9 @@ class SNNClassifier(LightningModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         self.train_top1.update(logits, labels)  # logged per epoch: no per-batch value to compute
         bs = labels.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        # not prog_bar: Lightning would read it on the host after every step; the progress bar
+        # (callbacks.StepLossProgressBar) reads it once per refresh
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs)
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
         return loss
 

@@ -95,6 +95,7 @@ class HostTraffic(TorchDispatchMode):
     reads: list[str] = field(default_factory=list)
     d2h_async: list[str] = field(default_factory=list)  # non-blocking device-to-host copies (not a wait)
     calls: dict[str, int] = field(default_factory=dict)  # ATen / custom operator -> number of calls
+    stop_on_read: bool = True  # raise at the first host read, naming its line (False: only record)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -120,6 +121,8 @@ class HostTraffic(TorchDispatchMode):
         elif func in _HOST_READS and any(_device_of(a) is not None and _device_of(a).type == self.device_type
                                          for a in args):  # fmt: skip
             self.reads.append(f"{func} at {_where()}")
+            if self.stop_on_read:  # stop here with the line, rather than with the fake / meta tensor's own error
+                raise AssertionError(f"host read of device values: {self.reads[-1]}")
         return func(*args, **kwargs)
 
     def problems(self) -> list[str]:

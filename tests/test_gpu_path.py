@@ -7,10 +7,12 @@ Technique (``tests/fakecuda.py`` explains it in full): tensors are ``FakeTensor`
 needed), so any read of a device value on the host raises, and a ``HostTraffic`` dispatch mode
 records host-to-device / device-to-host copies and host reads with the ``i2e_train`` line that
 made them. The backward pass and the optimiser step, which autograd cannot run on fake CUDA
-without a GPU, are traced on the ``meta`` device. A check that can meet something built on first use runs the step
-twice and counts the second (what is built once is not a per-step cost). To cover a new path: build its modules with
-``fake_module(mode, build)``, make its inputs inside ``fake_cuda()``, run it inside
-``HostTraffic()`` and call ``assert_clean``.
+without a GPU, are traced on the ``meta`` device. A check that can meet something built on
+first use runs the step twice and counts the second (what is built once is not a per-step
+cost). To cover a new path: build its modules with ``fake_module(mode, build)``, make its
+inputs inside ``fake_cuda()``, run it inside ``HostTraffic()`` and call ``assert_clean``; a
+host read stops the check at once, naming the ``i2e_train`` line. New networks (``list_models``)
+and memory modes (``MEMORY_MODES``) are picked up by the parametrisation.
 """
 
 from __future__ import annotations
@@ -275,7 +277,59 @@ def test_checkpoint_weight_check_reads_once_and_names_the_bad_tensors():
     from i2e_train.callbacks.nonfinite import _nonfinite_tensors
 
     state = {"a": torch.ones(3), "b": torch.zeros(2, dtype=torch.long), "c": torch.tensor([1.0, float("inf")])}
-    with HostTraffic("cpu") as traffic:  # counts host reads of CPU tensors here
+    with HostTraffic("cpu", stop_on_read=False) as traffic:  # counts host reads of CPU tensors here
         assert _nonfinite_tensors({k: v for k, v in state.items() if k != "c"}) == []
     assert len(traffic.reads) == 1, traffic.reads  # one read for all the tensors of a device
     assert _nonfinite_tensors(state) == ["c"]
+
+
+# --------------------------------------------------------------------------- which LIF trained
+def test_run_records_the_neuron_backend_and_warns_on_the_torch_reference_on_cuda(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    import spikingjelly.activation_based.functional as sj_functional
+
+    from i2e_train.callbacks import RunInfo
+    from i2e_train.models.layers import set_fast_kernels
+    from i2e_train.tracking import lif_backends
+
+    model = create_model("ms_resnet_tiny", num_classes=CLASSES)
+    assert lif_backends(model, "cpu") == {"LIFNode": "fused-cpu"}
+    set_fast_kernels(model, False)
+    assert lif_backends(model, "cpu") == {"LIFNode": "torch-reference"}
+    for impl, warned in (("triton", False), ("torch", True)):
+        asked = []
+        monkeypatch.setattr(sj_functional, "neuron_implementation",
+                            lambda kind, device, impl=impl: asked.append((kind, device.type)) or {"implementation": impl})
+        assert lif_backends(model, "cuda:0") == {"LIFNode": impl} and asked == [("lif", "cuda")]
+        caplog.clear()
+        module = SimpleNamespace(model=model, device=torch.device("cuda", 0))
+        RunInfo().on_fit_start(SimpleNamespace(loggers=[]), module)  # warned with or without a logger
+        assert ("torch reference" in caplog.text) == warned, caplog.text
+
+
+# --------------------------------------------------------------------------- progress bar
+def test_the_step_loss_is_not_a_per_step_progress_bar_metric(tmp_path):
+    """Lightning turns every on_step prog_bar metric into a Python number after each batch (a host
+    read per step on a GPU); the loss reaches the bar through StepLossProgressBar instead."""
+    import lightning as L
+
+    from i2e_train.callbacks import StepLossProgressBar
+
+    class Seen(L.Callback):
+        def __init__(self) -> None:
+            self.pbar, self.shown = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.pbar.append(dict(trainer.progress_bar_metrics))
+            self.shown.append(bar.get_metrics(trainer, pl_module))
+
+    bar, seen = StepLossProgressBar(refresh_rate=2), Seen()
+    events = (torch.rand(4, T, 2, 16, 16) < 0.2).float()  # [N, T, 2, H, W]
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(events, torch.arange(4) % CLASSES), batch_size=2,
+                                       collate_fn=lambda b: (torch.stack([e for e, _ in b], 1), torch.stack([y for _, y in b])))  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[bar, seen])  # fmt: skip
+    trainer.fit(_classifier("ms_resnet_tiny", "bits"), train_dataloaders=data)
+    assert len(seen.pbar) == 2 and not any(k.startswith("train/loss") for p in seen.pbar for k in p), seen.pbar
+    assert all(float(s["loss"]) > 0 for s in seen.shown), seen.shown
