@@ -18,6 +18,7 @@ and memory modes (``MEMORY_MODES``) are picked up by the parametrisation.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,8 @@ from i2e_train.models.memory import MEMORY_MODES
 
 # the registered networks behind the paper and the demo (101 / 152: same blocks as 50, deeper; left out for time)
 NETWORKS = [n for n in list_models("ms_resnet*") if n not in ("ms_resnet101", "ms_resnet152")]
-pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`", "ignore:Accessing the data pointer of FakeTensor")
+pytestmark = pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`",
+                                        "ignore:Accessing the data pointer of FakeTensor")
 PRECISIONS = {"32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 T, B, SIZE, CLASSES = 2, 2, 32, 4
 # One step per network check: the module sits on the device before the step and nothing in the
@@ -44,8 +46,10 @@ STEPS = 1
 def _classifier(name: str, memory: str):
     from i2e_train.module import SNNClassifier
 
+    # no process-wide CPU allocator from a test (where the module still offers one)
+    own = {"host_allocator": "pytorch"} if "host_allocator" in inspect.signature(SNNClassifier).parameters else {}
     module = SNNClassifier(create_model(name, num_classes=CLASSES), num_classes=CLASSES, memory=memory,
-                           optimizer=_sgd, host_allocator="pytorch")  # fmt: skip
+                           optimizer=_sgd, **own)  # fmt: skip
     module.configure_model()  # the memory mode (and fast-kernel switches) a run sets
     return module
 
