@@ -9,6 +9,7 @@ FAILED row and the part goes on with its next check.
 from __future__ import annotations
 
 import gc
+import inspect
 import platform
 import statistics
 import subprocess
@@ -356,6 +357,7 @@ class Variant:
 CUDA_VARIANTS = (
     Variant("official", "official-equivalent: torch.nn + SpikingJelly LIF, fp16 AMP", False, "fp16"),
     Variant("ours", "ours, default path (trainer=gpu: fp16 AMP)", True, "fp16"),
+    Variant("fp32", "ours, default path, float32 (trainer.precision=32-true)", True, None),
     Variant("bf16", "ours + bf16 AMP (trainer.precision=bf16-mixed)", True, "bf16"),
     Variant("channels_last", "ours + channels_last (module.channels_last=true), fp16 AMP", True, "fp16", True),
 )
@@ -369,16 +371,22 @@ COMPILE = Variant("compile", "ours + torch.compile (module.compile=true), fp16 A
 
 
 def make_step(ctx: Context, v: Variant, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One SGD step (lr 0.1, momentum 0.9) of a fresh network (``train_model``, seed 0) on the batch (x, y)."""
+    """One SGD step (lr 0.1, momentum 0.9) of a fresh network (``train_model``, seed 0) on the batch
+    (x, y). Ours is set up as a run sets it up: ``SNNClassifier.configure_model`` with the module's
+    defaults (memory mode, fast kernels, host allocator); the official-equivalent is the plain
+    network (``torch.nn`` + SpikingJelly, autograd's default memory)."""
     from i2e_train.models import create_model
-    from i2e_train.models.layers import set_fast_kernels
+    from i2e_train.module import SNNClassifier
 
     torch.manual_seed(0)
-    model = create_model(ctx.sizes["train_model"], num_classes=10).to(ctx.device)
-    set_fast_kernels(model, v.fast)
-    if v.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if v.compile else model
+    model = create_model(ctx.sizes["train_model"], num_classes=10)
+    plain = {} if v.fast else {"fast_kernels": False, "memory": "none"}
+    if not v.fast and "host_allocator" in inspect.signature(SNNClassifier).parameters:
+        plain["host_allocator"] = "pytorch"
+    module = SNNClassifier(model, num_classes=10, channels_last=v.channels_last, compile=v.compile, **plain)
+    module.configure_model()
+    module.to(ctx.device)
+    net = module._compiled if module._compiled is not None else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(v.amp or "", torch.float32)
     scaler = torch.amp.GradScaler(ctx.device.type) if v.amp == "fp16" else None
@@ -416,13 +424,52 @@ def measure(ctx: Context, v: Variant, x: torch.Tensor, y: torch.Tensor) -> dict:
     t0 = time.perf_counter()
     losses = [float(step()) for _ in range(ctx.sizes["train_warmup"])]
     warm_s = time.perf_counter() - t0
-    sec = statistics.median(time_calls(step, ctx.device, ctx.sizes["train_steps"], 0))
+    sync(ctx.device)
+    with count_syncs(ctx.device) as syncs:
+        sec = statistics.median(time_calls(step, ctx.device, ctx.sizes["train_steps"], 0))
     peak = torch.cuda.max_memory_allocated() / 2**20 if ctx.cuda else None
     del step
     gc.collect()
     if ctx.cuda:
         torch.cuda.empty_cache()
-    return {"losses": losses, "sec": sec, "peak_mib": peak, "warmup_s": warm_s}
+    steps = ctx.sizes["train_steps"]
+    per_step = None if syncs.count is None else syncs.count / steps
+    return {"losses": losses, "sec": sec, "peak_mib": peak, "warmup_s": warm_s, "syncs_per_step": per_step,
+            "sync_sites": syncs.sites[:5]}
+
+
+class count_syncs:  # noqa: N801 - used as a context manager
+    """The host synchronisations CUDA's sync debug mode reports inside the block (``count``; None
+    off CUDA) and where the first ones happened (``sites``). Explicit ``torch.cuda.synchronize``
+    calls (the timing's own, after the steps) are not reported by the debug mode."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda, self.count, self.sites = device.type == "cuda", None, []
+
+    def __enter__(self) -> "count_syncs":
+        if self.cuda:
+            import warnings
+
+            self._catch = warnings.catch_warnings(record=True)
+            self._caught = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.cuda:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(*exc)
+        found = [w for w in self._caught if "synchroniz" in str(w.message)]
+        self.count = len(found)
+        self.sites = [f"{w.filename}:{w.lineno}" for w in found]
+
+
+# Host synchronisations a training step may make: GradScaler.step reads its found-inf flag on
+# the host under fp16 AMP (one per step); nothing else (docs/gpu.md).
+def allowed_syncs(v: Variant) -> int:
+    return 1 if v.amp == "fp16" else 0
 
 
 def step_row(ctx: Context, v: Variant, res: dict, base: dict | None) -> dict:
@@ -442,6 +489,10 @@ def step_row(ctx: Context, v: Variant, res: dict, base: dict | None) -> dict:
     if v.key == "ours":  # the same layers on CUDA, the bit-identical kernels on CPU
         tol = 1e-3 * abs(base["losses"][0]) if ctx.cuda else 0.0
         status = "PASS" if deltas[0] <= tol and (ctx.cuda or max(deltas) == 0.0) else "FAILED"
+    if res.get("syncs_per_step") is not None and v.key != "official":
+        result += f"; host syncs per step {res['syncs_per_step']:g} (allowed {allowed_syncs(v)})"
+        if res["syncs_per_step"] > allowed_syncs(v):
+            status, result = "FAILED", result + f" at {', '.join(res['sync_sites'])}"
     return row("train_step", check, result, status, images_per_s=speed, loss_deltas=deltas, **res)
 
 

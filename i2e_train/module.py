@@ -32,6 +32,19 @@ __all__ = ["SNNClassifier"]
 HOST_ALLOCATORS = ("caching", "pytorch")
 
 
+class _ConfusionMatrix(MulticlassConfusionMatrix):
+    """``MulticlassConfusionMatrix`` ([classes, classes], rows = true class) whose update adds
+    the batch with an accumulating ``index_put_``: torchmetrics' own uses ``torch.bincount``,
+    whose output size depends on the largest value (a host read per validation step on a GPU).
+    The same counts (``tests/test_gpu_path.py``)."""
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        if preds.is_floating_point():  # logits / probabilities [B, K] -> predicted class [B]
+            preds = preds.argmax(1)
+        cell = target.reshape(-1).long() * self.num_classes + preds.reshape(-1).long()
+        self.confmat.view(-1).index_put_((cell,), torch.ones_like(cell, dtype=self.confmat.dtype), accumulate=True)
+
+
 class SNNClassifier(LightningModule):
     """Classification of event streams with a spiking network.
 
@@ -107,10 +120,13 @@ class SNNClassifier(LightningModule):
         self.batch_transform = batch_transform
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         top5 = min(5, self.num_classes)
-        self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
-        self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro")
-        self.val_confusion = MulticlassConfusionMatrix(self.num_classes)
+        # validate_args=False: the value checks run torch.unique on every update (a host
+        # synchronisation per metric per step on a GPU); shapes are checked by the loss anyway.
+        checks = {"validate_args": False}
+        self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro", **checks)
+        self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro", **checks)
+        self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top5, average="micro", **checks)
+        self.val_confusion = _ConfusionMatrix(self.num_classes, **checks)
         self.last_confusion: torch.Tensor | None = None  # [classes, classes], rows = true class
 
     def configure_model(self) -> None:
@@ -139,9 +155,12 @@ class SNNClassifier(LightningModule):
             events = self.batch_transform(events)
         logits = self(events)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)  # targets [B] or soft [B, K]
-        self.train_top1(logits, labels.argmax(1) if labels.dim() == 2 else labels)
+        # logged per epoch: no per-batch value to compute
+        self.train_top1.update(logits, labels.argmax(1) if labels.dim() == 2 else labels)
         bs = labels.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        # not prog_bar: Lightning would read it on the host after every step; the progress bar
+        # (callbacks.StepLossProgressBar) reads it once per refresh
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs)
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
         return loss
 
@@ -154,8 +173,8 @@ class SNNClassifier(LightningModule):
             logits = self(events).float()
         loss = F.cross_entropy(logits, labels)
         bs = labels.shape[0]
-        self.val_top1(logits, labels)
-        self.val_top5(logits, labels)
+        self.val_top1.update(logits, labels)
+        self.val_top5.update(logits, labels)
         self.val_confusion.update(logits, labels)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=bs)
         self.log("val/top1", self.val_top1, on_epoch=True, prog_bar=True, batch_size=bs)

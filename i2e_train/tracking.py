@@ -26,7 +26,8 @@ from i2e_train.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CSVLogger", "ID_FILE", "wandb_logger", "wandb_run_id", "hardware_info", "parameter_counts", "finish_wandb"]
+__all__ = ["CSVLogger", "ID_FILE", "wandb_logger", "wandb_run_id", "hardware_info", "parameter_counts", "finish_wandb",
+           "lif_backends", "torch_reference_warning"]
 
 ID_FILE = "wandb_id.txt"
 _OFFLINE_MODES = ("offline", "dryrun")
@@ -214,6 +215,53 @@ def parameter_counts(model: Any) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
+
+
+# SpikingJelly neuron classes -> their operator family in ``neuron_implementation``
+_SJ_NEURON_TYPES = {"IFNode": "if", "LIFNode": "lif", "ParametricLIFNode": "plif", "QIFNode": "qif",
+                    "EIFNode": "eif", "IzhikevichNode": "izhikevich", "CLIFNode": "clif"}
+
+
+def _sj_neuron_type(module: Any) -> str | None:
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("spikingjelly.") and cls.__name__ in _SJ_NEURON_TYPES:
+            return _SJ_NEURON_TYPES[cls.__name__]
+    return None
+
+
+def lif_backends(model: Any, device: Any, query: Any = None) -> dict[str, str]:
+    """Which implementation trains each spiking-neuron type of ``model`` on ``device``:
+    ``{"LIFNode": "triton"}`` etc. On CUDA SpikingJelly's selection (``triton``, ``cuda`` (its
+    CuPy/native kernels) or ``torch``, its reference: about a dozen kernels per time step), from
+    ``spikingjelly.activation_based.functional.neuron_implementation`` (``query``); on CPU
+    ``fused-cpu`` (i2e_train's fused kernel, ``node.fast``) or ``torch-reference``."""
+    import torch
+
+    device = torch.device(device)
+    found: dict[str, str] = {}
+    for m in model.modules():
+        kind = _sj_neuron_type(m)
+        name = type(m).__name__
+        if kind is None or name in found:
+            continue
+        if device.type == "cuda":
+            if query is None:
+                from spikingjelly.activation_based.functional import neuron_implementation as query
+            found[name] = str(query(kind, device)["implementation"])
+        else:
+            found[name] = "fused-cpu" if getattr(m, "fast", False) and kind == "lif" else "torch-reference"
+    return found
+
+
+def torch_reference_warning(backends: dict[str, str], device: Any) -> str | None:
+    """The warning for a CUDA run whose neurons train on SpikingJelly's torch reference, or None."""
+    slow = sorted(n for n, impl in backends.items() if impl.startswith("torch"))
+    if not slow or str(device).split(":")[0] != "cuda":
+        return None
+    return (f"{', '.join(slow)} train with SpikingJelly's torch reference on {device} (its Triton / CUDA kernels "
+            "are unavailable here: see SpikingJelly's log, 'ops selection ... unavailable'), several times "
+            "slower per step; install triton (or cupy) for this CUDA version, or set "
+            "SJ_LIF_CUDA_IMPLEMENTATION=triton to fail instead of falling back.")
 
 
 # --------------------------------------------------------------------------- CSV

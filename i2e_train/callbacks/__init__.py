@@ -8,8 +8,9 @@ What a run tells a person:
 * :class:`EventMediaLogger`: a few validation samples as event animations and the confusion
   matrix, logged to Weights & Biases (does nothing without a ``WandbLogger``).
 * :class:`LearningCurves`: train / validation loss and top-1 per epoch as a PNG at the end of fit.
-* :class:`RunInfo`: the resolved config, parameter counts and hardware sent to every logger at
-  the start of fit.
+* :class:`RunInfo`: the resolved config, parameter counts, hardware and the neuron back-ends
+  sent to every logger at the start of fit.
+* :class:`StepLossProgressBar`: the TQDM bar with the training loss, read once per refresh.
 
 What keeps a run recoverable:
 
@@ -33,6 +34,7 @@ from .cuda_math import CudaMath
 from .event_media import EventMediaLogger
 from .learning_curves import LearningCurves
 from .nonfinite import NonFiniteLossError, StopOnNonFinite
+from .progress import StepLossProgressBar
 from .rng_state import RestoreRNGState, rng_states, set_rng_states
 from .run_info import RunInfo
 from .stream_epoch import StreamEpoch
@@ -41,4 +43,4 @@ from .step_checkpoint import StepCheckpoint
 
 __all__ = ["SpikeStats", "StreamEpoch", "EventMediaLogger", "LearningCurves", "RunInfo", "StepCheckpoint", "RestoreRNGState",
            "StopOnNonFinite", "NonFiniteLossError", "BadRecordsReport", "rng_states", "set_rng_states",
-           "spiking_layers", "CudaMath"]
+           "spiking_layers", "CudaMath", "StepLossProgressBar"]

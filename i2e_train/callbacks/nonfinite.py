@@ -28,7 +28,10 @@ class StopOnNonFinite(Callback):
     read once the copy has completed (at a later batch's hooks; at the latest at the epoch end,
     before any checkpoint is written and when training ends). The bad batch's optimiser step
     has then run, but the weights it produced are never checkpointed (``on_save_checkpoint``
-    checks for the loss first, then for NaN/Inf weights). ``sync_free`` forces either mode.
+    checks for the loss first, then for NaN/Inf weights, with one host read per device).
+    ``sync_free`` forces either mode. Under ``16-mixed`` the hook sees the loss times the
+    GradScaler's scale; only a NaN/Inf loss is reported, and NaN/Inf divided by the scale is the
+    same value, so the message is that of the unscaled loss.
 
     Each process checks its own loss (no collective per step); under DDP a process that stops
     ends the others through Lightning's launcher (NaN weights are the same on every rank anyway:
@@ -103,14 +106,25 @@ class StopOnNonFinite(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._poll(trainer, block=True)  # a pending NaN loss is named before the weights it spoilt
-        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = _nonfinite_tensors(checkpoint.get("state_dict", {}))
         if bad:
             raise NonFiniteLossError(
                 f"the weights hold NaN/Inf at epoch {trainer.current_epoch}, global step {trainer.global_step} "
                 f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): not writing this checkpoint. "
                 f"{_last_good(trainer)}"
             )
+
+
+def _nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Keys of the floating-point tensors of ``state`` holding NaN/Inf: one host read per device
+    when all are finite (the usual case), one per tensor only to name the bad ones."""
+    floats = [(k, v) for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, v in floats:
+        by_device.setdefault(v.device, []).append(torch.isfinite(v).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return []
+    return [k for k, v in floats if not bool(torch.isfinite(v).all())]
 
 
 def _last_good(trainer: Trainer) -> str:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from i2e_train.tracking import find_wandb_logger
 
 __all__ = ["RunInfo"]
+
+log = logging.getLogger(__name__)
 
 
 class RunInfo(Callback):
@@ -16,23 +20,29 @@ class RunInfo(Callback):
       ``hparams`` otherwise) -- model, data (resolution, T, batch size, encoder...), optimiser...;
     * ``params``: total / trainable / frozen parameter counts of the network;
     * ``hardware``: CPU and GPU names, device counts, torch / CUDA / cuDNN / Lightning /
-      SpikingJelly versions, accelerator, strategy and precision.
+      SpikingJelly versions, accelerator, strategy and precision, and ``neuron_backends``: the
+      implementation that trains each neuron type (``{"LIFNode": "triton"}``; a CUDA run on
+      SpikingJelly's torch reference is also warned about in the log, logger or not).
 
     wandb gets them in the run config and the counts / hardware in the run summary too
     (``params/*``, ``hardware/*``); CSV writes ``hparams.yaml``, TensorBoard its hparams tab.
     """
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from i2e_train.tracking import hardware_info, parameter_counts
+        from i2e_train.tracking import hardware_info, lif_backends, parameter_counts, torch_reference_warning
 
+        model = getattr(pl_module, "model", pl_module)
+        backends = lif_backends(model, pl_module.device)
+        warning = torch_reference_warning(backends, pl_module.device)
+        if warning is not None:
+            log.warning(warning)
         if not trainer.loggers:
             return
         config = getattr(pl_module, "run_config", None)
         if config is None:
             config = dict(pl_module.hparams)
-        model = getattr(pl_module, "model", pl_module)
         params = parameter_counts(model)
-        hardware = hardware_info(trainer)
+        hardware = {**hardware_info(trainer), "neuron_backends": backends}
         facts = {**config, "params": params, "hardware": hardware}
         for lg in trainer.loggers:
             lg.log_hyperparams(facts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 from lightning import LightningDataModule
 
 from i2e_train.data.catalog import CATALOG, DatasetInfo, check_facts
@@ -107,7 +108,8 @@ class EventDataModule(ResumableTrainData, LightningDataModule):
         if frames.dim() != 5 or tuple(frames.shape[1:]) != self.shape:
             expected = ", ".join(map(str, self.shape))
             raise ValueError(f"{self.info.name}: frames of shape {tuple(frames.shape)}, expected [B, {expected}]")
-        events = frames.transpose(0, 1).contiguous().float()  # [T, B, C, H, W]
+        # integer counts cross to the device as they are and become float32 here, in one copy
+        events = frames.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)  # [T, B, C, H, W]
         from i2e_train.data.event_augment import augment_batch
 
         return augment_batch(self, events, targets.long())  # training only

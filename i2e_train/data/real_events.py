@@ -33,7 +33,7 @@ Splits (``split``): ``"official"`` (N-MNIST's Train / Test folders -> train / va
 ``"per_class"`` (the paper's CIFAR10-DVS cut: per class, in path order, the first
 ceil(train_ratio * n) recordings train, the rest validate; ``per_class_split``).
 
-Batches: the loader gives (frames [B, T, 2, H, W] float32, labels int64 [B]);
+Batches: the loader gives (frames [B, T, 2, H, W] uint16 counts (float32 with spatial=area), labels int64 [B]);
 ``on_after_batch_transfer`` makes them [T, B, 2, H, W] on the device (optionally augmented in
 training with ``EventAugment``).
 """
@@ -144,7 +144,9 @@ def centre_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def to_size(frames: np.ndarray, size: tuple[int, int], spatial: str, where: str = "frames") -> np.ndarray:
-    """uint16 counts [T, 2, h, w] -> float32 [T, 2, H, W] by ``spatial`` ("crop", "area", "none")."""
+    """uint16 counts [T, 2, h, w] -> [T, 2, H, W] by ``spatial`` ("crop", "area", "none"): the counts
+    as they are (uint16: half the bytes of float32 to the device, which converts them) for "crop" and
+    "none", float32 means for "area"."""
     if spatial == "area":
         return area_resize(frames, size)
     if spatial == "crop":
@@ -152,11 +154,12 @@ def to_size(frames: np.ndarray, size: tuple[int, int], spatial: str, where: str 
     elif tuple(frames.shape[-2:]) != tuple(size):
         raise ValueError(f"{where}: frames of {frames.shape[-2]}x{frames.shape[-1]}, expected {size[0]}x{size[1]} "
                          "(spatial=none); use spatial=crop or spatial=area")
-    return np.ascontiguousarray(frames, dtype=np.float32)
+    return np.ascontiguousarray(frames)
 
 
 class FrameDataset(Dataset):
-    """Cached frame files -> (float32 [T, 2, H, W], label): read, brought to ``size`` by ``spatial``."""
+    """Cached frame files -> (frames [T, 2, H, W], label): read, brought to ``size`` by ``spatial``
+    (uint16 counts, or float32 with spatial="area"; see :func:`to_size`)."""
 
     def __init__(self, files: Sequence[str | os.PathLike], targets: Sequence[int], size: tuple[int, int],
                  spatial: str) -> None:

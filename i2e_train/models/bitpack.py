@@ -5,9 +5,10 @@ A spike tensor holds only 0.0 and 1.0; :func:`pack_spikes` stores it as 1 bit pe
 :func:`unpack_spikes` rebuilds exactly the same tensor: same values (+0.0 / +1.0), shape, dtype,
 device and memory format (contiguous or channels-last). On CPU float32 tensors the numba kernel
 (:mod:`i2e_train.kernels.spikes`) does it and checks for free that the values are spikes; on
-other devices (or with :data:`FORCE_TORCH`) plain tensor operations do it, and the check, which
-costs a device synchronisation, only runs when the caller cannot vouch for the input
-(``trusted=False``). Whatever cannot be packed exactly (other values, other strides) is reported
+other devices (or with :data:`FORCE_TORCH`) plain tensor operations do it, without a host
+synchronisation: an input the caller cannot vouch for (``trusted=False``) is checked on CPU only;
+on other devices it is not packed (the check would read a device value on the host every step).
+Whatever cannot be packed exactly (other values, other strides) is reported
 with ``None`` and the caller keeps the tensor as it is.
 """
 
@@ -50,22 +51,25 @@ def _use_kernel(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _pack_torch(flat: torch.Tensor, trusted: bool) -> torch.Tensor | None:
-    if not trusted:  # exactly +0.0 or +1.0 everywhere (one device synchronisation)
-        if not bool(((flat == 1) | ((flat == 0) & ~torch.signbit(flat))).all()):
+    if not trusted:
+        if flat.device.type != "cpu":  # a check would read a device value on the host: keep x as it is
+            return None
+        if not bool(((flat == 1) | ((flat == 0) & ~torch.signbit(flat))).all()):  # exactly +0.0 or +1.0
             return None
     nonzero = flat != 0
     pad = (-flat.numel()) % 8
     if pad:
         nonzero = torch.cat([nonzero, nonzero.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
-    return (nonzero.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)  # distinct bits: sum = or
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)  # made on the device: no host copy
+    return (nonzero.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)  # distinct bits: sum = or
 
 
 def pack_spikes(x: torch.Tensor, trusted: bool = False) -> tuple[torch.Tensor, SpikeLayout] | None:
     """``(bits uint8 [ceil(numel/8)], layout)`` of the spike tensor x, or None when x cannot be
     packed losslessly (a value other than +0.0 / +1.0, or strides other than contiguous or
     channels-last). ``trusted=True``: the caller guarantees spikes (the output of a spiking
-    neuron), so the tensor-operation path skips its check; the CPU kernel always checks."""
+    neuron), so the tensor-operation path skips its check; the CPU kernel always checks. Off CPU
+    an untrusted tensor gives None (see the module docstring)."""
     if not x.is_floating_point() or x.numel() == 0:
         return None
     order = _memory_order(x)

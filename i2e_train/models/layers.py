@@ -135,6 +135,15 @@ class _Conv2dFn(torch.autograd.Function):
         return gx, gw, None, None, None, None
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for a type autocast does not know, e.g.
+    ``meta``, where ``torch.is_autocast_enabled`` raises)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _fast_input(layer: nn.Module, x: torch.Tensor) -> bool:
     """What both fast layers need: switched on, a contiguous CPU float32 [N, C, H, W] input, numba."""
     return (
@@ -168,7 +177,7 @@ class Conv2d(nn.Conv2d):
             or self.padding_mode != "zeros"
             or isinstance(self.padding, str)
             or not torch.is_grad_enabled()
-            or torch.is_autocast_enabled(x.device.type)
+            or _autocast_on(x.device.type)
             or not (x.requires_grad or self.weight.requires_grad)
         )
 

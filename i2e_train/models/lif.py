@@ -209,6 +209,19 @@ class LIFNode(neuron.LIFNode):
             and kernels.load("lif") is not None
         )
 
+    def materialize_states(self, inputs, states, step_mode):
+        """SpikingJelly's states, with a reset membrane made in float32 under autocast on CUDA.
+
+        SpikingJelly makes the membrane in the input's dtype, and its fused CUDA/Triton kernels
+        take a float32 membrane only: with a float16 / bfloat16 input (``16-mixed``,
+        ``bf16-mixed``) every LIF would fall back to the torch reference (about a dozen kernels
+        per time step). A float32 membrane keeps the fused kernel (spikes in the input's dtype)."""
+        x = inputs[0][0] if step_mode == "m" else inputs[0]
+        if (states and isinstance(states[0], float) and x.device.type == "cuda"
+                and x.dtype in (torch.float16, torch.bfloat16) and getattr(self, "_neuron_precision", None) is None):  # fmt: skip
+            return (torch.full_like(x, states[0], dtype=torch.float32), *states[1:])
+        return super().materialize_states(inputs, states, step_mode)
+
     def initial_membrane(self, x_seq: torch.Tensor, scalar_ok: bool) -> torch.Tensor | None:
         """The membrane the fused kernel starts from for input ``x_seq [T, ...]``, as SpikingJelly
         materialises it (``[...]`` float32), or None when the kernel cannot take it. ``scalar_ok``:

@@ -216,10 +216,10 @@ def linear_on_spikes(fc: nn.Linear, spikes: torch.Tensor, mode: str, trusted: bo
     ``trusted``: the input comes from a spiking neuron (see :func:`bitpack.pack_spikes`)."""
     if mode == "none" or _plain(True):
         return fc(spikes)
-    storage = spikes.untyped_storage().data_ptr()
+    storage = spikes.untyped_storage()._cdata  # the storage's identity (no data pointer read: fake tensors have none)
 
     def pack(t: torch.Tensor):
-        if t.untyped_storage().data_ptr() == storage and t.dtype == spikes.dtype:
+        if t.untyped_storage()._cdata == storage and t.dtype == spikes.dtype:
             packed = bitpack.pack_spikes(t, trusted=trusted)
             if packed is not None:
                 return packed

@@ -393,10 +393,12 @@ class MSResNet(MemoryModeMixin, nn.Module):
                 out = event_stem(self.conv1, self.bn1, self.maxpool, flat)
                 if out is not None:
                     return out.reshape(x.shape[0], x.shape[1], *out.shape[1:])
-        packed = None
-        if self.memory == "bits+checkpoint" and torch.is_grad_enabled() and not x.requires_grad:
-            packed = bitpack.pack_spikes(x)
-        if packed is None:
+        recompute = self.memory == "bits+checkpoint" and torch.is_grad_enabled() and not x.requires_grad
+        packed = bitpack.pack_spikes(x) if recompute else None
+        if packed is None and recompute:  # not packable (counts; or off CPU, unchecked): keep x itself,
+            # the step's input, alive through the step anyway
+            x = checkpointed(lambda c: _seq(self.bn1, _seq(self.conv1, c)), (x,), (self.conv1, self.bn1))
+        elif packed is None:
             x = _seq(self.bn1, _seq(self.conv1, x))  # [T, B, w0, H/2, W/2]
         else:
             bits, layout = packed
