@@ -173,12 +173,15 @@ def test_validation_step_metrics_on_fake_cuda():
 
 
 # --------------------------------------------------------------------------- DataModules
-def _device_batches(dm, make_batch, modules=()):
+def _device_batches(dm, make_batch, modules=(), soft_ok=False):
     """``dm.on_after_batch_transfer`` in training (twice) on a fake-CUDA loader batch from
     ``make_batch()``; ``modules``: the DataModule's own modules (the converter), made fake."""
     from types import SimpleNamespace
 
-    dm.trainer = SimpleNamespace(training=True)
+    # what the device-side batch path reads of the trainer: its state, precision and position
+    progress = SimpleNamespace(current=SimpleNamespace(ready=0))
+    dm.trainer = SimpleNamespace(training=True, precision="16-mixed", current_epoch=0, max_epochs=3, global_rank=0,
+                                 fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
     with fake_cuda() as mode:
         for m in modules:
             fake_module(mode, lambda: m)
@@ -187,7 +190,8 @@ def _device_batches(dm, make_batch, modules=()):
             traffic = HostTraffic()
             with traffic:
                 events, labels = dm.on_after_batch_transfer(batch, 0)
-        assert events.is_cuda and events.dim() == 5 and labels.is_cuda and labels.dtype == torch.int64
+        assert events.is_cuda and events.dim() == 5 and labels.is_cuda
+        assert labels.dtype == torch.int64 or (soft_ok and labels.dim() == 2)  # soft labels of a CutMix
     return traffic, events
 
 
@@ -203,6 +207,26 @@ def test_released_i2e_batches_unpack_and_augment_on_fake_cuda():
     assert tuple(events.shape) == (dm.shape[0], B, *dm.shape[1:])
 
 
+# drop_random / event_drop draw with torch.binomial, whose fake kernel needs a CUDA driver: not traced
+@pytest.mark.parametrize("augment", [["nda", "drop_time", "drop_area"], ["nda_cutmix"]])
+def test_event_augment_pipeline_on_fake_cuda(augment, monkeypatch):
+    """data.augment=[...] entries (data/event_augment.py) on a fake-CUDA I2E batch: no host read.
+    A CUDA ``torch.Generator`` needs a driver (seeding it is host-side, no copy), so the batch's
+    generator is the default one here; every draw still runs on the fake device."""
+    from i2e_train.codec import packed_size
+    from i2e_train.data import event_augment
+    from i2e_train.data.i2e_dataset import I2EDataModule
+
+    monkeypatch.setattr(event_augment, "batch_generator", lambda *args, **kwargs: None)
+
+    dm = I2EDataModule(name="I2E-CIFAR10", augment=augment)
+    make = lambda: (torch.randint(0, 256, (B, packed_size(dm.shape)), dtype=torch.uint8, device="cuda"),  # noqa: E731
+                    torch.zeros(B, dtype=torch.long, device="cuda"))
+    traffic, events = _device_batches(dm, make, soft_ok=True)
+    traffic.assert_clean(f"I2EDataModule.on_after_batch_transfer (data.augment={augment})")
+    assert tuple(events.shape) == (dm.shape[0], B, *dm.shape[1:])
+
+
 @pytest.mark.parametrize("backend", ["torch", "compiled"])
 @pytest.mark.parametrize("train_aug", ["baseline1", "baseline2"])
 def test_online_i2e_batches_on_fake_cuda(backend, train_aug):
@@ -211,7 +235,7 @@ def test_online_i2e_batches_on_fake_cuda(backend, train_aug):
     dm = ImageDataModule(name="I2E-CIFAR10", source="unused", num_classes=10, resolution=[128, 128],
                          encoder={"ratio": 0.07, "order": 4}, train_aug=train_aug, aug_family="cifar")  # fmt: skip
     dm.encoder.backend = backend
-    make = lambda: (torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, device="cuda"),  # noqa: E731
+    make = lambda: (torch.randint(0, 256, (B, 3, 128, 128), dtype=torch.uint8, device="cuda"),  # noqa: E731
                     torch.zeros(B, dtype=torch.long, device="cuda"))
     traffic, events = _device_batches(dm, make, modules=[dm.encoder])
     traffic.assert_clean(f"ImageDataModule.on_after_batch_transfer ({train_aug}, I2E back-end {backend})")

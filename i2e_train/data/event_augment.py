@@ -220,8 +220,11 @@ class NDACutMix(_Op):
         dev = events.device
         chosen = _chosen(b, self.p, g, dev)
         perm = torch.randperm(b, generator=g, device=dev)
-        seed = int(torch.randint(0, 2**62, (1,), generator=g, device=dev).item())
-        lam = torch.from_numpy(np.random.default_rng(seed).beta(self.alpha, self.alpha, b)).to(dev)  # [B]
+        if self.alpha == 1.0:  # Beta(1, 1) is U(0, 1): drawn on the device, no host round trip
+            lam = torch.rand(b, generator=g, device=dev, dtype=torch.float64)  # [B]
+        else:  # no seeded Beta sampler on the device: drawn on the host from the batch generator's seed
+            rng = np.random.default_rng([g.initial_seed(), 0xC07])  # initial_seed: a host value, no sync
+            lam = torch.from_numpy(rng.beta(self.alpha, self.alpha, b)).to(dev)  # [B], one small copy
         cut = torch.sqrt(1.0 - lam)
         box = _box(b, h, w, (cut * h).round().long(), (cut * w).round().long(), g, dev) & chosen[:, None, None]
         mixed = torch.where(box[None, :, None], events[:, perm], events)
