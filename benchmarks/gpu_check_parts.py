@@ -373,7 +373,7 @@ COMPILE = Variant("compile", "ours + torch.compile (module.compile=true), fp16 A
 def make_step(ctx: Context, v: Variant, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
     """One SGD step (lr 0.1, momentum 0.9) of a fresh network (``train_model``, seed 0) on the batch
     (x, y). Ours is set up as a run sets it up: ``SNNClassifier.configure_model`` with the module's
-    defaults (memory mode, fast kernels, host allocator); the official-equivalent is the plain
+    defaults (memory mode, fast kernels); the official-equivalent is the plain
     network (``torch.nn`` + SpikingJelly, autograd's default memory)."""
     from i2e_train.models import create_model
     from i2e_train.module import SNNClassifier
@@ -381,8 +381,6 @@ def make_step(ctx: Context, v: Variant, x: torch.Tensor, y: torch.Tensor) -> Cal
     torch.manual_seed(0)
     model = create_model(ctx.sizes["train_model"], num_classes=10)
     plain = {} if v.fast else {"fast_kernels": False, "memory": "none"}
-    if not v.fast and "host_allocator" in inspect.signature(SNNClassifier).parameters:
-        plain["host_allocator"] = "pytorch"
     module = SNNClassifier(model, num_classes=10, channels_last=v.channels_last, compile=v.compile, **plain)
     module.configure_model()
     module.to(ctx.device)

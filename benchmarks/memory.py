@@ -7,38 +7,30 @@
 
 Variants (same batch, same initial weights, same losses to the bit, checked):
 - ``official``: the plain torch.nn + SpikingJelly network (``set_fast_kernels(model, False)``),
-  memory mode ``none``, PyTorch's CPU allocator: what the official scripts train;
-- ``fast``: the fast CPU paths, memory mode ``none``; ``fast-alloc``: the same with PyTorch's
-  allocator, the training path before the memory modes (the reference of the ``x today`` column);
+  memory mode ``none``: what the official scripts train;
+- ``fast``: the fast CPU paths, memory mode ``none`` (the training path before the memory modes,
+  the reference of the ``x today`` column);
 - ``bits`` and ``bits+checkpoint``: the fast paths in those memory modes
-  (:mod:`i2e_train.models.memory`); ``bits`` is what ``i2e-train`` runs by default;
-- ``fast``, ``bits`` and ``bits+checkpoint`` run with the caching host allocator
-  (:mod:`i2e_train.kernels.host_allocator`, ``module.host_allocator=caching``, the default), and
-  variants separate its share from the memory modes' share: ``official+alloc`` (the official
-  network with that allocator), ``bits-alloc`` (``bits`` with PyTorch's allocator) and
-  ``fast-alloc``.
+  (:mod:`i2e_train.models.memory`); ``bits`` is what ``i2e-train`` runs by default.
+Every variant runs on PyTorch's own CPU allocator (nothing replaces it process-wide).
 
 Peak memory: one fresh process per variant and repeat; on CPU the growth of the peak resident
 set over the set-up (libraries and kernels loaded by a warm-up step of a tiny network, model,
 optimiser and data built) during ``--steps`` SGD steps (momentum, so the step after the first
 holds gradients and momentum buffers: the peak), read as ``VmHWM`` after resetting it at the
-set-up (``host_allocator.resident``; ``ru_maxrss`` would carry the parent's peak into a child
+set-up (``/proc/self/clear_refs``; ``ru_maxrss`` would carry the parent's peak into a child
 started by ``subprocess``); on CUDA ``torch.cuda.max_memory_allocated`` too. Step time: a fresh
-process steps its variants in turn (who goes first rotates) for ``--time-steps`` steps after one
-untimed step; the median per process, then the median over ``--repeats``. The caching
-allocator keeps one pool per process, so each repeat runs one process per variant that uses it
-(with its cache limit, see :func:`i2e_train.models.memory.host_cache_limit`), each with the
-official model too, the yardstick of its ratios; the variants on PyTorch's allocator step in the
-process of the default (``bits``) with ``host_allocator.suspended()``, so that the default,
-``fast-alloc`` and ``bits-alloc`` are timed side by side. ``x today`` is the per-repeat ratio
-of a variant's ``x official`` to ``fast-alloc``'s. Largest batch: per
-variant, the largest batch whose peak stays within ``--budget-mib``, by bisection on fresh
-processes. Every number is a median over ``--repeats`` fresh processes.
+process steps every variant in turn (who goes first rotates) for ``--time-steps`` steps after one
+untimed step; the median per process, then the median over ``--repeats``. ``x today`` is the
+per-repeat ratio of a variant's ``x official`` to ``fast``'s. Largest batch: per variant, the
+largest batch whose peak stays within ``--budget-mib``, by bisection on fresh processes.
 
 On glibc, part of a CPU peak is memory the allocator keeps after ``free`` (fragmentation), which
 depends on the order of allocations more than on their sizes. ``--mmap-threshold BYTES`` runs the
 children with ``MALLOC_MMAP_THRESHOLD_`` set, so that blocks above that size go back to the
-system when freed: the peak then follows the live tensors (allocator-neutral numbers).
+system when freed: the peak then follows the live tensors (allocator-neutral numbers, what a GPU's
+``max_memory_allocated`` would count). That is the default (131072); ``--mmap-threshold 0`` measures
+glibc's default behaviour.
 """
 
 from __future__ import annotations
@@ -52,23 +44,30 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {  # name -> (fast kernels, memory mode, host allocator)
-    "official": (False, "none", "pytorch"),
-    "official+alloc": (False, "none", "caching"),
-    "fast": (True, "none", "caching"),
-    "fast-alloc": (True, "none", "pytorch"),  # today's path: before the memory modes and the host allocator
-    "bits": (True, "bits", "caching"),
-    "bits-alloc": (True, "bits", "pytorch"),
-    "bits+checkpoint": (True, "bits+checkpoint", "caching"),
+VARIANTS = {  # name -> (fast kernels, memory mode)
+    "official": (False, "none"),
+    "fast": (True, "none"),  # today's path before the memory modes
+    "bits": (True, "bits"),
+    "bits+checkpoint": (True, "bits+checkpoint"),
 }
 
 
-def _allocator(name: str):
-    """A context in which variant ``name``'s tensors come from its host allocator: PyTorch's
-    (``host_allocator.suspended()``) or the caching one installed for the process."""
-    from i2e_train.kernels import host_allocator
+def resident() -> dict[str, int]:
+    """This process's resident set now and at its highest since the last reset, in bytes
+    (``VmRSS`` / ``VmHWM`` of ``/proc/self/status``)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out["current" if key == "VmRSS" else "peak"] = int(rest.split()[0]) * 1024
+    return out
 
-    return host_allocator.suspended(VARIANTS[name][2] == "pytorch")
+
+def reset_resident_peak() -> None:
+    """``VmHWM`` from here (Linux 4.0+)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 # --------------------------------------------------------------------------- child process
@@ -81,16 +80,15 @@ def _build(arch: str, name: str, device):
     from i2e_train.models.memory import set_memory
 
     torch.manual_seed(0)
-    with _allocator(name):
-        model = create_model(arch, num_classes=10).to(device)
-        set_fast_kernels(model, VARIANTS[name][0])
-        set_memory(model, VARIANTS[name][1])
+    model = create_model(arch, num_classes=10).to(device)
+    set_fast_kernels(model, VARIANTS[name][0])
+    set_memory(model, VARIANTS[name][1])
     return model
 
 
 def _train(steps: dict, x, y, n_steps: int) -> tuple[dict, dict, dict]:
     """``n_steps`` SGD steps of every (model, optimiser) in ``steps``, one each in turn (who goes
-    first rotates), each with its host allocator: wall and CPU seconds of each step, and the losses."""
+    first rotates): wall and CPU seconds of each step, and the losses."""
     import time
 
     import torch
@@ -103,12 +101,11 @@ def _train(steps: dict, x, y, n_steps: int) -> tuple[dict, dict, dict]:
         for name in names[i % len(names):] + names[: i % len(names)]:
             model, opt = steps[name]
             t0, c0 = time.perf_counter(), time.process_time()
-            with _allocator(name):
-                opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                losses[name].append(loss.item())  # synchronises on CUDA
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())  # synchronises on CUDA
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     return wall, cpu, losses
@@ -121,23 +118,12 @@ def _child(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from i2e_train.kernels import host_allocator  # also where the resident set is read
-    from i2e_train.models.memory import host_cache_limit
-
     device = torch.device(spec["device"])
     names = spec["variants"]
-    caching = [n for n in names if VARIANTS[n][2] == "caching"]
-    if len(caching) > 1:
-        raise ValueError(f"variants {caching} would share the caching allocator's pool; run them in separate processes")
-    if caching:  # as SNNClassifier.configure_model sets it up
-        host_allocator.set_cache_limit(host_cache_limit(VARIANTS[caching[0]][1]))
-        if not host_allocator.install():
-            raise RuntimeError(f"the caching host allocator cannot be installed: {host_allocator.unavailable_reason()}")
     for name in names:  # warm-up: every library and kernel of the variant loaded before the reference
         warm = _build("ms_resnet_tiny", name, device)
-        with _allocator(name):
-            events = (torch.rand(2, 2, 2, 32, 32, device=device) < 0.1).float()
-            torch.nn.functional.cross_entropy(warm(events), torch.tensor([1, 2], device=device)).backward()
+        events = (torch.rand(2, 2, 2, 32, 32, device=device) < 0.1).float()
+        torch.nn.functional.cross_entropy(warm(events), torch.tensor([1, 2], device=device)).backward()
         del warm, events
     gen = torch.Generator().manual_seed(0)
     size, batch = spec["size"], spec["batch"]
@@ -150,11 +136,10 @@ def _child(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    if not host_allocator.reset_resident_peak():
-        raise RuntimeError("the peak resident set cannot be reset here (/proc/self/clear_refs, Linux 4.0+)")
-    base = host_allocator.resident()["current"]
+    reset_resident_peak()
+    base = resident()["current"]
     wall, cpu, losses = _train(steps, x, y, spec["steps"])
-    out = {"peak_rss_mib": (host_allocator.resident()["peak"] - base) / 2**20,
+    out = {"peak_rss_mib": (resident()["peak"] - base) / 2**20,
            "sec": {n: statistics.median(wall[n][1:] or wall[n]) for n in names},
            "cpu_sec": {n: statistics.median(cpu[n][1:] or cpu[n]) for n in names}, "losses": losses}  # fmt: skip
     if device.type == "cuda":
@@ -189,28 +174,19 @@ def peak_memory(args, name: str, size: int, batch: int, repeats: int) -> dict:
     return out
 
 
-def timing_processes(names: list[str]) -> list[list[str]]:
-    """The variants each timing process steps: one process per variant on the caching allocator
-    (its pool is one per process), each with the official model (the yardstick of its ratios);
-    the variants on PyTorch's allocator in the default's (``bits``) process, or the first."""
-    caching = [n for n in names if VARIANTS[n][2] == "caching"]
-    pytorch = [n for n in names if VARIANTS[n][2] == "pytorch" and n != "official"]
-    host = "bits" if "bits" in caching else next(iter(caching), None)
-    return [["official", *(pytorch if c == host else []), c] for c in caching] or [["official", *pytorch]]
-
-
 def step_times(args, size: int, batch: int, names: list[str]) -> tuple[dict, bool]:
     """Per variant: median step time and its ratios to the official model's and to today's path
-    (``fast-alloc``, when it runs), each the median over ``repeats``; per repeat, the processes of
-    :func:`timing_processes` back to back (which goes first rotates). Also whether every
-    variant's losses equal the official's."""
-    groups = timing_processes(names)
+    (``fast``, when it runs), each the median over ``repeats``; per repeat, one fresh process
+    steps every variant in turn (the official model first, then who goes first rotates). Also
+    whether every variant's losses equal the official's."""
+    others = [n for n in names if n != "official"]
+    groups = [["official", *others[i:], *others[:i]] for i in range(max(len(others), 1))]
     out: dict[str, dict[str, list[float]]] = {n: {"sec": [], "time_vs_official": [], "time_vs_today": []} for n in names}
     identical = True
     for i in range(args.repeats):
         sec: dict[str, list[float]] = {n: [] for n in names}
         vs_official: dict[str, list[float]] = {n: [] for n in names}
-        for group in groups[i % len(groups):] + groups[: i % len(groups)]:
+        for group in [groups[i % len(groups)]]:
             res = run_child(_spec(args, size, batch, group, args.time_steps + 1), args.mmap_threshold)
             for n in group:
                 sec[n].append(res["sec"][n])
@@ -219,8 +195,8 @@ def step_times(args, size: int, batch: int, names: list[str]) -> tuple[dict, boo
         for n in names:  # the official model ran in every process: its median
             out[n]["sec"].append(statistics.median(sec[n]))
             out[n]["time_vs_official"].append(statistics.median(vs_official[n]))
-            if "fast-alloc" in names:
-                out[n]["time_vs_today"].append(out[n]["time_vs_official"][-1] / statistics.median(vs_official["fast-alloc"]))
+            if "fast" in names:
+                out[n]["time_vs_today"].append(out[n]["time_vs_official"][-1] / statistics.median(vs_official["fast"]))
     return {n: {k: statistics.median(v) for k, v in out[n].items() if v} for n in names}, identical
 
 
@@ -249,8 +225,7 @@ def largest_batch(args, name: str, size: int, budget_mib: float, start: int, cap
 def bench_size(args, size: int) -> list[dict]:
     """Every variant at one input size: peak memory, step time, largest batch in the budget
     (the parts asked for)."""
-    rows = [{"size": size, "batch": args.batch, "variant": name, "allocator": VARIANTS[name][2]}
-            for name in args.variants]  # fmt: skip
+    rows = [{"size": size, "batch": args.batch, "variant": name} for name in args.variants]
     if "time" in args.parts:
         times, identical = step_times(args, size, args.batch, args.variants)
         for row in rows:
@@ -272,12 +247,12 @@ def _cell(row: dict, key: str, fmt: str, width: int, suffix: str = "") -> str:
 
 def print_table(rows: list[dict], args) -> None:
     budget = f"batch in {args.budget_mib:.0f} MiB" if args.budget_mib else ""
-    print(f"\n{'input':<8} {'variant':<16}{'allocator':<10}{'peak MiB':>10}{'x official':>11}{'step s':>9}{'x official':>11}"
+    print(f"\n{'input':<8} {'variant':<16}{'peak MiB':>10}{'x official':>11}{'step s':>9}{'x official':>11}"
           f"{'x today':>8}{budget:>22}  losses")  # fmt: skip
     for r in rows:
         cuda = f"  (cuda {r['cuda_peak_mib']:.0f} MiB)" if "cuda_peak_mib" in r else ""
         same = {True: "identical", False: "DIFFERENT"}.get(r.get("losses_identical"), "-")
-        print(f"{str(r['size']) + 'x' + str(r['size']):<8} {r['variant']:<16}{r['allocator']:<10}"
+        print(f"{str(r['size']) + 'x' + str(r['size']):<8} {r['variant']:<16}"
               f"{_cell(r, 'peak_mib', '.0f', 10)}"
               f"{_cell(r, 'memory_vs_official', '.2f', 11, 'x')}{_cell(r, 'sec', '.3f', 9)}"
               f"{_cell(r, 'time_vs_official', '.2f', 11, 'x')}{_cell(r, 'time_vs_today', '.2f', 8, 'x')}"
@@ -299,7 +274,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement")
     ap.add_argument("--parts", nargs="+", choices=["memory", "time"], default=["memory", "time"])
     ap.add_argument("--budget-mib", type=float, default=None, help="find the largest batch within this peak")
-    ap.add_argument("--mmap-threshold", type=int, default=None, help="MALLOC_MMAP_THRESHOLD_ of the children")
+    ap.add_argument("--mmap-threshold", type=int, default=131072,
+                    help="MALLOC_MMAP_THRESHOLD_ of the children (default 131072: allocator-neutral, the peak "
+                         "follows the live tensors as a GPU allocator's count does; 0: glibc's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

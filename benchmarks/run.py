@@ -12,9 +12,7 @@ Baselines are written here, faithful to the official code's approach:
 Every number is the median of ``--repeats`` runs (conversion, which is quick: 3x as many, at
 least 15); baseline and contenders alternate (who goes first rotates). Training: each repeat is
 one fresh process that steps every variant in turn on the same batch from the same initial
-weights, so every loss can be compared with the baseline's; the variant with the caching host
-allocator that ``i2e-train`` installs (``i2e_train.kernels.host_allocator``) steps with it, the
-others with PyTorch's (``host_allocator.suspended()``), so that machine noise hits all alike;
+weights, so every loss can be compared with the baseline's, and machine noise hits all alike;
 peak memory is measured in one process per variant as the growth of the peak resident set over
 the set-up (libraries and compiled kernels loaded, model and data built). A ratio > 1 means
 faster than the baseline.
@@ -103,12 +101,17 @@ from i2e_train.models import create_model
 from i2e_train.models.layers import set_fast_kernels
 from i2e_train.models.memory import set_memory
 variants, device, steps, allocators = {variants!r}, torch.device({device!r}), {steps}, {allocators!r}
-from i2e_train.kernels import host_allocator  # also where the resident set is read
-if "caching" in allocators.values():  # PyTorch's CPU allocator replaced, as SNNClassifier does by default
-    assert host_allocator.install(), host_allocator.unavailable_reason()
+from contextlib import nullcontext
+def resident():  # resident set now and at its highest (/proc/self/status, bytes)
+    out = {{}}
+    for line in open("/proc/self/status"):
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out["current" if key == "VmRSS" else "peak"] = int(rest.split()[0]) * 1024
+    return out
 
-def allocator_of(variant):  # PyTorch's allocator for the variants that use it, in this process too
-    return host_allocator.suspended(allocators[variant] == "pytorch")
+def allocator_of(variant):  # every variant runs on PyTorch's allocator (no process-wide replacement)
+    return nullcontext()
 
 torch.manual_seed(0)
 x = (torch.rand(8, 8, 2, 64, 64, device=device) < 0.1).float()  # [T=8, B=8, 2, 64, 64]
@@ -141,8 +144,8 @@ for v in variants:  # every library and kernel of the variant loaded before the 
 steps_fn = {{v: make(v) for v in variants}}
 if device.type == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-assert host_allocator.reset_resident_peak(), "/proc/self/clear_refs (Linux 4.0+) is needed"  # VmHWM from here (ru_maxrss would include this parent's)
-base_rss = host_allocator.resident()["current"]
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here, Linux 4.0+ (ru_maxrss would include this parent's)
+base_rss = resident()["current"]
 losses = {{v: [f().item(), f().item()] for v, f in steps_fn.items()}}  # warm-up (and kernel compilation)
 ts = {{v: [] for v in variants}}
 for i in range(steps):
@@ -154,7 +157,7 @@ for i in range(steps):
 if device.type == "cuda":
     peak = torch.cuda.max_memory_allocated()
 else:  # growth of the peak RSS over the set-up (libraries, kernels, model, data): the training's own memory
-    peak = host_allocator.resident()["peak"] - base_rss
+    peak = resident()["peak"] - base_rss
 print(json.dumps({{v: {{"sec": statistics.median(ts[v]), "peak": peak, "losses": losses[v]}} for v in variants}}))
 """
 
@@ -162,7 +165,7 @@ TRAIN_VARIANTS = {  # name -> (label, host allocator of its process)
     "baseline": ("eager float32, torch.nn + SpikingJelly LIF (baseline)", "pytorch"),
     "ours": ("ours: fast kernels, float32, module.memory=none", "pytorch"),
     "ours_bits": ("ours: fast kernels, float32, module.memory=bits, PyTorch allocator", "pytorch"),
-    "ours_default": ("ours: memory=bits + caching host allocator (default)", "caching"),
+    "ours_default": ("ours: memory=bits (default)", "pytorch"),
     "ours_channels_last": ("ours + channels_last", "pytorch"),
     "ours_bf16": ("ours + bf16 autocast (precision=bf16-mixed)", "pytorch"),
     "ours_compile": ("ours + torch.compile", "pytorch"),

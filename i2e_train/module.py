@@ -22,14 +22,12 @@ from lightning import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from .kernels import host_allocator
 from .models.layers import set_fast_kernels
-from .models.memory import check_memory_mode, host_cache_limit, set_memory
+from .models.memory import check_memory_mode, set_memory
 
 __all__ = ["SNNClassifier"]
 
 
-HOST_ALLOCATORS = ("caching", "pytorch")
 
 
 class _ConfusionMatrix(MulticlassConfusionMatrix):
@@ -70,12 +68,6 @@ class SNNClassifier(LightningModule):
             membrane values differ in the last bits and spikes right at threshold may flip.
         compile: run the network through ``torch.compile`` (the parameters and state-dict keys
             stay those of the plain network).
-        host_allocator: ``"caching"`` makes :mod:`i2e_train.kernels.host_allocator` PyTorch's CPU
-            allocator when the model is configured (for the rest of the process): host memory
-            then follows the live tensors instead of growing through glibc's fragmentation (on
-            CPU about half the peak; README, Training memory). ``"pytorch"`` leaves PyTorch's
-            allocator (it does not take back one installed earlier in the process). Values are
-            the same either way.
         eval_autocast: run validation / test under the trainer's mixed precision. False
             (default, the official scripts: their ``validate`` has no autocast) runs the network
             in float32 there, whatever the trainer's precision.
@@ -98,7 +90,6 @@ class SNNClassifier(LightningModule):
         compile: bool = False,
         fast_kernels: bool = True,
         memory: str = "bits",
-        host_allocator: str = "caching",
         eval_autocast: bool = False,
         batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
@@ -113,9 +104,6 @@ class SNNClassifier(LightningModule):
         self.compile = bool(compile)
         self.fast_kernels = bool(fast_kernels)
         self.memory = check_memory_mode(memory)
-        if host_allocator not in HOST_ALLOCATORS:
-            raise ValueError(f"unknown host_allocator {host_allocator!r}; expected one of {', '.join(map(repr, HOST_ALLOCATORS))}")
-        self.host_allocator = host_allocator
         self.eval_autocast = bool(eval_autocast)
         self.batch_transform = batch_transform
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -130,9 +118,6 @@ class SNNClassifier(LightningModule):
         self.last_confusion: torch.Tensor | None = None  # [classes, classes], rows = true class
 
     def configure_model(self) -> None:
-        if self.host_allocator == "caching":
-            host_allocator.set_cache_limit(host_cache_limit(self.memory))
-            host_allocator.install()  # logs why and leaves PyTorch's allocator when it cannot
         set_fast_kernels(self.model, self.fast_kernels)
         set_memory(self.model, self.memory)
         if self.channels_last:

@@ -46,10 +46,8 @@ STEPS = 1
 def _classifier(name: str, memory: str):
     from i2e_train.module import SNNClassifier
 
-    # no process-wide CPU allocator from a test (where the module still offers one)
-    own = {"host_allocator": "pytorch"} if "host_allocator" in inspect.signature(SNNClassifier).parameters else {}
     module = SNNClassifier(create_model(name, num_classes=CLASSES), num_classes=CLASSES, memory=memory,
-                           optimizer=_sgd, **own)  # fmt: skip
+                           optimizer=_sgd)  # fmt: skip
     module.configure_model()  # the memory mode (and fast-kernel switches) a run sets
     return module
 

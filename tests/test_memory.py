@@ -360,49 +360,15 @@ def test_memory_mode_is_validated():
     assert module.model.conv1.pack_input == "events" and module.model.maxpool.compact_indices
 
 
-def test_module_installs_the_host_allocator_unless_told_not_to(monkeypatch):
-    from i2e_train.kernels import host_allocator
-    from i2e_train.module import SNNClassifier
-
-    with pytest.raises(ValueError, match="unknown host_allocator 'jemalloc'"):
-        SNNClassifier(create_model("ms_resnet_tiny", num_classes=3), num_classes=3, host_allocator="jemalloc")
-    calls = []
-    monkeypatch.setattr(host_allocator, "install", lambda: calls.append("install") or True)
-    monkeypatch.setattr(host_allocator, "set_cache_limit", lambda n: calls.append(n))
-    SNNClassifier(create_model("ms_resnet_tiny", num_classes=3), num_classes=3, host_allocator="pytorch").configure_model()
-    assert calls == []
-    SNNClassifier(create_model("ms_resnet_tiny", num_classes=3), num_classes=3).configure_model()
-    assert calls == [None, "install"]  # bits: no cache limit
-    calls.clear()
-    SNNClassifier(create_model("ms_resnet_tiny", num_classes=3), num_classes=3, memory="bits+checkpoint").configure_model()
-    assert calls == [16 << 20, "install"]
-
-
 @pytest.mark.slow
 def test_benchmark_quick_runs(tmp_path):
     out = tmp_path / "memory.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--quick", "--json", str(out)],
                    check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["official", "official+alloc", "fast", "fast-alloc", "bits", "bits-alloc",
-                                            "bits+checkpoint"]  # fmt: skip
-    assert [r["allocator"] for r in rows] == ["pytorch", "caching", "caching", "pytorch", "caching", "pytorch", "caching"]
+    assert [r["variant"] for r in rows] == ["official", "fast", "bits", "bits+checkpoint"]
     assert all(r["losses_identical"] and r["peak_mib"] > 0 and r["time_vs_today"] > 0 for r in rows)
-    assert next(r for r in rows if r["variant"] == "fast-alloc")["time_vs_today"] == 1.0
-
-
-def test_benchmark_times_the_default_beside_today_in_one_process():
-    """One caching pool per timing process; the default shares its process with the variants on
-    PyTorch's allocator (today's path among them), and every process has the official model."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("memory_bench", ROOT / "benchmarks" / "memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    groups = bench.timing_processes(list(bench.VARIANTS))
-    assert groups == [["official", "official+alloc"], ["official", "fast"],
-                      ["official", "fast-alloc", "bits-alloc", "bits"], ["official", "bits+checkpoint"]]  # fmt: skip
-    assert bench.timing_processes(["official", "bits-alloc"]) == [["official", "bits-alloc"]]
+    assert next(r for r in rows if r["variant"] == "fast")["time_vs_today"] == 1.0
 
 
 @pytest.mark.gpu

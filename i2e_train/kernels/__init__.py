@@ -11,8 +11,7 @@ logs why once and returns None, and callers take their plain tensor path.
 Modules: ``converter`` (I2E intensity, dense and packed events), ``lif`` (multi-step LIF
 forward / backward), ``pooling`` (max pooling forward / backward), ``spikes`` (spike tensors
 packed to bits and back), ``bits`` (the LLVM intrinsics that turn 32 comparisons into a bit mask
-and back), ``_jit`` (shared options, thread count). Not numba: ``host_allocator`` (a C++ CPU
-allocator for PyTorch, compiled on first use, whose resident memory follows the live tensors).
+and back), ``_jit`` (shared options, thread count).
 """
 
 from __future__ import annotations
@@ -66,9 +65,7 @@ def use_threads(n: int) -> None:
 def empty(shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
     """An uninitialised contiguous 64-byte aligned CPU tensor for a kernel's output.
 
-    With the caching host allocator installed (:mod:`i2e_train.kernels.host_allocator`, done by
-    :class:`~i2e_train.module.SNNClassifier`) this is ``torch.empty``. Without it the memory comes
-    from ``malloc`` (through numpy) rather than PyTorch's ``posix_memalign(64, n)``, for which
+    The memory comes from ``malloc`` (through numpy) rather than PyTorch's ``posix_memalign(64, n)``, for which
     glibc asks its heap for ``n`` plus about 96 bytes and returns the spare bytes: a freed n-byte
     block is then too small for the next request of the same size, and a training step that
     allocates and frees tensors of a few sizes keeps growing the heap. A plain ``malloc`` of the
@@ -79,11 +76,7 @@ def empty(shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
     import numpy as np
     import torch
 
-    from .host_allocator import installed
-
     shape = tuple(int(d) for d in shape)
-    if installed():
-        return torch.empty(shape, dtype=dtype)
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
     raw = np.empty(nbytes + 64, dtype=np.uint8)

@@ -55,17 +55,12 @@ __all__ = [
     "bn_fire",
     "check_memory_mode",
     "checkpointed",
-    "host_cache_limit",
     "is_spiking",
     "linear_on_spikes",
     "set_memory",
 ]
 
 MEMORY_MODES = ("none", "bits", "bits+checkpoint")
-# Freed host blocks the caching host allocator keeps, per mode (none: no limit). bits+checkpoint
-# trades time for memory: a freed block no longer waits as resident memory while blocks of another
-# size are needed (at 64x64: the recomputed stem output while the stem's batch-norm backward runs).
-_HOST_CACHE_LIMIT = {"bits+checkpoint": 16 << 20}
 
 
 class MemoryModeMixin:
@@ -87,12 +82,6 @@ def check_memory_mode(mode: str) -> str:
     if mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {mode!r}; expected one of {', '.join(map(repr, MEMORY_MODES))}")
     return mode
-
-
-def host_cache_limit(mode: str) -> int | None:
-    """The bytes of freed blocks the caching host allocator keeps when training in ``mode``
-    (:func:`i2e_train.kernels.host_allocator.set_cache_limit`; None: no limit)."""
-    return _HOST_CACHE_LIMIT.get(check_memory_mode(mode))
 
 
 def is_spiking(neuron: nn.Module) -> bool:
