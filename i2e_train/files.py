@@ -10,6 +10,7 @@ second process, another host on a shared filesystem) is never touched.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -88,6 +89,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], dur
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write() names no file (disk full, quota, I/O error): name it
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            fix = "free space there or point the output elsewhere" if full else "check the device and retry"
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing {path}; {path} is unchanged: {fix}",
+                          str(path)) from exc  # fmt: skip
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -636,3 +636,22 @@ def test_released_weight_is_found_by_stem_and_checked_against_its_download(tmp_p
     path.write_bytes(b"weightz")  # same size, other bytes
     with pytest.raises(ReleasedWeightsUnavailable, match="changed since it was downloaded"):
         hub.resolve_released("cifar10_baseline", cache_dir=tmp_path)
+
+
+def test_disk_full_names_the_file_and_keeps_what_was_there(tmp_path):
+    """A write that fails without a file name (ENOSPC from write()) is re-raised naming the path;
+    the earlier file stays and no temporary is left behind."""
+    import errno
+
+    from i2e_train.files import atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "metrics.json", "{}\n")
+
+    def full(fh):
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"No space left on device while writing .*metrics\.json.*free space") as info:
+        atomic_write(target, full)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_text() == "{}\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
