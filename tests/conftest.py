@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Hermetic datasets cache: the Arrow cache of an earlier code version must not answer for this one
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="i2e-test-hf-datasets-"))
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

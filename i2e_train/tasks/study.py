@@ -74,8 +74,11 @@ def _train_run(run: dict[str, Any], study_name: str) -> dict[str, Any]:
     from i2e_train.config import compose
     from i2e_train.tasks.train import train
 
+    # an interrupted run resumes from its last checkpoint; one stopped before any checkpoint (no
+    # result.json, nothing to keep) starts again in its own folder
+    resume = "ckpt_path=last" if (Path(run["dir"]) / "checkpoints" / "last.ckpt").is_file() else "overwrite=true"
     overrides = run["overrides"] + [f"seed={run['seed']}", f"paths.output_dir={_quote(str(run['dir']))}",
-                                    "ckpt_path=last", f"++wandb_group=study/{study_name}"]
+                                    resume, f"++wandb_group=study/{study_name}"]
     return train(compose("train", overrides))
 
 
