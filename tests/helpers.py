@@ -53,3 +53,15 @@ def compose_in(root: Path, monkeypatch, config: str, overrides: Sequence[str], r
 
     monkeypatch.setenv("I2E_ROOT", str(root))
     return compose(config, [*overrides, f"paths.output_dir={root / run_dir}"])
+
+
+def save_official_checkpoint(net, path: Path, epoch: int = 255, best_acc1: float = 85.07) -> Path:
+    """``net``'s weights in the layout of the official training scripts' ``.pth.tar`` (a released
+    weight): DDP's ``module.`` prefix, the in-model I2E convolution's weight, epoch and best_acc1."""
+    import torch
+
+    state = {"module." + k: v for k, v in net.state_dict().items()}
+    state["module.i2e.weight"] = torch.zeros(8, 1, 3, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": epoch, "state_dict": state, "best_acc1": best_acc1}, path)
+    return path

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import compose_in
+from helpers import compose_in, save_official_checkpoint
 from i2e_train.codec import encode_record
 from i2e_train.data.writer import shard_name, write_shard
 from i2e_train.models import create_model
@@ -19,11 +19,7 @@ from i2e_train.tasks.evaluate import evaluate_from_overrides
 def test_eval_released_name_uses_its_model_and_data(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = create_model("ms_resnet18", num_classes=10).eval()
-    state = {"module." + k: v for k, v in model.state_dict().items()}
-    state["module.i2e.weight"] = torch.zeros(8, 1, 3, 3)
-    (tmp_path / "checkpoints").mkdir()
-    torch.save({"epoch": 255, "state_dict": state, "best_acc1": 85.07},
-               tmp_path / "checkpoints" / "cifar10_baseline.pth.tar")
+    save_official_checkpoint(model, tmp_path / "checkpoints" / "cifar10_baseline.pth.tar")
     rng = np.random.default_rng(0)
     events = rng.random((6, 8, 2, 128, 128)) < 0.06
     labels = [0, 1, 2, 3, 4, 5]

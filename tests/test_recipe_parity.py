@@ -480,17 +480,13 @@ def test_eval_released_weight_online_uses_the_official_preprocessing(cifar_like,
     official evaluation (transform_test + official I2E + the network), image for image."""
     from PIL import Image
 
-    from helpers import compose_in
+    from helpers import compose_in, save_official_checkpoint
     from i2e_train.models import create_model
     from i2e_train.tasks.evaluate import evaluate_from_overrides
 
     torch.manual_seed(0)
     model = create_model("ms_resnet18", num_classes=10).eval()
-    state = {"module." + k: v for k, v in model.state_dict().items()}
-    state["module.i2e.weight"] = torch.zeros(8, 1, 3, 3)
-    (tmp_path / "checkpoints").mkdir()
-    torch.save({"epoch": 255, "state_dict": state, "best_acc1": 85.07},
-               tmp_path / "checkpoints" / "cifar10_augmentation.pth.tar")
+    save_official_checkpoint(model, tmp_path / "checkpoints" / "cifar10_augmentation.pth.tar")
     overrides = ["ckpt_path=released:cifar10_augmentation", "data=cifar10", f"data.source={cifar_like}",
                  "data.source_type=imagefolder", "data.num_workers=0", "data.batch_size=5"]
     cfg = compose_in(tmp_path, monkeypatch, "eval", overrides)
