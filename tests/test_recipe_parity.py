@@ -225,6 +225,33 @@ def test_mixup_cutmix_is_the_official_random_choice_and_schedule():
     assert [e for e in range(128) if mixup_active(e, 128)] == list(range(86))
 
 
+def test_online_datamodule_mixes_as_the_official_loop_while_the_schedule_says():
+    """data.mixup=true: the DataModule's training batch is the official RandomChoice on the
+    ToDtype-scaled images (same draws under the same seed) while epoch <= 2/3 of max_epochs, then
+    converted; after that, plain batches."""
+    from types import SimpleNamespace
+
+    from torchvision.transforms import v2
+
+    from i2e_train.data.images import ImageDataModule
+
+    dm = ImageDataModule(name="I2E-CIFAR10", source="unused", num_classes=10, resolution=[128, 128],
+                         encoder={"ratio": 0.07, "order": 4}, aug_family="cifar", mixup=True)  # fmt: skip
+    images = torch.randint(0, 256, (4, 3, 128, 128), dtype=torch.uint8)  # as the workers hand them over
+    labels = torch.tensor([0, 3, 7, 9])
+    official = v2.RandomChoice([v2.CutMix(num_classes=10), v2.MixUp(num_classes=10)])
+    for seed in range(4):
+        dm.trainer = SimpleNamespace(training=True, precision="32-true", current_epoch=2, max_epochs=3)
+        torch.manual_seed(seed)
+        events, hard, soft = dm.on_after_batch_transfer((images, labels), 0)
+        torch.manual_seed(seed)
+        _, want = official(v2.functional.to_dtype(images, torch.float32, scale=True), labels)
+        assert torch.equal(hard, labels) and torch.equal(soft, want.float())
+        assert events.shape == (8, 4, 2, 128, 128)
+    dm.trainer = SimpleNamespace(training=True, precision="32-true", current_epoch=3, max_epochs=3)
+    assert len(dm.on_after_batch_transfer((images, labels), 0)) == 2  # epoch 3 > 3 * 2/3: no mixing
+
+
 def test_temporal_delete_keeps_t_train_frames_in_order():
     from i2e_train.data.augment import TemporalDelete, temporal_delete
 

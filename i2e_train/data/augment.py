@@ -102,8 +102,16 @@ def mixup_active(epoch: int, max_epochs: int) -> bool:
     return int(epoch) <= int(max_epochs) * 2 / 3
 
 
+def mixup_choice(num_classes: int):
+    """The official ``v2.RandomChoice([v2.CutMix(num_classes=K), v2.MixUp(num_classes=K)])``. It
+    holds no state between calls: build it once (its Beta distributions are made here), not per batch."""
+    from torchvision.transforms import v2
+
+    return v2.RandomChoice([v2.CutMix(num_classes=int(num_classes)), v2.MixUp(num_classes=int(num_classes))])
+
+
 def mixup_cutmix(x: torch.Tensor, labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None,
-                 batch_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 batch_dim: int = 0, op=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The official ``v2.RandomChoice([v2.CutMix(num_classes=K), v2.MixUp(num_classes=K)])`` on a batch.
 
     ``x``: float [B, C, H, W] images (the official use: the online mode's images before the
@@ -113,16 +121,14 @@ def mixup_cutmix(x: torch.Tensor, labels: torch.Tensor, num_classes: int, genera
 
     torchvision draws the choice, lambda and box from torch's global generator (as the official
     scripts); with ``generator`` they come from a seed drawn from it instead (the global
-    generator is left as it was).
+    generator is left as it was). ``op``: a :func:`mixup_choice` built earlier (else one is built).
     """
-    from torchvision.transforms import v2
-
     if not x.is_floating_point():
         raise TypeError(f"mixup_cutmix needs float inputs (scale uint8 images first), got {x.dtype}")
     if labels.dim() != 1 or labels.shape[0] != x.shape[batch_dim]:
         raise ValueError(f"labels must be [B] with B = x.shape[{batch_dim}] = {x.shape[batch_dim]}, "
                          f"got {tuple(labels.shape)}")
-    op = v2.RandomChoice([v2.CutMix(num_classes=int(num_classes)), v2.MixUp(num_classes=int(num_classes))])
+    op = mixup_choice(num_classes) if op is None else op
     xb = x.movedim(batch_dim, 0)
     flat = xb.reshape(xb.shape[0], -1, *xb.shape[-2:])  # [B, C', H, W]: one box per sample
     if generator is None:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from i2e_train.data.augment import mixup_active, mixup_cutmix, random_crop, random_hflip
+from i2e_train.data.augment import mixup_active, mixup_choice, mixup_cutmix, random_crop, random_hflip
 from i2e_train.data.base import (
     DatasetUnavailableError,
     EventDataModule,
@@ -402,6 +402,7 @@ class ImageDataModule(EventDataModule):
         super().__init__(resolve_info(name, num_classes, resolution, timesteps, kind="online"), batch_size,
                          num_workers, pin_memory, drop_last, seed)
         self.encoder = _encoder_for(encoder, self.info)
+        self._mixup_op = mixup_choice(self.num_classes) if self.mixup else None  # built once, used every batch
         self.name, self.source, self.source_type, self.hf_config = name, str(source), source_type, hf_config
         self.data_dir = Path(data_dir)
         self.train_split, self.val_split = train_split, val_split
@@ -596,6 +597,6 @@ class ImageDataModule(EventDataModule):
             from torchvision.transforms.v2.functional import to_dtype
 
             floats = to_dtype(images, torch.float32, scale=True)  # the official ToDtype, then the mix
-            mixed, soft = mixup_cutmix(floats, targets, self.num_classes)
+            mixed, soft = mixup_cutmix(floats, targets, self.num_classes, op=self._mixup_op)
             return self.to_events(mixed, True), targets, soft
         return self.to_events(images, train), targets
