@@ -363,12 +363,12 @@ def test_memory_mode_is_validated():
 @pytest.mark.slow
 def test_benchmark_quick_runs(tmp_path):
     out = tmp_path / "memory.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--quick", "--json", str(out)],
-                   check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["official", "fast", "bits", "bits+checkpoint"]
-    assert all(r["losses_identical"] and r["peak_mib"] > 0 and r["time_vs_today"] > 0 for r in rows)
-    assert next(r for r in rows if r["variant"] == "fast")["time_vs_today"] == 1.0
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--quick", "--archs", "ms_resnet_tiny",
+                    "--json", str(out)], check=True, capture_output=True, text=True, timeout=600)  # fmt: skip
+    rows = json.loads(out.read_text())["memory"]
+    assert [r["variant"] for r in rows][:2] == ["official", "memopt"]
+    assert all(r["losses_identical"] and r["peak_mib"] > 0 for r in rows)
+    assert all(r["kept_bf16_mib"] <= r["kept_fp32_mib"] for r in rows if r["variant"].endswith("/torch"))
 
 
 @pytest.mark.gpu

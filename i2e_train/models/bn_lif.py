@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import recompute
 from .lif import LIFNode, _kernel_backward, _kernel_forward, _surrogate_constants
 
 __all__ = ["bn_lif", "bn_lif_ok"]
@@ -45,8 +46,8 @@ class _BatchNormLIF(torch.autograd.Function):
         return gx, gw, gb, carry.reshape(v0.shape), None, None, None
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+def _hooked(*modules: nn.Module) -> bool:
+    return recompute.user_hooks(*modules)  # the memory engine's own hooks do not count
 
 
 def bn_lif_ok(bn: nn.Module, neuron: nn.Module, x: torch.Tensor) -> bool:

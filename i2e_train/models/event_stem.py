@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import bitpack
+from . import bitpack, recompute
 from .layers import Conv2d, MaxPool2d, _fast_input, _pair, fast_conv_backward, maxpool_backward, maxpool_forward
 
 __all__ = ["event_stem", "event_stem_ok"]
@@ -79,7 +79,7 @@ class _EventStemFn(torch.autograd.Function):
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in modules)
+    return recompute.user_hooks(*modules)  # the memory engine's own hooks do not count
 
 
 def event_stem_ok(conv: nn.Module, bn: nn.Module, pool: nn.Module, x: torch.Tensor) -> bool:

@@ -36,6 +36,8 @@ from torch import nn
 
 from i2e_train import kernels
 
+from . import recompute
+
 __all__ = ["LIFNode", "fused_lif_available", "lif_multi_step"]
 
 # SpikingJelly's surrogate ids (spikingjelly._ops.surrogate._SURROGATE_IDS) whose gradient the
@@ -235,6 +237,9 @@ class LIFNode(neuron.LIFNode):
         return v
 
     def multi_step_forward(self, x_seq: torch.Tensor, *args: torch.Tensor, **kwargs: object):
+        if not (args or kwargs or self._fused_ok(x_seq)) and recompute.active() is not None:
+            # the memory engine runs (not the CPU layer): keep only the input, membranes again in the backward
+            return recompute.checkpointed(super().multi_step_forward, (x_seq,), (self,))
         if args or kwargs or not self._fused_ok(x_seq):
             return super().multi_step_forward(x_seq, *args, **kwargs)
         v = self.initial_membrane(x_seq, scalar_ok=self.save_input)

@@ -36,18 +36,16 @@ the plain forward; under autocast, convolution inputs are kept as autocast keeps
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
-from spikingjelly.activation_based.base import MemoryModule
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from . import bitpack
+from . import bitpack, recompute
 from .bn_lif import bn_lif, bn_lif_ok
 from .layers import Conv2d, MaxPool2d, per_frame
 from .lif import LIFNode
+from .recompute import _plain, checkpointed
 
 __all__ = [
     "MEMORY_MODES",
@@ -90,32 +88,75 @@ def is_spiking(neuron: nn.Module) -> bool:
 
 
 def set_memory(model: nn.Module, mode: str) -> int:
-    """Put every layer of ``model`` in memory mode ``mode`` (see the module docstring).
+    """Put ``model`` (any network) in memory mode ``mode`` (see the module docstring).
 
-    Convolutions fed by a spiking neuron (the pairs a block lists in ``fire_conv_pairs()``) pack
-    their input unchecked on GPUs; every other :class:`~i2e_train.models.layers.Conv2d` packs its
-    input only when a check finds spikes. Neurons that read one shared tensor (a block's
-    ``shared_input_neurons()``: its first neuron and the downsampling one) keep that tensor,
-    once, instead of one H each; the others keep H (recomputing it from the input costs more than
-    reading it). Returns how many layers were switched.
+    Installs, once, the forward hooks of the engine (:mod:`i2e_train.models.recompute`) on the
+    network, its recomputable layers and its binary spiking neurons; ``"none"`` leaves them
+    idle. Blocks of our own family (:class:`MemoryModeMixin`) run their CPU layer when the input
+    is on CPU (and :data:`bitpack.FORCE_TORCH` is off), the engine elsewhere. Returns how many
+    layers take part.
     """
     mode = check_memory_mode(mode)
-    on = mode != "none"
+    model._i2e_memory = mode
+    model._i2e_cpu_layer = any(isinstance(m, MemoryModeMixin) for m in model.modules())
+    _set_internal(model, mode if model._i2e_cpu_layer else "none")
+    _install(model.register_forward_pre_hook, _root_pre, model)
+    _install(model.register_forward_hook, _root_post, model, always_call=True)
     count = 0
+    for m in model.modules():
+        if isinstance(m, recompute.RECOMPUTABLE) and m is not model:
+            _install(m.register_forward_pre_hook, recompute.layer_pre, m)
+            _install(m.register_forward_hook, recompute.layer_post, m)
+        elif recompute.is_binary_neuron(m):
+            _install(m.register_forward_hook, recompute.neuron_post, m)
+        else:
+            continue
+        count += 1
+    return count
+
+
+def _install(register: Callable, hook: Callable, module: nn.Module, **kwargs: Any) -> None:
+    """``register(hook)`` unless ``hook`` is already one of ``module``'s forward (pre-)hooks."""
+    if not any(h is hook for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())):
+        register(hook, **kwargs)
+
+
+def _root_pre(model: nn.Module, args: tuple) -> None:
+    """Before the network's forward: the CPU layer of our blocks (CPU input), else the engine."""
+    mode = getattr(model, "_i2e_memory", "none")
+    if mode == "none":
+        return
+    x = args[0] if args else None
+    cpu_layer = model._i2e_cpu_layer and isinstance(x, torch.Tensor) and x.device.type == "cpu" and not bitpack.FORCE_TORCH
+    if model._i2e_cpu_layer:
+        _set_internal(model, mode if cpu_layer else ("checkpoint" if mode == "bits+checkpoint" else "engine"))
+    if not cpu_layer:
+        recompute.start(x, model)
+
+
+def _root_post(model: nn.Module, args: tuple, out: Any) -> None:
+    recompute.stop(model)
+
+
+def _set_internal(model: nn.Module, mode: str) -> None:
+    """The flags of our own layers and blocks for ``mode``: a memory mode (their CPU layer), or
+    with the engine running ``"engine"`` (max pooling keeps int32 argmax, the engine does the
+    rest) or ``"checkpoint"`` (the same, and blocks recomputed from their input)."""
+    if getattr(model, "_i2e_internal", None) == mode:
+        return
+    model._i2e_internal = mode
+    bits = mode in ("bits", "bits+checkpoint")
     for m in model.modules():
         if isinstance(m, LIFNode):
             m.save_input = False  # H, unless the neuron shares its input (below)
         elif isinstance(m, MaxPool2d):
-            m.compact_indices = on
+            m.compact_indices = mode != "none"
         elif isinstance(m, Conv2d):
-            m.pack_input = "events" if on else None
+            m.pack_input = "events" if bits else None
         elif isinstance(m, MemoryModeMixin):
             m.memory = mode
-        else:
-            continue
-        count += 1
     for m in model.modules():
-        if not (on and isinstance(m, MemoryModeMixin)):
+        if not (bits and isinstance(m, MemoryModeMixin)):
             continue
         for neuron, conv in m.fire_conv_pairs():
             if isinstance(conv, Conv2d) and is_spiking(neuron):
@@ -123,65 +164,6 @@ def set_memory(model: nn.Module, mode: str) -> int:
         for neuron in m.shared_input_neurons():
             if isinstance(neuron, LIFNode):
                 neuron.save_input = True
-    return count
-
-
-def _plain(regions_needed: bool) -> bool:
-    """True when nothing is saved for a backward anyway, or the code is being compiled."""
-    return not regions_needed or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-
-
-class _Recompute:
-    """The recomputation context of a region: its neurons start from the states they had when the
-    region's forward ran, and its batch norms update throw-away copies of their running
-    statistics; afterwards the neuron states and the original buffers (never written, so their
-    version counters do not move) are put back: a recomputation leaves no trace."""
-
-    def __init__(self, modules: Iterable[nn.Module]):
-        modules = list(modules)
-        self.neurons = [m for m in modules if isinstance(m, MemoryModule)]
-        self.norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.at_forward = [dict(m._memories) for m in self.neurons]
-
-    def __enter__(self) -> "_Recompute":
-        self.states = [dict(m._memories) for m in self.neurons]
-        self.buffers = [dict(m._buffers) for m in self.norms]
-        for m, states in zip(self.neurons, self.at_forward):
-            m._memories.update(states)
-        for m in self.norms:
-            for name, b in m._buffers.items():
-                if b is not None:
-                    m._buffers[name] = b.clone()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, states in zip(self.neurons, self.states):
-            m._memories.update(states)
-        for m, buffers in zip(self.norms, self.buffers):
-            m._buffers.update(buffers)
-
-
-def _states_are_reset(modules: Iterable[nn.Module]) -> bool:
-    """Every neuron state is a plain number (reset), so a recomputation can start from it."""
-    return all(
-        not isinstance(v, torch.Tensor) for m in modules if isinstance(m, MemoryModule) for v in m._memories.values()
-    )
-
-
-def checkpointed(fn: Callable[..., torch.Tensor], args: tuple, modules: Iterable[nn.Module]) -> torch.Tensor:
-    """``fn(*args)`` keeping only ``args`` for the backward, where ``fn`` runs again.
-
-    ``modules``: the layers ``fn`` uses (their neuron states and batch-norm statistics are handled
-    by :class:`_Recompute`). Runs ``fn`` plainly when there is nothing to save, or when a neuron
-    carries a state tensor from an earlier call (a recomputation could not start from it).
-    """
-    modules = list(modules)
-    if _plain(True) or not _states_are_reset(modules):
-        return fn(*args)
-    recompute = _Recompute(modules)
-    return checkpoint(
-        fn, *args, use_reentrant=False, preserve_rng_state=False, context_fn=lambda: (nullcontext(), recompute)
-    )
 
 
 def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -192,7 +174,7 @@ def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, mode: str) -> tor
     recomputes the batch norm in its backward (:mod:`i2e_train.models.bn_lif`), elsewhere (CUDA,
     plain layers, hooks) a recomputed region.
     """
-    if mode == "none" or _plain(x.requires_grad or any(p.requires_grad for p in bn.parameters())):
+    if mode not in ("bits", "bits+checkpoint") or _plain(x.requires_grad or any(p.requires_grad for p in bn.parameters())):
         return neuron(per_frame(bn, x))
     spikes = bn_lif(bn, neuron, x) if bn_lif_ok(bn, neuron, x) else None
     if spikes is not None:
@@ -203,7 +185,7 @@ def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, mode: str) -> tor
 def linear_on_spikes(fc: nn.Linear, spikes: torch.Tensor, mode: str, trusted: bool) -> torch.Tensor:
     """``fc(spikes)`` with the saved copy of ``spikes`` (the classifier's input) kept as bits;
     ``trusted``: the input comes from a spiking neuron (see :func:`bitpack.pack_spikes`)."""
-    if mode == "none" or _plain(True):
+    if mode not in ("bits", "bits+checkpoint") or _plain(True):
         return fc(spikes)
     storage = spikes.untyped_storage()._cdata  # the storage's identity (no data pointer read: fake tensors have none)
 

@@ -195,7 +195,7 @@ class BasicBlock(MemoryModeMixin, nn.Module):
         return () if self.downsample is None else (self.sn1, self.downsample[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.memory == "bits+checkpoint":
+        if self.memory in ("bits+checkpoint", "checkpoint"):
             return checkpointed(self._forward, (x,), self.modules())
         return self._forward(x)
 
@@ -244,7 +244,7 @@ class Bottleneck(MemoryModeMixin, nn.Module):
         return () if self.downsample is None else (self.sn1, self.downsample[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.memory == "bits+checkpoint":
+        if self.memory in ("bits+checkpoint", "checkpoint"):
             return checkpointed(self._forward, (x,), self.modules())
         return self._forward(x)
 
@@ -387,7 +387,7 @@ class MSResNet(MemoryModeMixin, nn.Module):
         conv1 -> bn1 runs again in the backward: on the CPU fast path one autograd function
         (:mod:`i2e_train.models.event_stem`), with ``"bits+checkpoint"`` elsewhere a recomputed
         region."""
-        if self.memory != "none" and torch.is_grad_enabled() and not x.requires_grad:
+        if self.memory in ("bits", "bits+checkpoint") and torch.is_grad_enabled() and not x.requires_grad:
             flat = x.flatten(0, 1)  # [T*B, C_in, H, W]
             if event_stem_ok(self.conv1, self.bn1, self.maxpool, flat):
                 out = event_stem(self.conv1, self.bn1, self.maxpool, flat)

@@ -1,0 +1,175 @@
+"""Memory modes on any network through the tensor-operation engine (i2e_train.models.recompute):
+SpikingJelly's SEW-ResNet and Spiking VGG, a small user-written network and the model zoo on the
+path CUDA takes. Losses and gradients equal mode none to the bit (fp32); under bf16 autocast the
+bits path is taken and keeps no more than fp32 bits; the forward never synchronises (fake CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from spikingjelly.activation_based import functional, layer, neuron, surrogate
+from torch import nn
+
+from i2e_train.models import bitpack, create_model
+from i2e_train.models.layers import set_fast_kernels
+from i2e_train.models.memory import MEMORY_MODES, set_memory
+from i2e_train.models.recompute import kept_bytes
+
+
+def _lif():
+    return neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), detach_reset=True, step_mode="m")
+
+
+class UserNet(nn.Module):
+    """A user's own network: conv -> BN -> LIF, max pooling, a spiking residual, linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.sn1 = layer.Conv2d(2, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), _lif()
+        self.pool = layer.MaxPool2d(2)
+        self.conv2, self.bn2, self.sn2 = layer.Conv2d(8, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), _lif()
+        self.fc = layer.Linear(8 * 8 * 8, 10)
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):  # [T, B, 2, 16, 16] -> [B, 10]
+        functional.reset_net(self)
+        s = self.pool(self.sn1(self.bn1(self.conv1(x))))  # [T, B, 8, 8, 8]
+        s = s + self.sn2(self.bn2(self.conv2(s)))  # spikes added: 0, 1, 2
+        out = self.fc(s.flatten(2)).mean(0)
+        functional.reset_net(self)
+        return out
+
+
+def _sew():
+    from spikingjelly.activation_based.model import sew_resnet
+
+    net = sew_resnet.SEWResNet(sew_resnet.BasicBlock, [1, 1, 1, 1], num_classes=10, cnf="ADD",
+                               spiking_neuron=neuron.LIFNode, surrogate_function=surrogate.ATan(), detach_reset=True)  # fmt: skip
+    net.conv1 = layer.Conv2d(2, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    functional.set_step_mode(net, "m")
+    return _Mean(net)
+
+
+def _vgg():
+    from spikingjelly.activation_based.model import spiking_vgg
+
+    net = spiking_vgg.SpikingVGG([8, "M", 16], batch_norm=True, num_classes=10, spiking_neuron=neuron.LIFNode,
+                                 surrogate_function=surrogate.ATan(), detach_reset=True)  # fmt: skip
+    net.features[0] = layer.Conv2d(2, 8, 3, padding=1)
+    net.classifier = nn.Sequential(layer.Linear(16 * 7 * 7, 32), _lif(), layer.Dropout(0.3), layer.Linear(32, 10))
+    functional.set_step_mode(net, "m")
+    return _Mean(net)
+
+
+class _Mean(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        functional.reset_net(self.net)
+        out = self.net(x).mean(0)
+        functional.reset_net(self.net)
+        return out
+
+
+def _ms_tiny():
+    model = create_model("ms_resnet_tiny", num_classes=10)
+    set_fast_kernels(model, False)
+    return model
+
+
+def _zoo_sew():
+    model = create_model("sj/sew_resnet", num_classes=10, in_channels=2, resolution=32, layers=[1, 1, 1, 1])
+    set_fast_kernels(model, False)
+    return model
+
+
+NETS = {"user": (UserNet, 16), "sew": (_sew, 32), "vgg": (_vgg, 16), "ms_resnet_tiny": (_ms_tiny, 32),
+        "zoo_sew": (_zoo_sew, 32)}  # fmt: skip
+
+
+def _events(hw: int, t: int = 2, b: int = 2) -> torch.Tensor:
+    return (torch.rand(t, b, 2, hw, hw, generator=torch.Generator().manual_seed(3)) < 0.2).float()
+
+
+def _train(name: str, mode: str, steps: int = 2):
+    make, hw = NETS[name]
+    torch.manual_seed(0)
+    model = make()
+    set_memory(model, mode)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _events(hw), torch.tensor([1, 7])
+    out = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    return out, model.state_dict()
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    monkeypatch.setattr(bitpack, "FORCE_TORCH", True)
+
+
+@pytest.mark.parametrize("mode", ["bits", "bits+checkpoint"])
+@pytest.mark.parametrize("name", list(NETS))
+def test_any_network_trains_bit_identically(name, mode, torch_path):
+    (ref, ref_state), (got, got_state) = _train(name, "none"), _train(name, mode)
+    for (la, ga), (lb, gb) in zip(ref, got):
+        assert torch.equal(la, lb)
+        assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+    assert all(torch.equal(v, got_state[k]) for k, v in ref_state.items())  # BN statistics moved once
+
+
+def _kept(name: str, mode: str, dtype=None) -> int:
+    make, hw = NETS[name]
+    torch.manual_seed(0)
+    model = make()
+    set_memory(model, mode)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        return kept_bytes(lambda: model(_events(hw, 4)), params)
+
+
+@pytest.mark.parametrize("name", ["user", "sew", "ms_resnet_tiny", "zoo_sew"])
+def test_bits_keep_less_in_fp32_and_under_bf16_autocast(name, torch_path):
+    none, bits = _kept(name, "none"), _kept(name, "bits")
+    # SpikingJelly's own neurons keep what they save (2 tensors a time step on CPU); ours recompute
+    share = 0.5 if name in ("ms_resnet_tiny", "zoo_sew") else 0.7
+    assert bits < share * none
+    assert _kept(name, "bits+checkpoint") <= bits
+    bf16 = _kept(name, "bits", torch.bfloat16)
+    assert bf16 <= bits  # no silent fallback under autocast: at most what fp32 bits keep
+    assert bf16 < share * _kept(name, "none", torch.bfloat16)
+
+
+def test_bf16_autocast_takes_the_bits_path(torch_path, monkeypatch):
+    packed = []
+    pack = bitpack.pack_spikes
+    monkeypatch.setattr(bitpack, "pack_spikes", lambda x, trusted=False: packed.append(x.dtype) or pack(x, trusted))
+    torch.manual_seed(0)
+    model = UserNet()
+    set_memory(model, "bits")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(_events(16)).float().sum()
+    loss.backward()
+    assert torch.bfloat16 in packed  # the spikes cast for the bf16 convolutions, kept as bits
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_forward_on_fake_cuda_never_synchronises(mode):
+    """Under FakeTensorMode on device cuda any host synchronisation (item, bool, nonzero, a host
+    list to the device) raises; the forward and the packing run through."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=False), torch.device("cuda"):
+        model = UserNet()  # parameters made on the fake device
+        set_memory(model, mode)
+        x = torch.zeros(2, 2, 2, 16, 16, device="cuda")
+        out = model(x)
+        assert out.shape == (2, 10) and out.device.type == "cuda"
