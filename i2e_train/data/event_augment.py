@@ -336,7 +336,8 @@ class MixUpCutMix(_Op):
     transforms) on the event batch: per batch one of CutMix (one box for the whole batch, taken
     from the previous sample, ``batch.roll(1)``) or MixUp (a blend with the previous sample, so
     0/1 events become fractions); labels mixed by torchvision (soft targets, summing to 1). Unlike
-    ``data.mixup`` of the online mode it has no 2/3-of-the-epochs schedule: it mixes every batch."""
+    ``data.mixup`` of the online mode it has no 2/3-of-the-epochs schedule: it mixes every batch.
+    torchvision draws on the host: one small device-to-host read per batch (the seed) on a GPU."""
 
     mixes = True
 

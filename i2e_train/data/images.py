@@ -50,13 +50,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from i2e_train.data.augment import mixup_active, mixup_choice, mixup_cutmix, random_crop, random_hflip
-from i2e_train.data.event_augment import augment_batch, build_event_augment
 from i2e_train.data.base import (
     DatasetUnavailableError,
     EventDataModule,
     as_size,
     resolve_info,
 )
+from i2e_train.data.event_augment import augment_batch, build_event_augment
 from i2e_train.data.preprocess import check_interpolation, preprocess_image, to_rgb, to_uint8
 from i2e_train.data.sources import (
     BadImageError,
