@@ -337,7 +337,8 @@ class MixUpCutMix(_Op):
     from the previous sample, ``batch.roll(1)``) or MixUp (a blend with the previous sample, so
     0/1 events become fractions); labels mixed by torchvision (soft targets, summing to 1). Unlike
     ``data.mixup`` of the online mode it has no 2/3-of-the-epochs schedule: it mixes every batch.
-    torchvision draws on the host: one small device-to-host read per batch (the seed) on a GPU."""
+    torchvision draws its choice, lambda and box on the host (from the batch generator's seed, no
+    device read); the mixing itself runs on the batch's device."""
 
     mixes = True
 
@@ -356,9 +357,11 @@ class MixUpCutMix(_Op):
     def __call__(self, events, targets, g):
         xb = events.movedim(1, 0)  # [B, T, C, H, W]
         flat = xb.reshape(xb.shape[0], -1, *xb.shape[-2:])  # [B, T*C, H, W]: one box per sample, as for a video
-        # torchvision draws from torch's CPU generator: seeded from the batch's generator inside a fork,
-        # so the global CPU state is restored and no other device's generator is touched
-        seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item())
+        # torchvision draws from torch's CPU generator: seeded from the batch generator's seed (a host
+        # value: no device read) inside a fork, so the global CPU state is restored and no other
+        # device's generator is touched
+        base = g.initial_seed() if g is not None else torch.initial_seed()
+        seed = int(np.random.SeedSequence([base, 0x3C11]).generate_state(1, np.uint64)[0]) % 2**63
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             mixed, soft = self._choice(flat if flat.is_floating_point() else flat.float(), targets)
