@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_recovery import _Stop, _StopAt  # noqa: E402
 
 OPS = ["roll", "rotate", "shear", "nda", "nda_cutmix", "drop_random", "drop_time", "drop_area", "event_drop",
-       "crop", "hflip"]
+       "crop", "hflip", "mixup_cutmix", "temporal_delete"]
+MIXING = ["nda_cutmix", "mixup_cutmix"]  # the entries that mix samples (soft labels)
+BLENDS = ["mixup_cutmix"]  # MixUp blends two samples: values stay in the inputs' range, not 0/1
 
 
 def _events(kind: str, seed: int = 0) -> torch.Tensor:
@@ -30,6 +32,7 @@ def _events(kind: str, seed: int = 0) -> torch.Tensor:
 
 
 def _run(spec, events, seed=0, k=10):
+    spec = {"name": "temporal_delete", "keep": 2} if spec == "temporal_delete" else spec  # keep has no default
     aug = build_event_augment([spec], num_classes=k)
     targets = torch.arange(events.shape[1]) % k
     return aug(events.clone(), targets, batch_generator(events.device, seed, 0, 0))
@@ -44,16 +47,47 @@ def test_every_registered_operation_is_tested():
 def test_shape_and_values_stay_events(name, kind):
     x = _events(kind)
     y, t = _run(name, x)
-    assert y.shape == x.shape and y.dtype == x.dtype
-    if kind == "binary":
+    want = (2, *x.shape[1:]) if name == "temporal_delete" else x.shape  # keep=2 of T=4 frames
+    assert y.shape == want and y.dtype == x.dtype
+    if name in BLENDS:  # blends: a convex combination of two samples, in the inputs' range
+        assert y.min() >= 0 and y.max() <= x.max()
+    elif kind == "binary":
         assert set(torch.unique(y).tolist()) <= {0.0, 1.0}
     else:
         assert torch.equal(y, y.round()) and y.min() >= 0 and y.max() <= x.max()
     if name.startswith("drop") or name == "event_drop":
         assert (y <= x).all(), "drops only remove events"
         assert y.sum() < x.sum()
-    elif name not in ("crop", "hflip"):
+    elif name not in ("crop", "hflip", "temporal_delete"):
         assert not torch.equal(y, x), f"{name} changed nothing"
+    if name in MIXING:
+        assert t.shape == (6, 10) and t.dtype == torch.float32
+        torch.testing.assert_close(t.sum(1), torch.ones(6))
+        assert (t.max(1).values < 1).any(), f"{name} mixed no label"
+    else:
+        assert torch.equal(t, torch.arange(6) % 10), f"{name} changed the labels"
+
+
+def test_temporal_delete_keeps_whole_frames_in_order():
+    x = _events("counts")
+    chosen = set()
+    for seed in range(8):
+        y, _ = _run("temporal_delete", x, seed=seed)
+        kept = [i for j in range(2) for i in range(4) if torch.equal(y[j], x[i])]  # source frame of each output
+        assert len(kept) == 2 and kept[0] < kept[1], f"seed {seed}: frames {kept}, not two in time order"
+        chosen.add(tuple(kept))
+    assert len(chosen) > 1, "the kept frames are drawn"
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_each_operation_same_seed_same_batch_other_batch_other_draw(name):
+    """Determinism under a seed: the draws are a function of (seed, epoch, batch, rank) only."""
+    x = _events("counts")
+    a, ta = _run(name, x, seed=1)
+    b, tb = _run(name, x, seed=1)
+    assert torch.equal(a, b) and torch.equal(ta, tb)
+    others = [_run(name, x, seed=s) for s in (2, 3, 4)]
+    assert any(not torch.equal(a, o) for o, _ in others), f"{name}: the same draw for every seed"
 
 
 def test_geometric_policies_move_whole_pixels():
@@ -101,9 +135,23 @@ def test_config_forms_and_bad_entries():
         build_event_augment(["nda", {"name": "roll", "shift": 3}], 10)
     with pytest.raises(ValueError, match="p must be in"):
         build_event_augment([{"name": "roll", "p": 2}], 10)
+    with pytest.raises(ValueError, match=r"data.augment\[0\].*temporal_delete.*keep"):
+        build_event_augment(["temporal_delete"], 10)
+    assert build_event_augment(["mixup_cutmix"], 10).mixes
 
 
 # --------------------------------------------------------------------------- exact resume mid-epoch
+# every entry, so that each one's draws must come back exactly after the resume
+RESUME_SPEC = [{"name": "roll", "p": 0.5}, {"name": "rotate", "p": 0.3}, {"name": "shear", "p": 0.3}, "nda",
+               {"name": "crop", "padding": 1}, "hflip", {"name": "drop_random", "p": 0.5},
+               {"name": "drop_time", "max_ratio": 0.5}, {"name": "drop_area", "p": 0.5}, "event_drop",
+               {"name": "nda_cutmix", "p": 0.5}, "mixup_cutmix", {"name": "temporal_delete", "keep": 1}]
+
+
+def test_resume_spec_holds_every_operation():
+    assert sorted({e if isinstance(e, str) else e["name"] for e in RESUME_SPEC}) == sorted(OPS)
+
+
 class _Seen(L.Callback):
     """The (augmented) batches the model trained on, by global step."""
 
@@ -133,7 +181,7 @@ def _fit(root, data_root, ckpt_path=None, stop=None):
     L.seed_everything(5)
     dm = I2EDataModule(name="Tiny", path=str(data_root), data_dir=str(root / "cache"), num_classes=4,
                        resolution=[8, 8], timesteps=2, batch_size=8, num_workers=0, seed=5,
-                       augment=["nda", {"name": "nda_cutmix", "p": 0.5}, "event_drop"])
+                       augment=RESUME_SPEC)
     module = SNNClassifier(Net(), num_classes=4, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
     seen = _Seen()
     ckpts = root / "checkpoints"

@@ -236,3 +236,55 @@ def test_imagefolder_with_split_folders(tmp_path):
     assert labels.tolist() == [0, 0, 1, 1, 2, 2] and images.shape == (6, 3, *RES)
     train_images, _ = _first(dm.train_dataloader())
     assert train_images.shape == (8, 3, *RES)
+
+
+def _trainer_at(batch: int, epoch: int = 0, training: bool = True):
+    """What ``augment_batch`` reads of a Lightning trainer: mode, epoch, rank, batch index."""
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(current=SimpleNamespace(ready=batch))
+    return SimpleNamespace(training=training, current_epoch=epoch, max_epochs=3, global_rank=0, precision="32-true",
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+
+def test_online_mode_event_augmentation_runs_on_the_converted_batch(image_folder):
+    """data.augment in the online mode: the training batch is converted on the device, then goes
+    through the same data/event_augment.py pipeline (seeded by the trainer's position) as I2E and
+    real-recording batches; validation batches are not augmented."""
+    from i2e_train.data.event_augment import batch_generator, build_event_augment
+
+    fixed = dict(train_aug="none", encoder={"ratio": 0.07, "order": 4, "random_directions": False}, seed=7)
+    spec = ["nda", {"name": "nda_cutmix", "p": 1.0}, "event_drop"]
+    plain, aug = _dm(image_folder, **fixed), _dm(image_folder, augment=spec, **fixed)
+    plain.setup()
+    images, labels = _first(plain.train_dataloader())
+    plain.trainer = aug.trainer = _trainer_at(batch=2, epoch=1)
+    events, same_labels = plain.on_after_batch_transfer((images, labels))
+    assert same_labels is labels  # no augmentation: labels untouched
+    out, soft = aug.on_after_batch_transfer((images, labels))
+    want, want_soft = build_event_augment(spec, 3)(events.clone(), labels, batch_generator(events.device, 7, 1, 2))
+    assert torch.equal(out, want) and torch.equal(soft, want_soft) and not torch.equal(out, events)
+    assert set(out.unique().tolist()) <= {0.0, 1.0} and soft.shape == (8, 3)
+    torch.testing.assert_close(soft.sum(1), torch.ones(8))
+    again, _ = aug.on_after_batch_transfer((images, labels))
+    aug.trainer = _trainer_at(batch=3, epoch=1)
+    other, _ = aug.on_after_batch_transfer((images, labels))
+    assert torch.equal(again, out) and not torch.equal(other, out)
+    aug.trainer = _trainer_at(batch=2, epoch=1, training=False)
+    val, val_labels = aug.on_after_batch_transfer((images, labels))
+    assert torch.equal(val, aug.to_events(images, train=False)) and val_labels is labels
+
+
+def test_online_mode_mixup_then_event_augmentation(image_folder):
+    """mixup=true and a mixing event augmentation together: the batch carries the labels and the
+    soft targets of both mixes, which still sum to 1."""
+    dm = _dm(image_folder, train_aug="none", mixup=True, augment=["nda_cutmix"], seed=1,
+             encoder={"ratio": 0.07, "order": 4, "random_directions": False})
+    dm.setup()
+    images, labels = _first(dm.train_dataloader())
+    dm.trainer = _trainer_at(batch=0)
+    torch.manual_seed(0)
+    events, hard, soft = dm.on_after_batch_transfer((images, labels))
+    assert events.shape == (8, 8, 2, *RES) and hard is labels and soft.shape == (8, 3)
+    torch.testing.assert_close(soft.sum(1), torch.ones(8))
+    assert (soft.max(1).values < 1).any()

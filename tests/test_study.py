@@ -77,11 +77,17 @@ def test_missing_metric_names_what_the_run_has(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_demo_study_three_seeds_end_to_end(tmp_path, monkeypatch):
-    """`i2e-study study=demo seeds=[0,1,2]` for real (in-process): 6 training runs on I2E-Digits, the
-    table, and a re-run that trains nothing."""
+    """`i2e-study study=demo seeds=[0,1,2]` for real (in-process) at CI size: 6 training runs on
+    I2E-Digits of 2 batches each (the study's own 2 epochs per run take minutes: its output is in
+    docs/research.md), the table, and a re-run that trains nothing."""
     import time
 
-    cfg = _cfg(tmp_path, monkeypatch, "study=demo", "seeds=[0,1,2]")
+    short = ["experiment=demo", "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+             "+trainer.num_sanity_val_steps=0", "eval_after_fit=false", "~logger", "~callbacks.spike_stats",
+             "~callbacks.event_media"]
+    arg = "study.overrides=[" + ",".join(f"'{o}'" for o in short) + "]"
+    cfg = _cfg(tmp_path, monkeypatch, "study=demo", "seeds=[0,1,2]", arg)
+    assert list(cfg.study.overrides) == short and "data.augment=[nda]" in cfg.study.grid.augment.nda
     start = time.perf_counter()
     out = run_study(cfg)
     elapsed = time.perf_counter() - start

@@ -26,6 +26,9 @@ Operations (events [T, B, C, H, W]; one random draw per sample unless said other
   three drops, chosen per sample, as the paper does.
 * ``crop``, ``hflip`` -- random crop after zero padding and horizontal flip
   (:mod:`i2e_train.data.augment`).
+* ``mixup_cutmix``, ``temporal_delete`` -- the official scripts' options as entries:
+  torchvision's ``RandomChoice([CutMix, MixUp])`` on the event batch (MixUp blends, so 0/1 events
+  become fractions; labels soft), and ``--t_train`` (keep ``keep`` of the T frames, in order).
 
 Random numbers: every training batch gets its own generator on the batch's device, seeded by
 (the data seed, epoch, batch index in the epoch, rank), the same key the resumable training order
@@ -49,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from i2e_train.data.augment import EventAugment, random_crop, random_hflip
+from i2e_train.data.augment import EventAugment, random_crop, random_hflip, temporal_delete
 from i2e_train.naming import unknown_name
 
 __all__ = ["EventPipeline", "build_event_augment", "register_augment", "augment_batch", "batch_generator",
@@ -324,6 +327,60 @@ class HFlip(_Op):
 
     def __call__(self, events, targets, g):
         return random_hflip(events, self.p, generator=g, batch_dim=1), targets
+
+
+# --------------------------------------------------------------------------- the official options as entries
+@register_augment("mixup_cutmix")
+class MixUpCutMix(_Op):
+    """The official scripts' ``v2.RandomChoice([v2.CutMix(), v2.MixUp()])`` (torchvision's own
+    transforms) on the event batch: per batch one of CutMix (one box for the whole batch, taken
+    from the previous sample, ``batch.roll(1)``) or MixUp (a blend with the previous sample, so
+    0/1 events become fractions); labels mixed by torchvision (soft targets, summing to 1). Unlike
+    ``data.mixup`` of the online mode it has no 2/3-of-the-epochs schedule: it mixes every batch.
+    torchvision draws its choice, lambda and box on the host (from the batch generator's seed, no
+    device read); the mixing itself runs on the batch's device."""
+
+    mixes = True
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        super().__init__(1.0)
+        if float(alpha) <= 0:
+            raise ValueError(f"mixup_cutmix: alpha must be > 0, got {alpha!r}")
+        self.alpha = float(alpha)
+        from torchvision.transforms import v2
+
+        self._choice = v2.RandomChoice([v2.CutMix(alpha=self.alpha), v2.MixUp(alpha=self.alpha)])  # built once
+
+    def __repr__(self) -> str:
+        return f"MixUpCutMix(alpha={self.alpha!r})"
+
+    def __call__(self, events, targets, g):
+        xb = events.movedim(1, 0)  # [B, T, C, H, W]
+        flat = xb.reshape(xb.shape[0], -1, *xb.shape[-2:])  # [B, T*C, H, W]: one box per sample, as for a video
+        # torchvision draws from torch's CPU generator: seeded from the batch generator's seed (a host
+        # value: no device read) inside a fork, so the global CPU state is restored and no other
+        # device's generator is touched
+        base = g.initial_seed() if g is not None else torch.initial_seed()
+        seed = int(np.random.SeedSequence([base, 0x3C11]).generate_state(1, np.uint64)[0]) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            mixed, soft = self._choice(flat if flat.is_floating_point() else flat.float(), targets)
+        return mixed.reshape(xb.shape).movedim(0, 1).to(events.dtype), soft
+
+
+@register_augment("temporal_delete")
+class TemporalDeleteEntry(_Op):
+    """The official ``--t_train``: keep ``keep`` of the T frames, drawn for the whole batch and kept
+    in time order (:func:`i2e_train.data.augment.temporal_delete`; T becomes ``keep``)."""
+
+    def __init__(self, keep: int) -> None:
+        super().__init__(1.0)
+        if int(keep) < 1:
+            raise ValueError(f"temporal_delete: keep (frames kept) must be >= 1, got {keep!r}")
+        self.keep = int(keep)
+
+    def __call__(self, events, targets, g):
+        return temporal_delete(events, self.keep, generator=g, time_dim=0), targets
 
 
 # --------------------------------------------------------------------------- the pipeline

@@ -56,6 +56,7 @@ from i2e_train.data.base import (
     as_size,
     resolve_info,
 )
+from i2e_train.data.event_augment import augment_batch, build_event_augment
 from i2e_train.data.preprocess import check_interpolation, preprocess_image, to_rgb, to_uint8
 from i2e_train.data.sources import (
     BadImageError,
@@ -351,6 +352,10 @@ class ImageDataModule(EventDataModule):
         mixup: the official ``--mixup``: ``v2.RandomChoice([CutMix, MixUp])`` on the training
             images (float, before the converter) while ``epoch <= max_epochs * 2 / 3``; batches
             then carry soft targets [B, K] as a third element (loss on them, accuracy on the labels).
+        augment: event augmentation of the converted training batches on the device, after the
+            converter (and after ``mixup`` when both are on): a list of ``data/event_augment.py``
+            entries (e.g. ``[nda, event_drop]``), seeded per batch like the other DataModules;
+            None = none. The image-space augmentation above (``train_aug``) is unchanged.
     """
 
     collate_fn = collate_images
@@ -388,6 +393,7 @@ class ImageDataModule(EventDataModule):
         interpolation: str = "bilinear",
         train_conversion: str = "autocast",
         mixup: bool = False,
+        augment: Any = None,
     ) -> None:
         _check_settings(source, source_type, train_aug, aug_family, pad_mode, hflip, crop_padding)
         self.interpolation = check_interpolation(interpolation, "data.interpolation")
@@ -403,6 +409,7 @@ class ImageDataModule(EventDataModule):
                          num_workers, pin_memory, drop_last, seed)
         self.encoder = _encoder_for(encoder, self.info)
         self._mixup_op = mixup_choice(self.num_classes) if self.mixup else None  # built once, used every batch
+        self.augment = build_event_augment(augment, self.num_classes)  # on the events, after the converter
         self.name, self.source, self.source_type, self.hf_config = name, str(source), source_type, hf_config
         self.data_dir = Path(data_dir)
         self.train_split, self.val_split = train_split, val_split
@@ -598,5 +605,6 @@ class ImageDataModule(EventDataModule):
 
             floats = to_dtype(images, torch.float32, scale=True)  # the official ToDtype, then the mix
             mixed, soft = mixup_cutmix(floats, targets, self.num_classes, op=self._mixup_op)
-            return self.to_events(mixed, True), targets, soft
-        return self.to_events(images, train), targets
+            events, soft = augment_batch(self, self.to_events(mixed, True), soft)  # [T, B, 2, H, W], [B, K]
+            return events, targets, soft
+        return augment_batch(self, self.to_events(images, train), targets)  # event augmentation: training only

@@ -28,6 +28,9 @@ architectures that need the search's arguments), the parametric-LIF nets (one fi
 data set: classifier sized for one sensor, class count fixed by a voting layer),
 ``spikformer_cifar10`` (a fixed 3-channel, 32x32 builder: use ``sj/spikformer`` with its CIFAR
 settings).
+
+Registered but without a small layout (:data:`NO_SMALL_LAYOUT` says why): the spiking VGGs, whose
+builders fix torchvision's 120 M-parameter classifier; they train like the others, at their size.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from torch import nn
 from .lif import LIFNode
 from .registry import register_model
 
-__all__ = ["SJNet", "ZOO", "NOT_APPLICABLE", "ZooEntry"]
+__all__ = ["SJNet", "ZOO", "NOT_APPLICABLE", "NO_SMALL_LAYOUT", "ZooEntry"]
 
 _PKG = "spikingjelly.activation_based.model."
 NEURON_KEYS = ("tau", "v_threshold", "v_reset", "decay_input", "detach_reset", "surrogate", "surrogate_alpha")
@@ -119,6 +122,15 @@ NOT_APPLICABLE: dict[str, str] = {
     "spikformer.spikformer_cifar10": "fixed 3 input channels and 32x32 in the builder: sj/spikformer with "
                             "++model.patch_size=4 ++model.embed_dims=384 ++model.num_heads=12 is the same network "
                             "for events",
+}
+
+
+# Registered networks without a small layout: they train like the others, but no width argument
+# makes them CPU-test sized (tests/test_sj_zoo.py runs every other family through a pipeline).
+NO_SMALL_LAYOUT: dict[str, str] = {
+    "spiking_vgg": "the builders fix torchvision's classifier (512*7*7 -> 4096 -> 4096 -> K after a 7x7 adaptive "
+                   "pool: 120 M of the 129 M parameters of sj/spiking_vgg11, whatever the input size); the tests "
+                   "run the smallest forward / backward with a strict reload, not a whole pipeline",
 }
 
 
