@@ -14,6 +14,7 @@ and norm weights from weight decay; ``CosineLRScheduler`` stepped per epoch, whi
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -67,7 +68,8 @@ class SNNClassifier(LightningModule):
             format, the fast layout for tensor cores. The float sums run in another order, so
             membrane values differ in the last bits and spikes right at threshold may flip.
         compile: run the network through ``torch.compile`` (the parameters and state-dict keys
-            stay those of the plain network).
+            stay those of the plain network); the compiled forward is the plain one, without the
+            memory mode (a warning says so).
         eval_autocast: run validation / test under the trainer's mixed precision. False
             (default, the official scripts: their ``validate`` has no autocast) runs the network
             in float32 there, whatever the trainer's precision.
@@ -123,6 +125,13 @@ class SNNClassifier(LightningModule):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.compile and self._compiled is None:
+            if self.memory != "none":
+                warnings.warn(
+                    f"module.compile=true: the compiled network runs its plain forward, memory mode {self.memory!r} "
+                    "does not apply (autograd keeps what the compiled graph saves); set module.compile=false to "
+                    "keep it",
+                    stacklevel=2,
+                )
             # Not registered as a submodule: checkpoints keep the plain network's keys.
             object.__setattr__(self, "_compiled", torch.compile(self.model))
 

@@ -173,3 +173,70 @@ def test_forward_on_fake_cuda_never_synchronises(mode):
         x = torch.zeros(2, 2, 2, 16, 16, device="cuda")
         out = model(x)
         assert out.shape == (2, 10) and out.device.type == "cuda"
+
+
+def test_compile_says_it_runs_the_plain_forward():
+    from i2e_train.module import SNNClassifier
+
+    module = SNNClassifier(UserNet(), num_classes=10, compile=True)
+    with pytest.warns(UserWarning, match="plain forward, memory mode 'bits' does not apply"):
+        module.configure_model()
+    quiet = SNNClassifier(UserNet(), num_classes=10, compile=True, memory="none")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.configure_model()
+
+
+def test_engine_off_without_gradients_and_on_the_cpu_layer(monkeypatch):
+    """No tape under no_grad; MS-ResNet on CPU runs its CPU layer, the engine only when forced."""
+    from i2e_train.models import recompute
+
+    seen = []
+    real_start = recompute.start
+    monkeypatch.setattr(recompute, "start", lambda x, owner: seen.append(True) or real_start(x, owner))
+    model = create_model("ms_resnet_tiny", num_classes=10)
+    set_memory(model, "bits")
+    x = _events(32)
+    with torch.no_grad():
+        model(x)
+    model(x)
+    assert seen == [] and recompute.active() is None  # CPU layer: the engine never started
+    monkeypatch.setattr(bitpack, "FORCE_TORCH", True)
+    model(x).sum().backward()
+    assert seen == [True] and recompute.active() is None  # started once, stopped after the forward
+
+
+class InPlaceNet(nn.Module):
+    """Spikes and a batch norm's output written in place before they are saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.sn1 = layer.Conv2d(2, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), _lif()
+        self.conv2, self.bn2, self.sn2 = layer.Conv2d(8, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), _lif()
+        self.fc = layer.Linear(8 * 16 * 16, 10)
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):  # [T, B, 2, 16, 16] -> [B, 10]
+        functional.reset_net(self)
+        s = self.sn1(self.bn1(self.conv1(x)))
+        s += x[:, :, :1]  # spikes + events: values 0, 1, 2 in the spikes' storage
+        h = self.bn2(self.conv2(s))
+        h.mul_(1.5)  # a recomputable output changed in place
+        out = self.fc(self.sn2(h).flatten(2)).mean(0)
+        functional.reset_net(self)
+        return out
+
+
+def test_tensors_written_in_place_are_kept_as_they_are(torch_path):
+    def train(mode):
+        torch.manual_seed(0)
+        model = InPlaceNet()
+        set_memory(model, mode)
+        loss = F.cross_entropy(model(_events(16)), torch.tensor([1, 7]))
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    (la, ga), (lb, gb) = train("none"), train("bits")
+    assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(ga, gb))

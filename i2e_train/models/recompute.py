@@ -204,7 +204,7 @@ class _Tape:
     """The engine's book of one forward: storage -> node, the layers running now, the hooks."""
 
     def __init__(self) -> None:
-        self.nodes: dict[StorageWeakRef, tuple[StorageWeakRef, _Node]] = {}
+        self.nodes: dict[StorageWeakRef, tuple[StorageWeakRef, _Node, int]] = {}  # + version when added
         self.layers: list[tuple[nn.Module, torch.dtype | None]] = []  # running now, autocast dtype
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
 
@@ -215,12 +215,14 @@ class _Tape:
         hit = self.nodes.get(ref)
         if hit is None or hit[0].expired():  # a freed storage whose address came back
             return None
+        if t._version != hit[2]:  # written in place since: the node no longer describes it
+            return None
         return hit[1]
 
     def add(self, t: torch.Tensor, node: _Node) -> None:
         ref = StorageWeakRef(t.untyped_storage())
         if self.find(t) is None:  # the first (innermost) layer that made a storage describes it
-            self.nodes[ref] = (ref, node)
+            self.nodes[ref] = (ref, node, t._version)
 
     def pack(self, t: torch.Tensor) -> Any:
         node = self.find(t)
