@@ -204,7 +204,7 @@ def _kept(spec: dict, variant: str, device, x, y) -> dict:
     out = {}
     for name, dtype in (("kept_fp32_mib", None), ("kept_bf16_mib", torch.bfloat16)):
         model = _build(spec, variant, device, x)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
         with _path(variant), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out[name] = kept_bytes(lambda: torch.nn.functional.cross_entropy(model(x), y), params) / 2**20
     return out

@@ -240,3 +240,15 @@ def test_tensors_written_in_place_are_kept_as_they_are(torch_path):
 
     (la, ga), (lb, gb) = train("none"), train("bits")
     assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(ga, gb))
+
+
+def test_cpu_layer_hands_autocast_to_the_engine():
+    """The MS-ResNet CPU layer runs float32 only: under bf16 autocast the engine keeps the bits."""
+    torch.manual_seed(0)
+    model = create_model("ms_resnet_tiny", num_classes=10)  # fast CPU kernels on
+    set_memory(model, "bits")
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    fp32 = kept_bytes(lambda: model(_events(32, 4)), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = kept_bytes(lambda: model(_events(32, 4)), params)
+    assert bf16 <= fp32

@@ -93,7 +93,8 @@ def set_memory(model: nn.Module, mode: str) -> int:
     Installs, once, the forward hooks of the engine (:mod:`i2e_train.models.recompute`) on the
     network, its recomputable layers and its binary spiking neurons; ``"none"`` leaves them
     idle. Blocks of our own family (:class:`MemoryModeMixin`) run their CPU layer when the input
-    is on CPU (and :data:`bitpack.FORCE_TORCH` is off), the engine elsewhere. Returns how many
+    is on CPU (float32: not under autocast, and :data:`bitpack.FORCE_TORCH` off), the engine
+    elsewhere. Returns how many
     layers take part.
     """
     mode = check_memory_mode(mode)
@@ -127,7 +128,8 @@ def _root_pre(model: nn.Module, args: tuple) -> None:
     if mode == "none":
         return
     x = args[0] if args else None
-    cpu_layer = model._i2e_cpu_layer and isinstance(x, torch.Tensor) and x.device.type == "cpu" and not bitpack.FORCE_TORCH
+    cpu_layer = (model._i2e_cpu_layer and isinstance(x, torch.Tensor) and x.device.type == "cpu"
+                 and not bitpack.FORCE_TORCH and not torch.is_autocast_enabled("cpu"))  # fmt: skip
     if model._i2e_cpu_layer:
         _set_internal(model, mode if cpu_layer else ("checkpoint" if mode == "bits+checkpoint" else "engine"))
     if not cpu_layer:

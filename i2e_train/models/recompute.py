@@ -180,6 +180,41 @@ class _Layer(_Node):
             return _storage_view(self.layer(x))
 
 
+class _Sum(_Node):
+    """``a + b`` of two cheap nodes (spikes, sums of spikes, the input): e.g. SEW-ResNet's ADD
+    connection, whose values (0, 1, 2, ...) are not bits; recomputed by the same addition."""
+
+    def __init__(self, a: _Node, a_geometry: tuple, b: _Node, b_geometry: tuple):
+        self.a, self.a_geometry, self.b, self.b_geometry = a, a_geometry, b, b_geometry
+
+    def value(self) -> torch.Tensor:
+        return _storage_view(self.a.value().as_strided(*self.a_geometry) + self.b.value().as_strided(*self.b_geometry))
+
+
+def _cheap(node: _Node | None) -> bool:
+    """A node whose value costs no layer to recompute."""
+    return isinstance(node, (_Bits, _Held, _Sum)) and (not isinstance(node, _Bits) or node.packed is not None)
+
+
+_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+
+
+class _Sums(torch.overrides.TorchFunctionMode):
+    """Watches the forward's additions: the sum of two cheap nodes becomes a :class:`_Sum`."""
+
+    def __init__(self, tape: "_Tape"):
+        super().__init__()
+        self.tape = tape
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _ADDS and not kwargs and len(args) == 2 and active() is self.tape:
+            a, b = args
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and isinstance(out, torch.Tensor):
+                self.tape.add_sum(a, b, out)
+        return out
+
+
 class _Cast(_Node):
     """A half-precision copy of a tensor the step holds anyway (a parameter, the input)."""
 
@@ -224,6 +259,14 @@ class _Tape:
         if self.find(t) is None:  # the first (innermost) layer that made a storage describes it
             self.nodes[ref] = (ref, node, t._version)
 
+    def add_sum(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+        na, nb = self.find(a), self.find(b)
+        for node, t in ((na, a), (nb, b)):
+            if isinstance(node, _Bits) and node.packed is None:
+                node.pack(t)
+        if _cheap(na) and _cheap(nb) and out.is_floating_point() and self.find(out) is None:
+            self.add(out, _Sum(na, _geometry(a), nb, _geometry(b)))
+
     def pack(self, t: torch.Tensor) -> Any:
         node = self.find(t)
         if node is None and self.layers and t.is_floating_point():
@@ -242,6 +285,10 @@ class _Tape:
         if t.dtype == dtype and t.numel() == weight.numel() and weight.is_contiguous():
             return _Cast(weight, dtype)  # the weight, or its transpose (linear)
         return None
+
+
+def _geometry(t: torch.Tensor) -> tuple:
+    return t.size(), t.stride(), t.storage_offset()
 
 
 def _unpack(saved: Any) -> torch.Tensor:
@@ -279,6 +326,8 @@ def start(x: Any, owner: nn.Module) -> bool:
         tape.add(x, _Held(x))
     _local.tape = tape
     tape.hooks.__enter__()
+    tape.sums = _Sums(tape)
+    tape.sums.__enter__()
     return True
 
 
@@ -287,6 +336,7 @@ def stop(owner: nn.Module) -> None:
     tape = getattr(_local, "tape", None)
     if tape is not None and tape.owner is owner:
         _local.tape = None
+        tape.sums.__exit__(None, None, None)
         tape.hooks.__exit__(None, None, None)
 
 
