@@ -1,37 +1,31 @@
-"""Training memory of the spiking networks: what is kept for the backward pass, and how.
+"""Training memory of any spiking network: what is kept for the backward pass, and how.
 
 One switch per network, :func:`set_memory` (``SNNClassifier(memory=...)``, ``module.memory`` in
-the configs), with three modes. Every mode gives the same losses and gradients, to the bit, as
-``"none"`` (``tests/test_memory.py`` compares them with ``torch.equal``); they trade memory for
-recomputation:
+the configs), for any ``nn.Module``, with three modes. Every mode gives the same losses and
+gradients, to the bit, as ``"none"`` (``tests/test_memory.py``, ``tests/test_memory_any_net.py``
+compare them with ``torch.equal``); they trade memory for recomputation:
 
-* ``"none"``: what autograd keeps by default (each LIF's charged membrane H, each convolution's
-  input spikes as float32, each batch norm's input, max-pooling indices).
-* ``"bits"`` (the default of ``SNNClassifier``):
-  - the input of every convolution fed by a neuron, and of the classifier, is saved as bits
-    (:mod:`i2e_train.models.bitpack`, 1 bit per spike instead of 32), the network input too
-    when it holds only 0 and 1 (events); unpacked in the backward;
-  - a downsampling block's first neuron and its downsampling neuron, which read the same input,
-    keep that input once instead of one H each (:class:`~i2e_train.models.lif.LIFNode`
-    ``save_input``); their backward recomputes H in cache;
-  - ``bn -> LIF`` inside a block keeps only the batch norm's input (:func:`bn_fire`): its output
-    (the LIF input) is recomputed in the backward by the very same batch-norm call, running
-    statistics untouched;
-  - max pooling keeps only its argmax, as int8 window offsets;
-  - the stem on events keeps only the events as bits and its pooling argmax: its convolution and
-    batch norm run again in the backward, which never holds the whole gradient of the batch
-    norm's output (:mod:`i2e_train.models.event_stem`, CPU fast path).
-* ``"bits+checkpoint"``: ``"bits"``, and every residual block keeps only its input: its forward
-  runs again in the backward (:func:`checkpointed`), as does the stem's convolution and batch
-  norm from the bit-packed events where the fused stem does not run (CUDA, plain layers). About
-  one more forward pass per step.
+* ``"none"``: what autograd keeps by default.
+* ``"bits"`` (the default of ``SNNClassifier``): the memory engine
+  (:mod:`i2e_train.models.recompute`) keeps spikes as bits, recomputes in the backward the
+  outputs of layers fed by spikes (convolution, linear, batch norm, pooling), and our LIF from its
+  input; under autocast it casts spike inputs and weights itself, so nothing is lost there.
+* ``"bits+checkpoint"``: ``"bits"``, and every residual block of the MS-ResNet family keeps only
+  its input: its forward runs again in the backward (:func:`checkpointed`). About one more
+  forward pass per step. Other networks: as ``"bits"``.
+
+On CPU, in float32, the MS-ResNet family runs its **CPU layer** instead of the engine: its blocks
+(:class:`MemoryModeMixin`) use fused numba paths that keep the same kind of things (the input
+of every convolution fed by a neuron as bits, ``bn -> LIF`` keeping only the batch norm's input,
+:func:`bn_fire`; int8 max-pooling offsets; the event stem keeping only the events as bits and the
+pooling argmax, :mod:`i2e_train.models.event_stem`) faster there. ``bitpack.FORCE_TORCH = True``
+runs the engine on CPU too.
 
 Recomputed regions use PyTorch's non-reentrant checkpointing, so the backward graph is the one
 of the plain network (the same gradient accumulation order); a region's batch-norm running
-statistics and neuron states are put back after its recomputation (:class:`_Recompute`), and it
-starts from the neuron states its forward started from. Forward hooks of the modules in a region
-run again when it is recomputed. Under ``torch.no_grad`` and ``torch.compile`` every mode runs
-the plain forward; under autocast, convolution inputs are kept as autocast keeps them.
+statistics and neuron states are put back after its recomputation, and it starts from the neuron
+states its forward started from. Forward hooks of the modules in a region run again when it is
+recomputed. Under ``torch.no_grad`` and ``torch.compile`` every mode runs the plain forward.
 """
 
 from __future__ import annotations

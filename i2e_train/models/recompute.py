@@ -191,8 +191,15 @@ class _Sum(_Node):
         return _storage_view(self.a.value().as_strided(*self.a_geometry) + self.b.value().as_strided(*self.b_geometry))
 
 
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten)  # fmt: skip
+
+
 def _cheap(node: _Node | None) -> bool:
-    """A node whose value costs no layer to recompute."""
+    """A node whose value costs no convolution or batch norm to recompute (spikes, the input,
+    their sums and poolings)."""
+    if isinstance(node, _Layer):
+        return isinstance(node.layer, _POOLS) and _cheap(node.source)
     return isinstance(node, (_Bits, _Held, _Sum)) and (not isinstance(node, _Bits) or node.packed is not None)
 
 
