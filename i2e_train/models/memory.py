@@ -30,7 +30,8 @@ recomputed. Under ``torch.no_grad`` and ``torch.compile`` every mode runs the pl
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

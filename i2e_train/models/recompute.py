@@ -32,15 +32,16 @@ engine is off under ``torch.no_grad`` and inside ``torch.compile`` (the plain fo
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from spikingjelly.activation_based import layer as sj_layer
 from spikingjelly.activation_based import neuron as sj_neuron
+from spikingjelly.activation_based.base import MemoryModule
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import checkpoint
-from spikingjelly.activation_based.base import MemoryModule
 
 from . import bitpack
 
@@ -88,7 +89,7 @@ class _Recompute:
         self.norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.at_forward = [dict(m._memories) for m in self.neurons]
 
-    def __enter__(self) -> "_Recompute":
+    def __enter__(self) -> _Recompute:
         self.paused = paused()
         self.paused.__enter__()
         self.states = [dict(m._memories) for m in self.neurons]
@@ -101,7 +102,7 @@ class _Recompute:
                     m._buffers[name] = b.clone()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for m, states in zip(self.neurons, self.states):
             m._memories.update(states)
         for m, buffers in zip(self.norms, self.buffers):
@@ -209,7 +210,7 @@ _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd_
 class _Sums(torch.overrides.TorchFunctionMode):
     """Watches the forward's additions: the sum of two cheap nodes becomes a :class:`_Sum`."""
 
-    def __init__(self, tape: "_Tape"):
+    def __init__(self, tape: _Tape):
         super().__init__()
         self.tape = tape
 
@@ -235,7 +236,7 @@ class _Cast(_Node):
 class _Saved:
     """What the pack hook keeps for one saved tensor: its node and its view geometry."""
 
-    __slots__ = ("node", "size", "stride", "offset", "requires_grad")
+    __slots__ = ("node", "offset", "requires_grad", "size", "stride")
 
     def __init__(self, node: _Node, t: torch.Tensor):
         self.node, self.size, self.stride, self.offset = node, t.size(), t.stride(), t.storage_offset()
@@ -318,7 +319,7 @@ class paused:
         self.before = getattr(_local, "paused", False)
         _local.paused = True
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         _local.paused = self.before
 
 
