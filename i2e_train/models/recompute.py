@@ -31,6 +31,7 @@ engine is off under ``torch.no_grad`` and inside ``torch.compile`` (the plain fo
 
 from __future__ import annotations
 
+import abc
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -134,12 +135,12 @@ def checkpointed(fn: Callable[..., torch.Tensor], args: tuple, modules: Iterable
 
 
 
-class _Node:
+class _Node(abc.ABC):
     """How to get a storage's content back in the backward: ``value()`` -> a flat tensor over the
     whole storage (the saved tensor is then a view of it at its own size, stride and offset)."""
 
-    def value(self) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def value(self) -> torch.Tensor: ...
 
 
 class _Held(_Node):
@@ -174,8 +175,7 @@ class _Layer(_Node):
         self.layer, self.source, self.geometry, self.autocast = layer, source, geometry, autocast
 
     def value(self) -> torch.Tensor:
-        size, stride, offset = self.geometry
-        x = self.source.value().as_strided(size, stride, offset)
+        x = self.source.value().as_strided(*self.geometry)
         device, dtype, enabled = self.autocast
         with torch.no_grad(), _Recompute([self.layer]), torch.autocast(device, dtype, enabled=enabled):
             return _storage_view(self.layer(x))
@@ -236,20 +236,22 @@ class _Cast(_Node):
 class _Saved:
     """What the pack hook keeps for one saved tensor: its node and its view geometry."""
 
-    __slots__ = ("node", "offset", "requires_grad", "size", "stride")
+    __slots__ = ("geometry", "node")
 
     def __init__(self, node: _Node, t: torch.Tensor):
-        self.node, self.size, self.stride, self.offset = node, t.size(), t.stride(), t.storage_offset()
-        self.requires_grad = t.requires_grad
+        self.node, self.geometry = node, _geometry(t)
 
 
 class _Tape:
-    """The engine's book of one forward: storage -> node, the layers running now, the hooks."""
+    """The engine's book of one forward: storage -> node, the layers running now, the hooks and
+    the watch on additions."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner  # the network whose forward this is
         self.nodes: dict[StorageWeakRef, tuple[StorageWeakRef, _Node, int]] = {}  # + version when added
         self.layers: list[tuple[nn.Module, torch.dtype | None]] = []  # running now, autocast dtype
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
+        self.sums = _Sums(self)
 
     def find(self, t: torch.Tensor) -> _Node | None:
         if not isinstance(t, torch.Tensor) or t.is_sparse:
@@ -302,7 +304,7 @@ def _geometry(t: torch.Tensor) -> tuple:
 def _unpack(saved: Any) -> torch.Tensor:
     if not isinstance(saved, _Saved):
         return saved
-    return saved.node.value().as_strided(saved.size, saved.stride, saved.offset)
+    return saved.node.value().as_strided(*saved.geometry)
 
 
 def active() -> _Tape | None:
@@ -328,13 +330,11 @@ def start(x: Any, owner: nn.Module) -> bool:
     False when it is already running (``owner`` is inside another network) or has nothing to do."""
     if getattr(_local, "tape", None) is not None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    tape = _Tape()
-    tape.owner = owner
+    tape = _Tape(owner)
     if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
         tape.add(x, _Held(x))
     _local.tape = tape
     tape.hooks.__enter__()
-    tape.sums = _Sums(tape)
     tape.sums.__enter__()
     return True
 
@@ -398,7 +398,7 @@ def layer_post(module: nn.Module, args: tuple, out: Any) -> None:
     if StorageWeakRef(out.untyped_storage()) == StorageWeakRef(x.untyped_storage()):
         return  # in place / a view of the input: not a new storage
     autocast = _autocast_state(x.device.type)
-    tape.add(out, _Layer(module, source, (x.size(), x.stride(), x.storage_offset()), autocast))
+    tape.add(out, _Layer(module, source, _geometry(x), autocast))
 
 
 def user_hooks(*modules: nn.Module) -> bool:
