@@ -6,20 +6,29 @@ writing leaves the previous good file, or nothing, never a half-written one. A t
 only ever removed by its owner, or by the next write of the same target when it is provably
 dead: written on this host by a process that no longer exists. Another live writer's file (a
 second process, another host on a shared filesystem) is never touched.
+
+:func:`exclusive_lock` keeps a folder to one writer at a time: an advisory ``fcntl.flock`` on a
+lock file that records its owner (host, pid, start time and what the caller adds), so a refused
+second writer can name the running one.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "temporary_name",
-           "remove_stale_temporaries"]
+           "remove_stale_temporaries", "exclusive_lock", "LockHeld"]
+
+log = logging.getLogger(__name__)
 
 
 def _host() -> str:
@@ -115,3 +124,106 @@ def atomic_write_text(path: str | os.PathLike, text: str, durable: bool = False)
 
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int = 2, durable: bool = False) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=indent) + "\n", durable)
+
+
+# =========================================================================== one writer per folder
+class LockHeld(RuntimeError):
+    """Another live process holds the lock ``path``; ``owner`` is its record ({} when unreadable)."""
+
+    def __init__(self, path: Path, owner: dict, enforced: bool = True) -> None:
+        self.path, self.owner, self.enforced = path, owner, enforced
+        super().__init__(f"{path} is held by {describe_owner(owner)}")
+
+
+def describe_owner(owner: dict) -> str:
+    """"pid 123 on host h, started 2026-01-02T03:04:05+0100" from a lock record (any content:
+    shown printable and short)."""
+    if not owner.get("pid"):
+        return "another process (its owner record is not written yet or unreadable)"
+
+    def shown(value: Any) -> str:
+        return re.sub(r"[^\x20-\x7e]", "?", str(value))[:80]
+
+    return f"pid {shown(owner.get('pid'))} on host {shown(owner.get('host'))}, started {shown(owner.get('started'))}"
+
+
+def _read_owner(fd: int) -> dict:
+    """The record in a lock file: untrusted, only shown in messages (non-JSON or a non-object: {})."""
+    try:
+        data = json.loads(os.pread(fd, 1 << 20, 0).decode("utf-8") or "{}")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _flock_or_record(fd: int, path: Path, blocking: bool) -> bool:
+    """Take the flock on ``fd`` (False: a filesystem without flock; True: held). LockHeld when a
+    live process holds it."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        raise LockHeld(path, _read_owner(fd)) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    owner = _read_owner(fd)  # no flock here (some network filesystems): judge by the record
+    pid = owner.get("pid")
+    alive = isinstance(pid, int) and pid > 0 and (owner.get("host") != socket.gethostname() or _pid_alive(pid))
+    if alive and not blocking:
+        raise LockHeld(path, owner, enforced=False)
+    log.warning("%s: this filesystem does not support file locks (flock); only the owner record in the lock "
+                "file keeps a second writer out", path)
+    return False
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, record: dict[str, Any] | None = None,
+                   blocking: bool = False) -> Iterator[dict]:
+    """Hold an exclusive advisory lock on ``path`` (created, never followed as a symlink) while
+    the block runs; its content names the owner: host, pid, start time and ``record``.
+
+    Raises :class:`LockHeld` (naming the owner) when another live process holds it, unless
+    ``blocking`` (then waits). Yields the record of an earlier owner that died holding it ({}
+    when there was none): the kernel drops the flock of a dead process, and its file is left
+    behind. On release the file is removed. Hand-written on ``fcntl.flock`` because the
+    ``filelock`` package records no owner a refused process could name.
+    """
+    path = Path(path)
+    while True:
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags, 0o644)
+        try:
+            locked = _flock_or_record(fd, path, blocking)
+            st = os.stat(path, follow_symlinks=False)  # released and removed meanwhile: lock the new file
+            if (st.st_ino, st.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev):
+                break
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        previous = _read_owner(fd)
+        if previous:
+            log.warning("%s: taking over the lock left by %s, which ended without releasing it", path,
+                        describe_owner(previous))
+        mine = {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(record or {})}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(mine, indent=1).encode("utf-8"), 0)
+        yield previous
+    finally:
+        try:
+            os.unlink(path)  # still held: a process that opened it before now finds it gone and retries
+        except FileNotFoundError:
+            pass
+        finally:
+            if locked:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
