@@ -380,7 +380,8 @@ def test_missing_split_listed_by_the_convert_manifest_is_an_error(tmp_path):
 
     _data(tmp_path, name="MY-I2E", card=False, splits=("train",))
     (tmp_path / "MY-I2E" / "convert-manifest.json").write_text(json.dumps(
-        {"splits": {"train": {"shards": 3, "done": {}}, "validation": {"shards": 1, "done": {}}}}))
+        {"format": 1, "tool": "i2e-convert", "config": "MY-I2E", "params": {},
+         "splits": {"train": {"count": 30, "shards": 3, "done": {}}, "validation": {"count": 5, "shards": 1, "done": {}}}}))
     from i2e_train.data import I2EDataModule
 
     dm = I2EDataModule(name="MY-I2E", path=str(tmp_path), data_dir=str(tmp_path / "c"), num_workers=0,

@@ -12,12 +12,11 @@ local.yaml`` fills num_classes, resolution, timesteps, ratio and order from here
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 from i2e_train.data.base import DatasetUnavailableError
-from i2e_train.data.writer import MANIFEST, CardError, read_card
+from i2e_train.data.writer import MANIFEST, CardError, ManifestError, read_card, read_manifest
 
 __all__ = ["LocalFacts", "LocalDataError", "local_facts", "local_fact", "own_data"]
 
@@ -78,11 +77,9 @@ def local_facts(path: str | Path, name: str | None = None) -> LocalFacts:
         raise LocalDataError(f"{manifest} not found: the card lists config {config!r} but its i2e-convert manifest "
                              "is missing (copy the whole output folder, or convert again)")
     try:
-        params = json.loads(manifest.read_text(encoding="utf-8")).get("params")
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise LocalDataError(f"{manifest}: unreadable ({exc})") from None
-    if not isinstance(params, dict):
-        raise LocalDataError(f"{manifest}: no 'params' object (not written by i2e-convert?)")
+        params = read_manifest(manifest)["params"]  # checked against the schema i2e-convert writes
+    except ManifestError as exc:
+        raise LocalDataError(f"{exc}; convert {config} again") from None
     missing = [k for k in _KEYS if params.get(k) is None]
     if missing:
         raise LocalDataError(f"{manifest}: params lack {', '.join(repr(k) for k in missing)}; data=local needs "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import logging
 import os
 import re
@@ -21,7 +20,7 @@ import pyarrow as pa
 import yaml
 
 from i2e_train.data.base import DataFileError, DatasetUnavailableError
-from i2e_train.data.writer import MANIFEST, SHARD_RE, shard_name
+from i2e_train.data.writer import MANIFEST, SHARD_RE, ManifestError, read_manifest, shard_name
 
 __all__ = ["find_data_files", "check_parquet_files", "check_complete", "listed_splits", "files_fingerprint",
            "ChunkedColumn", "COLUMNS"]
@@ -190,6 +189,19 @@ def find_data_files(path: str | Path, name: str) -> dict[str, list[str]]:
     return found
 
 
+def _recorded_splits(path: str | Path, name: str) -> tuple[Path, dict]:
+    """The ``i2e-convert`` manifest of config ``name`` under ``path`` and its checked ``splits``
+    ({} without a manifest). DataFileError names a manifest that is not one."""
+    manifest = Path(path) / name / MANIFEST
+    if not manifest.is_file():
+        return manifest, {}
+    try:
+        return manifest, read_manifest(manifest).get("splits", {})
+    except ManifestError as exc:
+        raise DataFileError(f"{exc}; convert {name} again, or delete the manifest if these shards were not made "
+                            "by i2e-convert") from None
+
+
 def listed_splits(path: str | Path, name: str) -> dict[str, str]:
     """Splits that should exist under a local folder -> where that is said (the dataset card's
     ``configs:`` block, the ``i2e-convert`` manifest)."""
@@ -197,22 +209,28 @@ def listed_splits(path: str | Path, name: str) -> dict[str, str]:
     if not p.is_dir():
         return {}
     out = {split: str(p / "README.md") for split in (_card_splits(p, name) or {})}
-    manifest = p / name / MANIFEST
-    if manifest.is_file():
-        try:
-            splits = json.loads(manifest.read_text(encoding="utf-8")).get("splits") or {}
-        except (OSError, ValueError, AttributeError):
-            splits = {}
-        out.update({split: str(manifest) for split in splits if split not in out})
+    manifest, splits = _recorded_splits(p, name)
+    out.update({split: str(manifest) for split in splits if split not in out})
     return out
+
+
+def _rows(f: Path, manifest: Path) -> int:
+    """Rows of a shard the manifest records (its footer); DataFileError names an unreadable one."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(f).num_rows
+    except Exception as exc:  # noqa: BLE001 - ArrowInvalid, OSError, ...: all mean "unreadable"
+        raise DataFileError(
+            f"{f}: not a readable parquet file ({type(exc).__name__}: {exc}); it is truncated or corrupt. Delete it "
+            f"and run the same i2e-convert command again (it rewrites only the missing shards; {manifest} records "
+            "it), or convert again with overwrite=true") from None
 
 
 def check_complete(files: dict[str, list[str]], path: str | Path, name: str) -> None:
     """Every shard of a split is there: ``<split>-0000i-of-0000N.parquet`` for i < N, and the shards
     the ``i2e-convert`` manifest recorded (with their row counts). ``DataFileError`` names the
-    missing or changed file."""
-    import pyarrow.parquet as pq
-
+    missing, unreadable or changed file."""
     for split, paths in files.items():
         by_folder: dict[Path, list[re.Match]] = {}
         for f in paths:
@@ -227,23 +245,17 @@ def check_complete(files: dict[str, list[str]], path: str | Path, name: str) -> 
                 if gone:
                     raise DataFileError(f"split {split!r} of {name}: {folder / gone[0]} is missing ({len(gone)} of "
                                         f"{total} shards missing: {', '.join(gone[:5])}); download or convert it again")
-    manifest = Path(path) / name / MANIFEST
-    if not manifest.is_file():
-        return
-    try:
-        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("splits") or {}
-    except (OSError, ValueError, AttributeError):
-        return
+    manifest, recorded = _recorded_splits(path, name)
     for split, entry in recorded.items():
-        for shard, stats in ((entry or {}).get("done") or {}).items():
+        for shard, stats in entry["done"].items():  # checked: shard names of their split, row counts
             f = manifest.parent / shard
             if not f.is_file():
                 raise DataFileError(f"split {split!r} of {name}: {f} is missing ({manifest} records it); "
                                     "convert again (the same command resumes)")
-            rows = stats.get("rows") if isinstance(stats, dict) else None
-            if rows is not None and pq.read_metadata(f).num_rows != rows:
-                raise DataFileError(f"{f}: {pq.read_metadata(f).num_rows} rows, {manifest} records {rows}: the "
-                                    "file changed since it was written; convert it again")
+            rows = _rows(f, manifest)
+            if rows != stats["rows"]:
+                raise DataFileError(f"{f}: {rows} rows, {manifest} records {stats['rows']}: the file changed since "
+                                    "it was written; delete it and convert again (the same command resumes)")
 
 
 def files_fingerprint(files: Sequence[str]) -> str:

@@ -10,10 +10,17 @@ Rows: ``file_path`` (string "<class folder>/<name>.npy"), ``label`` (ClassLabel 
 are the class folder names), ``data`` (binary: one record, see ``i2e_train.codec``).
 Shards are written to a temporary name and renamed, so a file with the final name is always
 complete.
+
+``<folder>/<config>/convert-manifest.json`` records how i2e-convert made a config (its
+parameters, splits and finished shards). It is read back as untrusted data: :func:`read_manifest`
+checks it against :func:`check_manifest` (the schema i2e-convert writes) before any name in it is
+used, so a crafted manifest cannot point a read or a delete outside its folder. A config name
+is a name (:func:`check_config_name`), never a path.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -25,10 +32,26 @@ from datasets import ClassLabel, Features, Value
 
 from i2e_train.files import atomic_write, atomic_write_text
 
-__all__ = ["MANIFEST", "features", "shard_name", "write_shard", "write_card", "read_card", "update_card", "CardError", "SHARD_RE"]
+__all__ = ["MANIFEST", "MANIFEST_FORMAT", "features", "shard_name", "write_shard", "write_card", "read_card",
+           "update_card", "CardError", "SHARD_RE", "CONFIG_NAME_FORM", "check_config_name", "ManifestError",
+           "check_manifest", "read_manifest", "manifest_lists"]
 
 MANIFEST = "convert-manifest.json"  # <folder>/<config>/: what i2e-convert made them with (i2e_train.convert)
+MANIFEST_FORMAT = 1
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.parquet$")
+_SHARD_ANY = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d+)-of-(?P<total>\d+)\.parquet$")
+_SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
+_CONFIG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+CONFIG_NAME_FORM = ("letters, digits, '-', '_' and '.', starting with a letter or digit, no '..', at most 100 "
+                    "characters (it names one folder inside the output folder)")
+
+
+def check_config_name(name: object, key: str = "config") -> str:
+    """``name`` if it is a dataset config name (:data:`CONFIG_NAME_FORM`: no separator, no ``..``,
+    not absolute), else ValueError naming ``key``."""
+    if not isinstance(name, str) or not _CONFIG_RE.fullmatch(name) or ".." in name:
+        raise ValueError(f"{key}={name!r} is not a config name: use {CONFIG_NAME_FORM}")
+    return name
 
 
 def features(class_names: Sequence[str]) -> Features:
@@ -130,3 +153,92 @@ def update_card(out: Path, config: str, splits: Sequence[str], description: str)
     text = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + body.strip() + "\n"
     atomic_write_text(card, text)
     return card
+
+
+class ManifestError(ValueError):
+    """A convert-manifest.json that is not what i2e-convert writes: the message names the file and the key."""
+
+
+def _nonneg_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_split(split: str, entry: object) -> str | None:
+    """The first problem of one ``splits.<split>`` entry (a key path and what is wrong), or None."""
+    where = f"splits.{split}"
+    if not _SPLIT_RE.fullmatch(split):
+        return f"{where}: not a split name (letters, digits and '_')"
+    if not isinstance(entry, dict):
+        return f"{where}: not an object"
+    unknown = sorted(set(entry) - {"source", "count", "shards", "done"})
+    if unknown:
+        return f"{where}.{unknown[0]}: unknown key"
+    if not isinstance(entry.get("source", {}), dict):
+        return f"{where}.source: not an object"
+    if not _nonneg_int(entry.get("count")):
+        return f"{where}.count: {entry.get('count')!r} is not a count"
+    shards = entry.get("shards")
+    if not _nonneg_int(shards) or shards < 1:
+        return f"{where}.shards: {shards!r} is not a number of shards"
+    done = entry.get("done")
+    if not isinstance(done, dict):
+        return f"{where}.done: not an object"
+    for name, stats in done.items():
+        m = _SHARD_ANY.fullmatch(name)
+        if not m or m.group("split") != split or name != shard_name(split, int(m.group("index")), shards) \
+                or int(m.group("index")) >= shards:
+            return f"{where}.done.{name!r}: not a shard of split {split!r} ({split}-0000i-of-{shards:05d}.parquet)"
+        if not isinstance(stats, dict) or not _nonneg_int(stats.get("rows")) or not _nonneg_int(stats.get("events")) \
+                or not isinstance(stats.get("bad", []), list) or set(stats) - {"rows", "events", "bad"}:
+            return f"{where}.done.{name!r}: not {{rows, events, bad}} counts"
+    return None
+
+
+def check_manifest(data: object, path: str | Path, config: str | None = None) -> dict:
+    """``data`` if it is a manifest as i2e-convert writes it (format, tool, config, params, splits,
+    runs; shard names that belong to their split), for config ``config`` when given; else
+    ManifestError naming ``path`` and the first wrong key."""
+    def bad(problem: str) -> ManifestError:
+        return ManifestError(f"{path}: not an i2e-convert manifest ({problem})")
+
+    if not isinstance(data, dict):
+        raise bad(f"a JSON {type(data).__name__}, not an object")
+    unknown = sorted(set(data) - {"format", "tool", "config", "params", "splits", "runs"})
+    if unknown:
+        raise bad(f"{unknown[0]}: unknown key")
+    for key, want in (("format", MANIFEST_FORMAT), ("tool", "i2e-convert")):
+        if data.get(key) != want:
+            raise bad(f"{key}: {data.get(key)!r}, expected {want!r}")
+    try:
+        check_config_name(data.get("config"), "config")
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    if config is not None and data["config"] != config:
+        raise bad(f"config: it was made for config {data['config']!r}, not {config!r}")
+    if not isinstance(data.get("params"), dict) or not isinstance(data.get("splits", {}), dict) \
+            or not isinstance(data.get("runs", []), list):
+        raise bad("params and splits must be objects, runs a list")
+    for split, entry in data.get("splits", {}).items():
+        problem = _check_split(split, entry)
+        if problem:
+            raise bad(problem)
+    return data
+
+
+def read_manifest(path: str | Path, config: str | None = None) -> dict:
+    """The checked manifest at ``path`` (:func:`check_manifest`); ManifestError names the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
+    return check_manifest(data, path, config)
+
+
+def manifest_lists(manifest: dict, file_name: str) -> bool:
+    """Whether ``file_name`` is a shard of a split that the (checked) manifest records:
+    ``<split>-<i>-of-<N>.parquet`` with the split's N shards and i < N."""
+    m = _SHARD_ANY.fullmatch(file_name)
+    entry = (manifest.get("splits") or {}).get(m.group("split")) if m else None
+    return entry is not None and int(m.group("index")) < entry["shards"] and \
+        file_name == shard_name(m.group("split"), int(m.group("index")), entry["shards"])
