@@ -4,8 +4,11 @@ parquet files, read the same way by ``i2e-convert`` and by the online-mode Image
 Kinds (``source_type``, auto-detected by :func:`detect_kind`):
 - ``imagefolder``: a folder of class folders (``<source>/<class>/<...>/<name>.png``), or a
   folder of split folders that each hold class folders (``<source>/train/<class>/...``);
-- ``hub``: a Hugging Face image dataset id (``uoft-cs/cifar10``) or a local copy of one (a
-  snapshot folder, or a ``save_to_disk`` folder), read with ``datasets``;
+- ``hub``: a Hugging Face image dataset id (``owner/name``, e.g. ``uoft-cs/cifar10``) or a local
+  copy of one (a snapshot folder, or a ``save_to_disk`` folder), read with ``datasets``. Local
+  first: a name is looked up on the Hub only when no file or folder of that name exists here and
+  it has the form of a Hub id; anything else is refused before any network call, and a lookup
+  that cannot reach the Hub says so, naming the source;
 - ``parquet``: parquet files (a file, a folder of files or a glob) with an image column
   (``datasets``' Image feature: a struct with ``bytes`` and ``path``).
 
@@ -26,6 +29,7 @@ import glob
 import hashlib
 import io
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +48,7 @@ IMAGE_SUFFIXES = frozenset(
 )
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # owner/name, as the Hub spells ids
 SPLIT_DIRS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
               "validation": "validation", "test": "test", "testing": "test"}
 
@@ -230,9 +235,33 @@ def detect_kind(source: str) -> str:
         if _looks_like_imagefolder(p):
             return "imagefolder"
         return "hub"  # a local copy of a hub dataset (snapshot or save_to_disk folder)
-    if p.is_absolute() or source.startswith(".") or source.count("/") > 1:
-        raise SourceError(f"source {source!r} does not exist")
+    if not _HUB_ID.fullmatch(source) or ".." in source or "--" in source or source.endswith(".git"):
+        raise SourceError(f"source {source!r} does not exist: no local folder or file of that name, and not a "
+                          "Hugging Face Hub dataset (a Hub id reads owner/name, e.g. uoft-cs/cifar10); check the path")
     return "hub"
+
+
+def _hub_failure(source: str, exc: BaseException) -> str | None:
+    """What a failed Hub lookup of ``source`` (no such local path) means, when the error says
+    so: the Hub unreachable / offline mode, or no such dataset. None: some other failure."""
+    names = set()
+    err: BaseException | None = exc
+    while err is not None and len(names) < 100:
+        names.update(c.__name__ for c in type(err).__mro__)
+        names.add(str(err).rpartition("(")[2].rstrip(")"))  # datasets names the hub library's error in brackets
+        err = err.__cause__ or err.__context__
+    lead = f"source {source!r}: no local folder or file of that name"
+    if names & {"OfflineModeIsEnabled"}:
+        return (f"{lead}, and offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) with no cached copy, so it "
+                "cannot be looked up as a Hugging Face Hub dataset; check the path, or unset offline mode")
+    if names & {"ConnectionError", "ConnectError", "ConnectTimeout", "Timeout", "TimeoutException", "NetworkError",
+                "LocalEntryNotFoundError", "gaierror"}:
+        return (f"{lead}, and the Hugging Face Hub cannot be reached to look it up as a dataset id (network "
+                "unreachable); check the path, or download it where there is network (hf download "
+                f"{source} --repo-type dataset --local-dir <folder>) and pass source=<folder>")
+    if names & {"DatasetNotFoundError", "RepositoryNotFoundError", "FileNotFoundError"}:
+        return f"{lead}, and not a Hugging Face Hub dataset (or a gated one you have no access to); check the name"
+    return None
 
 
 def _imagefolder_splits(root: Path, wanted: "OrderedDict[str, str] | None") -> "OrderedDict[str, Path]":
@@ -360,6 +389,9 @@ def _load_hf_splits(source: str, kind: str, wanted, hf_config: str | None, cache
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - offline, missing split, unknown id: all end here
+        plain = None if p.exists() else _hub_failure(source, exc)
+        if plain is not None:
+            raise SourceError(plain) from exc
         raise SourceError(
             f"cannot load dataset {source!r}" + (f" (config {hf_config!r})" if hf_config else "")
             + f": {type(exc).__name__}: {exc}"
