@@ -9,6 +9,7 @@ and ``I2EDataModule(path=out)`` read it)::
     <out>/README.md                                        dataset card with a configs: block
     <out>/<config>/<split>-00000-of-00004.parquet          rows: file_path, label, data
     <out>/<config>/convert-manifest.json                   parameters + finished shards
+    <out>/<config>/.i2e-convert.lock                       while a conversion runs: its owner
 
 Rows: ``file_path`` = "<class folder>/<source file stem, or row index>.npy", ``label`` = the
 ClassLabel index of the class folder name, ``data`` = the record bytes (``i2e_train.codec``).
@@ -27,18 +28,27 @@ holds items [k * rows_per_shard, (k + 1) * rows_per_shard), so a re-run produces
 shards; a shard whose final file exists is kept and skipped. The manifest records the
 parameters: a run with different parameters over existing shards is refused (``overwrite``
 starts the config again).
+
+Confinement: ``config`` is a name, never a path (``check_config_name``), and every file this
+writes or deletes is inside ``<out>/<config>/`` (a real folder, not a link), or the card
+``<out>/README.md``. ``overwrite`` deletes only the shards that the folder's manifest, checked
+against its schema first, lists as its own, then the manifest; any other file is left alone (an
+unlisted parquet file stops the overwrite before anything is deleted). One writer per config
+folder: a conversion holds an exclusive lock (``i2e_train.files.exclusive_lock``) on
+``<out>/<config>/.i2e-convert.lock`` from the manifest check to its last write, so a second
+conversion into the same folder is refused naming the running one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -58,15 +68,26 @@ from i2e_train.data.sources import (
     load_image,
     open_source,
 )
-from i2e_train.data.writer import MANIFEST, shard_name, update_card, write_shard
-from i2e_train.files import atomic_write_json, remove_stale_temporaries
+from i2e_train.data.writer import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    ManifestError,
+    check_config_name,
+    manifest_lists,
+    read_manifest,
+    shard_name,
+    update_card,
+    write_shard,
+)
+from i2e_train.files import LockHeld, atomic_write_json, describe_owner, exclusive_lock, remove_stale_temporaries
 from i2e_train.i2e import I2E, resolve_order
 
-__all__ = ["ConvertError", "ConvertSummary", "convert", "parse_splits", "resolve_device", "MANIFEST"]
+__all__ = ["ConvertError", "ConvertSummary", "convert", "parse_splits", "resolve_device", "MANIFEST", "LOCK"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
+LOCK = ".i2e-convert.lock"  # <out>/<config>/ while a conversion writes there (its owner inside)
+CARD_LOCK = ".i2e-convert-card.lock"  # <out>/ while a conversion updates the card README.md
 TARGET_SHARD_BYTES = 500_000_000  # rows_per_shard=None aims at shards of about this size
 TIMESTEPS, CHANNELS = 8, 2
 
@@ -199,9 +220,53 @@ class ConvertSummary:
         return asdict(self)
 
 
+def _shown(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _diff(old: Mapping, new: Mapping) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    keys = sorted(set(old) | set(new), key=str)
+    return [f"{k}: {_shown(old.get(k))} -> {_shown(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _listing(names: Sequence[str]) -> str:
+    return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+
+
+def _checked_manifest(path: Path, cfg_dir: Path, config: str, doing: str) -> dict:
+    """The manifest at ``path`` checked against its schema (for this config); ConvertError says what to do."""
+    try:
+        return read_manifest(path, config)
+    except ManifestError as exc:
+        raise ConvertError(f"{exc}; {doing}: delete {cfg_dir} yourself if its files are yours, or convert into "
+                           "another config name or out=") from None
+
+
+def _clear_for_overwrite(cfg_dir: Path, config: str) -> None:
+    """overwrite=true: delete the shards that the folder's manifest lists, then the manifest. An
+    unlisted parquet file, or no valid manifest of this config, stops it before any delete."""
+    manifest_path = cfg_dir / MANIFEST
+    parquet = sorted(p.name for p in cfg_dir.glob("*.parquet"))
+    if not manifest_path.exists():
+        if parquet:
+            raise ConvertError(
+                f"overwrite=true: {cfg_dir} holds parquet files ({_listing(parquet)}) but no {MANIFEST}, so none "
+                "is known to be i2e-convert output and nothing was deleted; move or delete them yourself, or "
+                "convert into another config name or out=")
+        return
+    manifest = _checked_manifest(manifest_path, cfg_dir, config, "overwrite=true deleted nothing")
+    foreign = [n for n in parquet if not manifest_lists(manifest, n)]
+    if foreign:
+        raise ConvertError(
+            f"overwrite=true: {cfg_dir} holds parquet files its {MANIFEST} does not list ({_listing(foreign)}); "
+            "overwrite deletes only listed shards, so nothing was deleted: move or delete those yourself, or "
+            "convert into another config name or out=")
+    for name in parquet:
+        if not (cfg_dir / name).is_dir():
+            (cfg_dir / name).unlink(missing_ok=True)  # a link is removed, never what it points to
+    manifest_path.unlink()  # last: a delete cut short is finished by the next overwrite
+    log.info("overwrite=true: deleted %d shard(s) and the manifest of %s", len(parquet), cfg_dir)
 
 
 def _load_manifest(path: Path, cfg_dir: Path, config: str, params: dict, src: ImageSource) -> dict:
@@ -210,17 +275,11 @@ def _load_manifest(path: Path, cfg_dir: Path, config: str, params: dict, src: Im
     if not path.exists():
         if shards:
             raise ConvertError(
-                f"{cfg_dir} already holds parquet shards ({', '.join(shards[:3])}{'...' if len(shards) > 3 else ''}) "
-                f"but no {MANIFEST}: refusing to mix them with a new conversion. Use another config name or "
-                "output folder, or overwrite=true to delete them"
-            )
+                f"{cfg_dir} already holds parquet files ({_listing(shards)}) but no {MANIFEST}: refusing to mix "
+                "them with a new conversion (overwrite=true deletes only what a manifest lists); move or delete "
+                "them, or use another config name or output folder")
         return fresh
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{path}: unreadable manifest ({exc}); delete it and the shards, or use overwrite=true") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ConvertError(f"{path}: manifest format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
+    manifest = _checked_manifest(path, cfg_dir, config, "refusing to resume")
     hint = (f"Existing shards in {cfg_dir} were made with other parameters: refusing to resume. Convert into "
             f"another output folder or config name, or pass overwrite=true to delete them and start again.")
     diff = _diff(manifest.get("params", {}), params)
@@ -291,6 +350,10 @@ def _settings(config: str, resolution, ratio, order, rows_per_shard, device, bat
         raise ConvertError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
     if batch_size < 1:
         raise ConvertError(f"batch_size must be >= 1, got {batch_size}")
+    try:
+        check_config_name(config)
+    except ValueError as exc:
+        raise ConvertError(str(exc)) from None
     info = CATALOG.get(config)
     if resolution is None:
         if info is None:
@@ -309,6 +372,10 @@ def _settings(config: str, resolution, ratio, order, rows_per_shard, device, bat
         raise ConvertError(f"ratio={ratio!r}: expected a number (CIFAR 0.07, ImageNet 0.12, MNIST 0.10)") from None
     if not math.isfinite(ratio) or ratio < 0:
         raise ConvertError(f"ratio={ratio}: the threshold ratio must be a finite number >= 0 (e.g. 0.07)")
+    if ratio > 1:  # thr = ratio * (max - min) of the image, and no pixel difference exceeds max - min
+        raise ConvertError(f"ratio={ratio}: the threshold is ratio x each image's intensity range, which no pixel "
+                           "difference exceeds, so a ratio above 1 gives no events at all; use one in [0, 1] "
+                           "(CIFAR 0.07, ImageNet 0.12, MNIST 0.10)")
     if order is None:
         order = info.order if info is not None and info.order is not None else 4
     groups = list(resolve_order(order if isinstance(order, int) else list(order)))
@@ -351,7 +418,8 @@ def _plan(src: ImageSource, cfg_dir: Path, rows: int, manifest: dict) -> list[_S
         stale = sorted(p.name for p in cfg_dir.glob(f"{sp.name}-*.parquet") if p.name not in names)
         if stale:
             raise ConvertError(f"{cfg_dir}: shard files {stale} do not belong to this conversion of split "
-                               f"{sp.name!r} ({n_shards} shards); remove them or use overwrite=true")
+                               f"{sp.name!r} ({n_shards} shards); move or delete them (overwrite=true deletes "
+                               "only the shards the manifest lists)")
         entry = manifest["splits"].setdefault(sp.name, {"source": sp.identity, "count": sp.count,
                                                         "shards": n_shards, "done": {}})
         plan = _SplitPlan(sp, names, [])
@@ -507,8 +575,10 @@ def _summary(job: _Job, plans: list[_SplitPlan], manifest: dict, out: Path, sour
     known_rows = sum(total_rows.values())
     if complete:
         mode = f"train-mode random directions, seed {seed}" if train_mode else "eval mode"
-        update_card(out, s.config, [p.split.name for p in plans],
-                    f"{s.config}: source {source}, {s.size[0]}x{s.size[1]}, ratio {s.ratio}, order {s.groups}, {mode}.")
+        with exclusive_lock(out / CARD_LOCK, {"tool": "i2e-convert", "config": s.config}, blocking=True):
+            update_card(out, s.config, [p.split.name for p in plans],
+                        f"{s.config}: source {source}, {s.size[0]}x{s.size[1]}, ratio {s.ratio}, order {s.groups}, "
+                        f"{mode}.")
     return ConvertSummary(
         out=str(out), config=s.config, splits=total_rows, samples=job.converted, shards_written=job.writer.written,
         shards_skipped=sum(len(p.names) - len(p.pending) for p in plans), shards_total=sum(len(p.names) for p in plans),
@@ -552,18 +622,57 @@ def _start_manifest(cfg_dir: Path, s: _Settings, src: ImageSource, params: dict,
     """The manifest to continue (or a fresh one) and the shard plans; unfinished shard files of a
     killed writer are removed."""
     manifest_path = cfg_dir / MANIFEST
-    if overwrite and cfg_dir.exists():
-        for f in list(cfg_dir.glob("*.parquet")) + [manifest_path]:
-            f.unlink(missing_ok=True)
+    if overwrite:
+        _clear_for_overwrite(cfg_dir, s.config)
     manifest = _load_manifest(manifest_path, cfg_dir, s.config, params, src)
     plans = _plan(src, cfg_dir, s.rows, manifest)
-    cfg_dir.mkdir(parents=True, exist_ok=True)
     for tmp in cfg_dir.glob(".*.parquet.tmp-*"):  # a shard whose writer was killed: never complete
         for gone in remove_stale_temporaries(cfg_dir / tmp.name[1:].split(".tmp-")[0]):
             log.info("removed the unfinished shard %s (its writer is gone)", gone)
     manifest["params"] = params
     _save_manifest(manifest_path, manifest)
     return manifest, plans
+
+
+def _output_folders(out: str | os.PathLike, config: str) -> tuple[Path, Path]:
+    """``out`` and ``<out>/<config>``, made when missing: real folders (a link to a folder is
+    accepted as ``out`` itself, never as the config folder, so every write stays inside ``out``)."""
+    out = Path(out)
+    cfg_dir = out / config
+    if out.is_symlink() and not out.exists():
+        raise ConvertError(f"out={out} is a symbolic link to {os.readlink(out)}, which does not exist; create that "
+                           "folder or give another out=")
+    for folder in (out, cfg_dir):
+        if folder.exists() and not folder.is_dir():
+            raise ConvertError(f"out={out}: {folder} is a file, not a folder; pass the folder to write the dataset into")
+    if cfg_dir.is_symlink():
+        raise ConvertError(f"{cfg_dir} is a symbolic link (to {os.readlink(cfg_dir)}): i2e-convert writes only into "
+                           f"a real folder inside out={out}; remove the link or use another config name")
+    try:
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConvertError(f"out={out}: cannot create {cfg_dir} ({exc.strerror or exc}); give a folder you can "
+                           "write to") from None
+    return out, cfg_dir
+
+
+def _take_lock(stack: ExitStack, cfg_dir: Path, config: str, params: dict) -> None:
+    """Hold ``<cfg_dir>/.i2e-convert.lock`` until ``stack`` closes; a live holder is refused by name."""
+    path = cfg_dir / LOCK
+    try:
+        stack.enter_context(exclusive_lock(path, {"tool": "i2e-convert", "config": config, "params": params}))
+    except LockHeld as held:
+        theirs = held.owner.get("params")
+        same = ("with the same parameters" if theirs == params else
+                f"with other parameters ({'; '.join(_diff(theirs, params))})" if isinstance(theirs, dict) else "")
+        gone = "" if held.enforced else f"; if that process is gone, delete {path}"
+        raise ConvertError(
+            f"{cfg_dir} is being written by another i2e-convert ({describe_owner(held.owner)}"
+            f"{', ' + same if same else ''}): one conversion per folder at a time; wait for it to end (the same "
+            f"command then resumes), or convert into another config name or out={gone}") from None
+    except OSError as exc:
+        raise ConvertError(f"{path}: cannot create the lock file ({exc.strerror or exc}); i2e-convert needs a "
+                           f"regular file there (remove what is at {path})") from None
 
 
 def convert(
@@ -600,11 +709,13 @@ def convert(
     Args:
         source: image folder, Hugging Face dataset id / local copy, or parquet file(s).
         out: output folder (the dataset repo root: README.md + one folder per config).
-        config: output config name, e.g. "I2E-CIFAR10". A catalog name supplies the defaults
-            for resolution, ratio and order.
+        config: output config name, e.g. "I2E-CIFAR10": a name, not a path (letters, digits,
+            '-', '_', '.'; see ``check_config_name``). A catalog name supplies the defaults for
+            resolution, ratio and order.
         splits: output split -> source split (None: every split found; a source "test" split
             becomes "validation" when there is no validation split). See ``parse_splits``.
-        resolution: H (square) or (H, W). ratio: threshold ratio. order: preset 0..5 or 8 groups.
+        resolution: H (square) or (H, W). ratio: threshold ratio in [0, 1]. order: preset 0..5 or
+            8 groups.
         source_type, hf_config, image_column, label_column, cache_dir: how to read the source
             (:func:`i2e_train.data.sources.open_source`).
         batch_size: images per converter call. num_workers: DataLoader workers (decode/resize).
@@ -619,7 +730,8 @@ def convert(
             (torchvision v2 on the uint8 tensor) or "pil_bicubic" (i2e-train before the recipe audit).
         on_bad_image: "raise" (stop with an error naming the file) or "skip" (drop the image,
             count it in the summary and the manifest).
-        overwrite: delete the config's existing shards and manifest first.
+        overwrite: delete the config's existing shards and manifest first: only the shards
+            that manifest lists (an unlisted parquet file, or no valid manifest, is refused).
         limit: convert only the first ``limit`` items of each split (quick tries).
         max_shards: stop after writing this many shards (the rest is done by a later run).
         progress: show a progress bar. on_shard: called with the path of every shard written.
@@ -629,30 +741,29 @@ def convert(
                   interpolation)
     src = open_source(source, source_type, parse_splits(splits), hf_config, image_column, label_column, cache_dir,
                       limit)
-    out, cfg_dir = Path(out), Path(out) / config
-    for folder in (out, cfg_dir):
-        if folder.exists() and not folder.is_dir():
-            raise ConvertError(f"out={out}: {folder} is a file, not a folder; pass the folder to write the dataset into")
     params = _params(s, src, padding_mode, bool(train_mode), int(seed), int(batch_size))
-    manifest, plans = _start_manifest(cfg_dir, s, src, params, overwrite)
-    writer = _ShardWriter(cfg_dir, src.class_names, manifest, cfg_dir / MANIFEST, on_shard)
-    job = _Job(_converter(s, padding_mode, bool(train_mode)), s, writer, {n: i for i, n in enumerate(src.class_names)},
-               batch_size, num_workers, bool(train_mode), int(seed), on_bad_image, max_shards,
-               _progress_bar(s, plans, progress))
-    try:
-        for plan in plans:
-            if plan.pending and not job.stopped:
-                _convert_split(job, plan)
-        writer.finish()
-    finally:
-        job.bar.close()
-        writer.close()  # a shard already handed to the writer is finished, never lost
-    seconds = time.perf_counter() - t0
-    summary = _summary(job, plans, manifest, out, source, bool(train_mode), int(seed), seconds)
-    manifest.setdefault("runs", []).append({
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 3), "converted": job.converted,
-        "shards_written": writer.written, "bad_images": job.bad, "device": str(s.device), "batch_size": batch_size,
-        "num_workers": num_workers, "complete": summary.complete,
-    })
-    _save_manifest(cfg_dir / MANIFEST, manifest)
+    out, cfg_dir = _output_folders(out, s.config)
+    with ExitStack() as stack:
+        _take_lock(stack, cfg_dir, s.config, params)  # held until the manifest's last write
+        manifest, plans = _start_manifest(cfg_dir, s, src, params, overwrite)
+        writer = _ShardWriter(cfg_dir, src.class_names, manifest, cfg_dir / MANIFEST, on_shard)
+        job = _Job(_converter(s, padding_mode, bool(train_mode)), s, writer,
+                   {n: i for i, n in enumerate(src.class_names)}, batch_size, num_workers, bool(train_mode), int(seed),
+                   on_bad_image, max_shards, _progress_bar(s, plans, progress))
+        try:
+            for plan in plans:
+                if plan.pending and not job.stopped:
+                    _convert_split(job, plan)
+            writer.finish()
+        finally:
+            job.bar.close()
+            writer.close()  # a shard already handed to the writer is finished, never lost
+        seconds = time.perf_counter() - t0
+        summary = _summary(job, plans, manifest, out, source, bool(train_mode), int(seed), seconds)
+        manifest.setdefault("runs", []).append({
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 3), "converted": job.converted,
+            "shards_written": writer.written, "bad_images": job.bad, "device": str(s.device),
+            "batch_size": batch_size, "num_workers": num_workers, "complete": summary.complete,
+        })
+        _save_manifest(cfg_dir / MANIFEST, manifest)
     return summary

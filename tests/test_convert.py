@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 
-import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -266,3 +268,382 @@ def test_cli_and_datamodule_read_the_output(tmp_path):
     assert torch.cat(targets).tolist() == [int(p.parent.name) for p in files]
     want = expected_events(files, size=(32, 32), ratio=0.10)
     assert torch.equal(torch.cat(events, 1).bool(), want)
+
+
+# --------------------------------------------------------------------------- writes stay inside out=
+KW = {"resolution": 8, "ratio": RATIO, "batch_size": 2, "num_workers": 0, "rows_per_shard": 5, "progress": False,
+      "device": "cpu"}
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root``: relative path -> (kind, bytes or link target, mtime) (links not followed)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = ("link", str(p.readlink()), st.st_mtime_ns)
+        elif p.is_file():
+            out[str(p.relative_to(root))] = ("file", p.read_bytes(), st.st_mtime_ns)
+        else:
+            out[str(p.relative_to(root))] = ("dir", None, None)
+    return out
+
+
+def victim(folder: Path) -> Path:
+    """A folder of someone's parquet files and notes (what a wrong path must never touch)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"x": [1, 2]}), folder / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"x": [3]}), folder / "precious.parquet")
+    (folder / "notes.txt").write_text("mine")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["../X", "../../X", "a/b", "..", ".", "", "ok/../../X", "a\\b", ".hidden", "-x",
+                                  "a..b", "x" * 101, "bad name", "tab\tname", "é", "ABSOLUTE"])
+def test_config_name_that_is_a_path_is_refused_and_nothing_is_written(folder, tmp_path, name):
+    home = tmp_path / "home"
+    victim(home / "X")
+    work = home / "work"
+    work.mkdir()
+    if name == "ABSOLUTE":
+        name = str(home / "X")  # an unrelated folder of parquet files, with overwrite=true
+    before = tree(tmp_path)
+    with pytest.raises(ConvertError, match=r"config=.* is not a config name: use letters, digits"):
+        convert(folder, work / "out", name, overwrite=True, **KW)
+    assert tree(tmp_path) == before  # nothing written or deleted anywhere, out= not even made
+
+
+def test_overwrite_deletes_only_the_shards_its_manifest_lists(folder, tmp_path):
+    out = tmp_path / "out"
+    convert(folder, out, "C", **KW)
+    cfg = out / "C"
+    (cfg / "notes.txt").write_text("mine")
+    (cfg / "sub").mkdir()
+    (cfg / "sub" / "train-00000-of-00003.parquet").write_bytes(b"mine too")
+    outside = victim(tmp_path / "elsewhere")
+    (cfg / "train-00001-of-00003.parquet").unlink()
+    (cfg / "train-00001-of-00003.parquet").symlink_to(outside / "precious.parquet")  # listed name, a link
+    kept = {k: v for k, v in tree(tmp_path).items() if "notes" in k or "sub" in k or k.startswith("elsewhere")}
+    done = convert(folder, out, "C", overwrite=True, **{**KW, "ratio": 0.1})
+    assert done.complete and done.shards_written == 3
+    after = tree(tmp_path)
+    assert {k: after[k] for k in kept} == kept  # unlisted files and the link's target untouched
+    assert not (cfg / "train-00001-of-00003.parquet").is_symlink()  # the link itself was ours to replace
+
+    for foreign in ("mine.parquet", "train-00000-of-00007.parquet", "test-00000-of-00001.parquet"):
+        (cfg / foreign).write_bytes(b"not ours")
+        before = tree(tmp_path)
+        with pytest.raises(ConvertError, match=rf"overwrite=true: .*C holds parquet files its convert-manifest.json "
+                                               rf"does not list \({foreign}\).*nothing was deleted"):
+            convert(folder, out, "C", overwrite=True, **KW)
+        assert tree(tmp_path) == before
+        (cfg / foreign).unlink()
+
+    (cfg / "convert-manifest.json").unlink()
+    before = tree(tmp_path)
+    with pytest.raises(ConvertError, match=r"overwrite=true: .*C holds parquet files \(train-00000-of-00003.parquet, "
+                                           r".*but no convert-manifest.json.*nothing was deleted"):
+        convert(folder, out, "C", overwrite=True, **KW)
+    assert tree(tmp_path) == before
+
+
+def _manifest(**changes) -> dict:
+    good = {"format": 1, "tool": "i2e-convert", "config": "C", "params": {}, "runs": [],
+            "splits": {"train": {"source": {}, "count": 12, "shards": 3,
+                                 "done": {"train-00000-of-00003.parquet": {"rows": 5, "events": 9, "bad": []}}}}}
+    for key, value in changes.items():
+        good[key] = value
+    return good
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"splits": {"train": {"count": 1, "shards": 1, "done": {"../../elsewhere/precious.parquet": {"rows": 1,
+                                                                                                 "events": 0}}}}},
+     "splits.train.done.'../../elsewhere/precious.parquet'"),
+    ({"splits": {"train": {"count": 1, "shards": 1, "done": {"/abs/train-00000-of-00001.parquet": {"rows": 1,
+                                                                                                  "events": 0}}}}},
+     "splits.train.done.'/abs/train-00000-of-00001.parquet'"),
+    ({"splits": {"../x": {"count": 1, "shards": 1, "done": {}}}}, "splits.../x"),
+    ({"splits": {"train": {"count": 1, "shards": 1, "done": {"test-00000-of-00001.parquet": {"rows": 1,
+                                                                                            "events": 0}}}}},
+     "splits.train.done.'test-00000-of-00001.parquet'"),
+    ({"splits": {"train": {"count": 1, "shards": "3", "done": {}}}}, "splits.train.shards"),
+    ({"config": "D"}, "config: it was made for config 'D', not 'C'"),
+    ({"config": "../C"}, "config='../C' is not a config name"),
+    ({"tool": "other"}, "tool: 'other', expected 'i2e-convert'"),
+    ({"format": 2}, "format: 2, expected 1"),
+    ({"_target_": "builtins.open"}, "_target_: unknown key"),
+    ({"params": ["x"]}, "params and splits must be objects"),
+])
+def test_a_crafted_manifest_is_refused_before_any_name_in_it_is_used(folder, tmp_path, bad, key):
+    out = tmp_path / "out"
+    convert(folder, out, "C", **KW)
+    victim(tmp_path / "elsewhere")
+    manifest = out / "C" / "convert-manifest.json"
+    manifest.write_text(json.dumps(_manifest(**bad)))
+    before = tree(tmp_path)
+    for overwrite in (True, False):
+        with pytest.raises(ConvertError, match=re.escape(f"{manifest}: not an i2e-convert manifest ({key}")):
+            convert(folder, out, "C", overwrite=overwrite, **KW)
+    assert tree(tmp_path) == before
+
+    from i2e_train.data.base import DataFileError
+    from i2e_train.data.parquet import check_complete, find_data_files
+
+    if "config" not in bad:  # reading the folder refuses it too (a renamed config folder is read as it is)
+        with pytest.raises(DataFileError, match=re.escape(f"{manifest}: not an i2e-convert manifest ({key}")):
+            check_complete(find_data_files(out, "C"), out, "C")
+
+
+def test_a_linked_config_folder_or_a_dangling_out_is_refused(folder, tmp_path):
+    outside = victim(tmp_path / "elsewhere")
+    (outside / "convert-manifest.json").write_text(json.dumps(_manifest()))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "C").symlink_to(outside, target_is_directory=True)
+    before = tree(tmp_path)
+    with pytest.raises(ConvertError, match=rf"{out / 'C'} is a symbolic link \(to {outside}\): i2e-convert writes "
+                                           r"only into a real folder inside out="):
+        convert(folder, out, "C", overwrite=True, **KW)
+    assert tree(tmp_path) == before
+
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "not-there")
+    with pytest.raises(ConvertError, match=rf"out={dangling} is a symbolic link to {tmp_path / 'not-there'}, which "
+                                           "does not exist; create that folder or give another out="):
+        convert(folder, dangling, "C", **KW)
+    assert not (tmp_path / "not-there").exists()
+    linked = tmp_path / "linked"  # a link to a real folder is a fine out=
+    linked.symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "real").mkdir()
+    assert convert(folder, linked, "C", **KW).complete and (tmp_path / "real" / "C" / "convert-manifest.json").exists()
+
+
+# --------------------------------------------------------------------------- one writer per folder
+def _hold_lock(path: str, record: dict, ready, release) -> None:
+    from i2e_train.files import exclusive_lock
+
+    with exclusive_lock(path, record):
+        ready.set()
+        release.wait(60)
+
+
+def test_a_second_conversion_is_refused_naming_the_running_one(folder, tmp_path, caplog):
+    import multiprocessing as mp
+    import signal
+    import socket
+
+    from i2e_train.convert import LOCK
+
+    out = tmp_path / "out"
+    convert(folder, out, "C", max_shards=1, **KW)  # started earlier, to be resumed
+    params = json.loads((out / "C" / "convert-manifest.json").read_text())["params"]
+    ctx = mp.get_context("fork")
+    for theirs, said in ((params, "with the same parameters"), ({**params, "ratio": 0.1}, "ratio: 0.1 -> 0.07")):
+        ready, release = ctx.Event(), ctx.Event()
+        holder = ctx.Process(target=_hold_lock, args=(str(out / "C" / LOCK), {"tool": "i2e-convert", "params": theirs},
+                                                      ready, release))
+        holder.start()
+        try:
+            assert ready.wait(30)
+            before = tree(tmp_path)
+            with pytest.raises(ConvertError, match=rf"{out / 'C'} is being written by another i2e-convert \(pid "
+                                                   rf"{holder.pid} on host {re.escape(socket.gethostname())}, started "
+                                                   rf"\d{{4}}-.*{re.escape(said)}.*one conversion per folder"):
+                convert(folder, out, "C", **KW)
+            assert tree(tmp_path) == before
+        finally:
+            release.set()
+            holder.join(30)
+    # a holder killed while converting leaves its lock file: the next run takes it over, says so, resumes
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(out / "C" / LOCK), {"params": params}, ready, release))
+    holder.start()
+    assert ready.wait(30)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(30)
+    assert (out / "C" / LOCK).exists()
+    with caplog.at_level("WARNING", logger="i2e_train.files"):
+        done = convert(folder, out, "C", **KW)
+    assert done.complete and done.shards_skipped == 1
+    assert f"taking over the lock left by pid {holder.pid} on host" in caplog.text
+    assert not (out / "C" / LOCK).exists() and not (out / ".i2e-convert-card.lock").exists()
+
+
+def test_without_flock_the_owner_record_keeps_a_second_writer_out(tmp_path, monkeypatch, caplog):
+    """Some network filesystems have no flock: a record of a live process is honoured, one of a
+    dead process on this host is taken over."""
+    import errno
+    import fcntl
+    import socket
+    import subprocess
+    import sys
+
+    from i2e_train.files import LockHeld, exclusive_lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = tmp_path / "x.lock"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    for pid, held in ((os.getpid(), True), (int(gone.stdout), False)):
+        lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "then"}))
+        if held:
+            with pytest.raises(LockHeld, match=f"held by pid {pid} on host"), exclusive_lock(lock):
+                pass
+            assert json.loads(lock.read_text())["pid"] == pid  # left as it was
+        else:
+            with caplog.at_level("WARNING", logger="i2e_train.files"), exclusive_lock(lock) as previous:
+                assert previous["pid"] == pid and json.loads(lock.read_text())["pid"] == os.getpid()
+            assert "does not support file locks" in caplog.text and f"left by pid {pid}" in caplog.text
+            assert not lock.exists()
+
+
+def _race_worker(ratio: float, tasks, barrier, results) -> None:
+    """One converting process: for each (source, out) task, meet the other at ``barrier``, then convert."""
+    torch.set_num_threads(1)
+    for folder, out in iter(tasks.get, None):
+        barrier.wait(60)
+        try:
+            s = convert(folder, out, "R", **{**KW, "rows_per_shard": 2, "ratio": ratio})
+            results.put((ratio, "complete" if s.complete else "incomplete", ""))
+        except ConvertError as exc:
+            results.put((ratio, "refused", str(exc)))
+        except BaseException as exc:  # noqa: BLE001 - any other end is a failure the test reports
+            results.put((ratio, "error", repr(exc)))
+
+
+@pytest.mark.slow
+def test_two_conversions_into_one_folder_never_both_complete_with_other_parameters(folder, tmp_path):
+    """Two processes start a conversion at the same moment (20 times), other ratios, one output
+    folder: one completes, the other is refused (by the lock, or by the manifest of the finished
+    one), and the folder holds exactly the winner's shards. (Spawned processes: a fork after
+    OpenMP ran is unsafe.)"""
+    import multiprocessing as mp
+
+    ratios = (0.07, 0.1)
+    want = {}
+    for r in ratios:
+        convert(folder, tmp_path / f"ref{r}", "R", **{**KW, "rows_per_shard": 2, "ratio": r})
+        want[r] = shard_bytes(tmp_path / f"ref{r}", "R")
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    tasks = {r: ctx.Queue() for r in ratios}
+    procs = [ctx.Process(target=_race_worker, args=(r, tasks[r], barrier, results), daemon=True) for r in ratios]
+    for p in procs:
+        p.start()
+    ends = []
+    try:
+        for i in range(20):
+            out = tmp_path / f"race{i}"
+            for r in ratios:
+                tasks[r].put((str(folder), str(out)))
+            got = sorted((results.get(timeout=300) for _ in ratios), key=lambda e: e[1])
+            assert [e[1] for e in got] == ["complete", "refused"], got
+            (winner, _, _), (_, _, message) = got
+            assert "is being written by another i2e-convert" in message or "refusing to resume" in message, message
+            assert json.loads((out / "R" / "convert-manifest.json").read_text())["params"]["ratio"] == winner
+            assert shard_bytes(out, "R") == want[winner]
+            ends.append("lock" if "being written" in message else "manifest")
+    finally:
+        for r in ratios:
+            tasks[r].put(None)
+        for p in procs:
+            p.join(60)
+    assert "lock" in ends, ends  # the two did overlap
+
+
+# --------------------------------------------------------------------------- bad parameters: one line naming them
+def test_a_source_that_is_no_folder_and_no_hub_id_is_named_without_a_network_call(folder, tmp_path, monkeypatch):
+    import datasets
+
+    from i2e_train.data.sources import SourceError
+
+    def no_network(*args, **kw):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", no_network)
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    monkeypatch.chdir(tmp_path)
+    for source in ("no_such_dir", "data/no/such", "./no_such_dir", str(tmp_path / "gone"), "no_such_dir/",
+                   "a..b/c", "~/x"):
+        with pytest.raises(SourceError, match=rf"source {re.escape(repr(source))} does not exist: no local folder or "
+                                              "file of that name, and not a Hugging Face Hub dataset"):
+            convert(source, tmp_path / "out", "C", **KW)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_lookup_that_cannot_reach_the_hub_says_so(tmp_path, monkeypatch):
+    """owner/name with no such local path is looked up on the Hub: offline mode (the tests' own
+    setting) and an unreachable network are named, with the source."""
+    import datasets
+
+    from i2e_train.data.sources import SourceError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SourceError, match=r"source 'someone/no_such_set': no local folder or file of that name, "
+                                          r"and offline mode is on \(HF_HUB_OFFLINE"):
+        convert("someone/no_such_set", tmp_path / "out", "C", **KW)
+
+    def unreachable(*args, **kw):  # what datasets raises when the Hub's address does not resolve
+        try:
+            raise FileNotFoundError("Dataset someone/no_such_set is not cached in None")
+        except FileNotFoundError:
+            raise ConnectionError("Couldn't reach 'someone/no_such_set' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", unreachable)
+    with pytest.raises(SourceError, match=r"source 'someone/no_such_set': no local folder or file of that name, "
+                                          r"and the Hugging Face Hub cannot be reached .*\(network unreachable\)"):
+        convert("someone/no_such_set", tmp_path / "out", "C", **KW)
+
+    def missing(*args, **kw):
+        from datasets.exceptions import DatasetNotFoundError
+
+        raise DatasetNotFoundError("Dataset 'someone/no_such_set' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", missing)
+    with pytest.raises(SourceError, match=r"source 'someone/no_such_set': no local folder or file of that name, "
+                                          r"and not a Hugging Face Hub dataset"):
+        convert("someone/no_such_set", tmp_path / "out", "C", **KW)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ratio", [1.5, 1.0001, 7])
+def test_a_ratio_above_one_is_refused_before_anything_is_written(folder, tmp_path, ratio):
+    with pytest.raises(ConvertError, match=rf"ratio={float(ratio)}: the threshold is ratio x each image's intensity "
+                                           r"range.*no events at all; use one in \[0, 1\]"):
+        convert(folder, tmp_path / "out", "C", **{**KW, "ratio": ratio})
+    assert not (tmp_path / "out").exists()
+
+
+def test_ratio_one_still_makes_events_where_neighbours_span_the_range(tmp_path):
+    """The valid range ends at 1: a black/white edge reaches thr = 1 x range exactly (>=)."""
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[:, 4:] = 255
+    Image.fromarray(img).save(src / "edge.png")
+    done = convert(tmp_path / "src", tmp_path / "out", "C", **{**KW, "ratio": 1.0})
+    assert done.event_rate > 0
+
+
+def test_a_truncated_shard_is_named_with_how_to_fix_it(folder, tmp_path):
+    from i2e_train.data.base import DataFileError
+    from i2e_train.data.local import own_data
+
+    out = tmp_path / "out"
+    convert(folder, out, "C", **KW)
+    shard = out / "C" / "train-00001-of-00003.parquet"
+    shard.write_bytes(shard.read_bytes()[:200])  # a copy cut short
+    dm = own_data(str(out), data_dir=str(tmp_path / "cache"), num_workers=0, batch_size=4, val_fraction=0.25)
+    with pytest.raises(DataFileError, match=rf"{shard}: not a readable parquet file \(.*\); it is truncated or "
+                                            r"corrupt\. Delete it and run the same i2e-convert command again .*"
+                                            r"or convert again with overwrite=true"):
+        dm.setup()
+    with pytest.raises(ConvertError, match=rf"{shard}: existing shard is unreadable .*delete it"):
+        convert(folder, out, "C", **KW)
+    shard.unlink()  # the fix the message gives
+    assert convert(folder, out, "C", **KW).shards_written == 1
+    own_data(str(out), data_dir=str(tmp_path / "cache"), num_workers=0, batch_size=4, val_fraction=0.25).setup()
