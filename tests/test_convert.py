@@ -572,6 +572,10 @@ def test_a_source_that_is_no_folder_and_no_hub_id_is_named_without_a_network_cal
         with pytest.raises(SourceError, match=rf"source {re.escape(repr(source))} does not exist: no local folder or "
                                               "file of that name, and not a Hugging Face Hub dataset"):
             convert(source, tmp_path / "out", "C", **KW)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SourceError, match=r"source 'data/images' does not exist: data is a local folder without "
+                                          r"'images' in it \(so this is a path, not a Hugging Face Hub id\)"):
+        convert("data/images", tmp_path / "out", "C", **KW)
     assert not (tmp_path / "out").exists()
 
 

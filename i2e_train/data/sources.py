@@ -238,6 +238,9 @@ def detect_kind(source: str) -> str:
     if not _HUB_ID.fullmatch(source) or ".." in source or "--" in source or source.endswith(".git"):
         raise SourceError(f"source {source!r} does not exist: no local folder or file of that name, and not a "
                           "Hugging Face Hub dataset (a Hub id reads owner/name, e.g. uoft-cs/cifar10); check the path")
+    if p.parent.is_dir():  # owner/name where owner is a local folder: a path, not a Hub id
+        raise SourceError(f"source {source!r} does not exist: {p.parent} is a local folder without {p.name!r} in it "
+                          "(so this is a path, not a Hugging Face Hub id); check the path")
     return "hub"
 
 
