@@ -1,34 +1,35 @@
-"""Training memory of the memory modes against the official model and SpikingJelly's memopt.
+"""Training memory and step cost of the memory modes, against the official model and SpikingJelly's memopt.
 
     python benchmarks/memory.py                          # MS-ResNet18 and SEW-ResNet18, T=8, 64x64, batch 16
-    python benchmarks/memory.py --quick                  # a reduced run (seconds): the same code paths
-    python benchmarks/memory.py --parts time --today ../main   # step time beside another checkout's default
-    python benchmarks/memory.py --device cuda            # also torch.cuda.max_memory_allocated
+    python benchmarks/memory.py --quick                  # a tiny run (seconds): the same code paths
+    python benchmarks/memory.py --chart docs/img/memory.png      # also the peak-by-category chart
+    python benchmarks/memory.py --parts time --today ../main     # CPU step time beside another checkout's default
 
-Variants of each network (same batch, same initial weights; losses checked identical to the
-reference of the same path):
-- ``official``: the plain torch.nn + SpikingJelly network, memory mode ``none``;
-- ``memopt``: ``official`` through SpikingJelly 2.0's ``memopt.optimize_memory(level=1)``
-  (every residual block a checkpointed segment, its input bit-compressed where it is binary;
-  levels 2-4 profile on CUDA only);
-- ``<mode>/torch``: memory mode ``<mode>`` on the tensor-operation path, the path CUDA takes
-  (:mod:`i2e_train.models.recompute`; ``bitpack.FORCE_TORCH``, fast kernels off);
-- ``<mode>/cpu``: memory mode ``<mode>`` with the CPU layer (fused kernels; MS-ResNet only);
-- ``today`` (``--today PATH``): the default of another checkout (e.g. main), as its
-  ``SNNClassifier`` configures it.
+Variants of each network (same batch, same initial weights; every loss checked identical):
+- ``official``: the plain torch.nn + SpikingJelly network (SpikingJelly's own LIF);
+- ``memopt``: ``official`` through SpikingJelly 2.0's ``memopt.optimize_memory(level=1)`` (its
+  residual blocks checkpointed, binary block inputs compressed; levels 2-4 search on CUDA only);
+- ``none`` / ``bits`` / ``recompute`` / ``least``: our network in that memory mode
+  (:mod:`i2e_train.models.memory`).
 
-Peak memory: one fresh process per variant, ``MALLOC_MMAP_THRESHOLD_`` (``--mmap-threshold``,
-default 131072) set in its environment so that freed blocks go back to the system and the
-resident peak follows the live tensors, as a CUDA allocator's count does (allocator-neutral);
-the growth of the peak resident set (``VmHWM``, reset after the set-up: libraries loaded by a
-warm-up step, model, optimiser and data built) during ``--steps`` SGD steps with momentum. On
-CUDA ``torch.cuda.max_memory_allocated`` too. ``kept MiB``: the bytes kept for the backward by
-one forward (distinct storages, parameters left out), in float32 and under bfloat16 autocast,
-counted by a ``saved_tensors_hooks`` (and the engine's observer): no GPU needed.
+Everything runs the tensor-operation path a GPU runs (``I2E_CPU_KERNELS=0``), on CPU, one fresh
+process per variant, with SpikingJelly's LIF as on CUDA: its registered operators
+(``torch.ops.sj_lif``) with the autograd SpikingJelly registers for CUDA (it keeps the charged
+membrane, the input and the initial membrane), the forward writing its outputs step by step as
+the CUDA kernel does (the CPU reference builds per-step lists first). Measures, all deterministic:
 
-Step time (``--parts time``): one fresh process steps the timed variants in turn (who goes first
-rotates) for ``--time-steps`` steps after one untimed step; the median per process, the median
-over ``--repeats`` processes; ratios to ``today`` (or ``bits/cpu``) per process.
+- **exact peak**: the peak of live bytes of one SGD step (momentum; after one warm-up step, so
+  the optimiser state exists) from PyTorch's profiler (``profile_memory=True``): every allocation
+  and free of the CPU allocator in order, what ``torch.cuda.max_memory_allocated`` counts on a
+  GPU; by category at the peak (parameters, optimiser state, gradients, input, activations and
+  temporaries). Kernel workspaces are CPU ones (oneDNN's), not cuDNN's.
+- **predicted**: the dry run of :func:`i2e_train.models.memory_plan.predict_peaks` (fake
+  tensors, no allocation), what ``memory=auto`` decides on;
+- **FLOPs** (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products),
+  **bytes moved** (the tensors every non-view ATen operator reads and writes, a fused neuron
+  operator counted as the one kernel it is on a GPU) and **ATen ops** (a proxy for kernel launches).
+- ``rss`` (secondary): growth of the resident set over one unprofiled step, with
+  ``MALLOC_MMAP_THRESHOLD_=131072`` (freed blocks go back to the system).
 """
 
 from __future__ import annotations
@@ -40,42 +41,27 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NETS = {"ms_resnet18": "MS-ResNet18", "sew_resnet18": "SEW-ResNet18 (SpikingJelly)", "ms_resnet_tiny": "MS-ResNet tiny"}
-VARIANTS = ["official", "memopt", "none/cpu", "bits/torch", "bits+checkpoint/torch", "bits/cpu", "bits+checkpoint/cpu"]
+VARIANTS = ["official", "memopt", "none", "bits", "recompute", "least"]
+OURS = ("none", "bits", "recompute", "least")
+CATEGORIES = ("parameters", "optimizer state", "gradients", "input", "activations and temporaries")
 
 
-def resident() -> dict[str, int]:
-    """Resident set of this process now and at its highest (``/proc/self/status``, bytes)."""
-    out = {"current": 0, "peak": 0}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out["current" if key == "VmRSS" else "peak"] = int(rest.split()[0]) * 1024
-    return out
-
-
-def reset_resident_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # Linux 4.0+: VmHWM starts again from VmRSS
-        f.write("5")
-
-
-# --------------------------------------------------------------------------- child process
-def _sew_resnet18(num_classes: int, ours: bool):
-    """SpikingJelly's SEW-ResNet18 (ADD), multi-step, LIF with ATan, on 2-channel events; its LIF
-    SpikingJelly's own (``ours=False``) or our subclass, as ``model=sj/...`` builds it (the same
-    arithmetic, fast kernel off: SpikingJelly's path)."""
+# --------------------------------------------------------------------------- child process: the network
+def _sew_resnet18(ours: bool):
+    """SpikingJelly's SEW-ResNet18 (ADD), multi-step, LIF with ATan, on 2-channel events, its LIF
+    SpikingJelly's (``ours=False``) or ours (as ``model=sj/...`` builds it); logits are the mean over T."""
     import torch
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
     from spikingjelly.activation_based.model import sew_resnet
 
     from i2e_train.models.lif import LIFNode
 
-    lif = functools.partial(LIFNode, fast=False) if ours else neuron.LIFNode
-    net = sew_resnet.sew_resnet18(num_classes=num_classes, cnf="ADD", spiking_neuron=lif,
+    net = sew_resnet.sew_resnet18(num_classes=10, cnf="ADD", spiking_neuron=LIFNode if ours else neuron.LIFNode,
                                   surrogate_function=surrogate.ATan(), detach_reset=True)  # fmt: skip
     net.conv1 = layer.Conv2d(2, 64, kernel_size=7, stride=2, padding=3, bias=False)
     functional.set_step_mode(net, "m")
@@ -92,203 +78,356 @@ def _sew_resnet18(num_classes: int, ours: bool):
             finally:
                 functional.reset_net(self.net)
 
-    return Mean()
+    return Mean(), (sew_resnet.BasicBlock, sew_resnet.Bottleneck)
 
 
-def _build(spec: dict, variant: str, device, x):
-    """A fresh network for ``variant`` from the same seed (same initial weights)."""
+def _sj_neurons(model) -> None:
+    """Our LIF neurons of ``model`` replaced by SpikingJelly's own (the official network)."""
+    from spikingjelly.activation_based import neuron
+
+    from i2e_train.models.lif import LIFNode
+
+    for m in list(model.modules()):
+        for name, c in list(m.named_children()):
+            if isinstance(c, LIFNode):
+                setattr(m, name, neuron.LIFNode(tau=c.tau, decay_input=c.decay_input, v_threshold=c.v_threshold,
+                                                v_reset=c.v_reset, surrogate_function=c.surrogate_function,
+                                                detach_reset=c.detach_reset, step_mode="m"))  # fmt: skip
+
+
+def build(arch: str, variant: str, x):
+    """A fresh network for ``variant`` from seed 0 (the same initial weights for every variant)."""
     import torch
 
+    from i2e_train.models.memory import set_memory
+
     torch.manual_seed(0)
-    if spec["arch"] == "sew_resnet18":
-        model = _sew_resnet18(10, ours=variant not in ("official", "memopt"))
+    if arch == "sew_resnet18":
+        model, blocks = _sew_resnet18(ours=variant in OURS)
     else:
         from i2e_train.models import create_model
+        from i2e_train.models.ms_resnet import BasicBlock, Bottleneck
 
-        model = create_model(spec["arch"], num_classes=10)
-    model = model.to(device)
-    if variant == "today":
-        from i2e_train.module import SNNClassifier
-
-        module = SNNClassifier(model, num_classes=10)
-        module.configure_model()  # its fast kernels and memory mode, as a run sets them
-        return module.model
+        model, blocks = create_model(arch, num_classes=10), (BasicBlock, Bottleneck)
+        if variant not in OURS:
+            _sj_neurons(model)
     if variant == "memopt":
         from spikingjelly.activation_based import memopt
 
-        blocks = {type(m) for m in model.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")}
-        probe = x[:, :2]  # a representative forward (binary block inputs are found and compressed)
-        return memopt.optimize_memory(model, tuple(blocks), lambda m: m(probe), level=1)
-    from i2e_train.models.layers import set_fast_kernels
-    from i2e_train.models.memory import set_memory
-
-    mode, _, path = variant.partition("/")
-    set_fast_kernels(model, path == "cpu")
-    set_memory(model, "none" if variant == "official" else mode)
+        return memopt.optimize_memory(model, blocks, lambda m: m(x[:, :2]), level=1)
+    if variant in OURS:
+        set_memory(model, variant)
     return model
 
 
-def _path(variant: str):
-    """The context a variant runs in: the tensor-operation path forced on CPU for ``/torch``."""
-    from contextlib import nullcontext
+def sj_lif_as_on_cuda():
+    """SpikingJelly's LIF operator on CPU with the memory behaviour it has on CUDA (see the module
+    docstring). Only ever installed in this benchmark's child processes."""
+    import spikingjelly._ops.lif  # noqa: F401  (registers torch.ops.sj_lif)
+    import torch
 
-    from i2e_train.models import bitpack
+    class Autograd(torch.autograd.Function):  # what spikingjelly._ops.lif.autograd registers for CUDA
+        @staticmethod
+        def forward(ctx, x, v, *params):
+            with torch._C._AutoDispatchBelowAutograd():
+                out = torch.ops.sj_lif.forward(x, v, *params)
+            ctx.save_for_backward(out[2], x, v)
+            ctx.params = params
+            ctx.mark_non_differentiable(out[2])
+            return out
 
-    class Forced:
-        def __enter__(self):
-            bitpack.FORCE_TORCH = True
+        @staticmethod
+        def backward(ctx, gs, gv, gh):
+            h, x, v = ctx.saved_tensors
+            gs = torch.zeros_like(h, dtype=x.dtype) if gs is None else gs
+            gv = torch.zeros_like(h if ctx.params[-2] else h[0]) if gv is None else gv
+            with torch._C._AutoDispatchBelowAutograd():
+                gx, gv0 = torch.ops.sj_lif.backward(gs, gv, h, *ctx.params)
+            return (gx, gv0) + (None,) * len(ctx.params)
 
-        def __exit__(self, *exc):
-            bitpack.FORCE_TORCH = False
+    def forward(x, v, tau, decay_input, threshold, reset, detach_reset, alpha, store_v_seq=True, surrogate_id=0):
+        # spikingjelly._ops.lif.reference._forward_impl's arithmetic, its outputs written in place step by step
+        spikes = torch.empty_like(x, memory_format=torch.contiguous_format)
+        charged = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        volts = torch.empty(x.shape, dtype=torch.float32, device=x.device) if store_v_seq else None
+        r = 0.0 if reset is None else reset
+        for t in range(x.shape[0]):
+            cur = x[t].float()
+            h = v + (cur - (v - r)) / tau if decay_input else v - (v - r) / tau + cur
+            spike = (h >= threshold).to(torch.float32)
+            v = h - spike * threshold if reset is None else spike * reset + (1 - spike) * h
+            spikes[t], charged[t] = spike, h
+            if store_v_seq:
+                volts[t] = v
+        return spikes, (volts if store_v_seq else v.contiguous()), charged
 
-    return Forced() if variant.endswith("/torch") else nullcontext()
+    lib = torch.library.Library("sj_lif", "IMPL")
+    lib.impl("forward", lambda x, v, *p: Autograd.apply(x, v, *p), "AutogradCPU")
+    lib.impl("forward", forward, "CPU")
+    return lib
+
+
+# --------------------------------------------------------------------------- child process: the measures
+def exact_peak(step, resident, named) -> tuple[int, dict[str, int]]:
+    """Peak of live bytes of ``step()`` from the profiler's allocation events, and by category at the
+    peak. ``resident()``: the tensors alive before the step; ``named()``: category -> data pointers."""
+    import torch
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        e = todo.pop()
+        todo.extend(e.children)
+        if e.typed[0] == _EventType.Allocation and e.typed[1].device.type == "cpu":
+            events.append((e.start_time_ns, len(events), e.typed[1].ptr, e.typed[1].alloc_size))
+    events.sort()
+    born = {ptr for _, _, ptr, size in events if size > 0}
+    live: dict[int, int] = {}
+    for t in resident():  # alive before the step: counted from the start unless the step frees and makes them
+        st = t.untyped_storage()
+        if st.data_ptr() not in born:
+            live.setdefault(st.data_ptr(), st.nbytes())
+    seen: set[int] = set()
+    for _, _, ptr, size in events:  # freed in the step without being made in it: alive at its start
+        if size < 0 and ptr not in seen:
+            live.setdefault(ptr, -size)
+        seen.add(ptr)
+    total = peak = sum(live.values())
+    snapshot = dict(live)
+    for _, _, ptr, size in events:
+        if size > 0:
+            live[ptr] = size
+            total += size
+            if total > peak:
+                peak, snapshot = total, dict(live)
+        else:
+            total -= live.pop(ptr, -size)
+    groups = named()
+    by_category = dict.fromkeys(CATEGORIES, 0)
+    for ptr, n in snapshot.items():
+        by_category[next((k for k, ptrs in groups.items() if ptr in ptrs), CATEGORIES[-1])] += n
+    return peak, by_category
+
+
+def step_cost(step) -> tuple[int, int, int]:
+    """(FLOPs, bytes moved, ATen ops) of ``step()``."""
+    import torch
+    import torch.utils._pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    no_data = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default,
+               aten.new_empty_strided.default}  # fmt: skip
+
+    class Traffic(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+            if func not in no_data and not view:
+                self.ops += 1
+                seen = set()
+                for t in pytree.tree_leaves((args, kwargs, out)):
+                    if isinstance(t, torch.Tensor) and id(t) not in seen:
+                        seen.add(id(t))
+                        self.bytes += t.numel() * t.element_size()
+            return out
+
+    traffic = Traffic()
+    with FlopCounterMode(display=False) as flops, traffic:
+        step()
+    return flops.get_total_flops(), traffic.bytes, traffic.ops
+
+
+def _resident_set() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
 
 
 def _child(spec: dict) -> dict:
-    """Train ``spec['variants']`` side by side for ``spec['steps']`` SGD steps in this process:
-    peak growth, median step times (first step left out) and every loss."""
-    import time
-
+    """Measure one variant (this process: fresh, I2E_CPU_KERNELS=0)."""
+    sys.path.insert(0, spec.get("tree") or str(ROOT))
     import torch
 
-    sys.path.insert(0, spec.get("tree") or str(ROOT))
-    device = torch.device(spec["device"])
+    _lib = sj_lif_as_on_cuda()  # noqa: F841  (the registrations live as long as the library object)
     gen = torch.Generator().manual_seed(0)
     t, b, hw = spec["t"], spec["batch"], spec["size"]
-    x = (torch.rand(t, b, 2, hw, hw, generator=gen) < 0.1).float().to(device)  # [T, B, 2, H, W]
-    y = torch.randint(0, 10, (b,), generator=gen).to(device)
-    warm = {v: _build(dict(spec, arch="ms_resnet_tiny" if spec["arch"] != "sew_resnet18" else spec["arch"]), v, device, x)
-            for v in spec["variants"]}  # fmt: skip
-    for v, m in warm.items():  # every library and kernel of the variant loaded before the reference
-        with _path(v):
-            torch.nn.functional.cross_entropy(m(x[:, :2, :, : hw // 2, : hw // 2]), y[:2]).backward()
-    del warm
-    steps = {}
-    for v in spec["variants"]:
-        model = _build(spec, v, device, x)
-        steps[v] = (model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    reset_resident_peak()
-    base = resident()["current"]
-    names = list(steps)
-    sec: dict[str, list[float]] = {n: [] for n in names}
-    losses: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(spec["steps"]):
-        for n in names[i % len(names):] + names[: i % len(names)]:
-            model, opt = steps[n]
-            t0 = time.perf_counter()
-            with _path(n):
-                opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-            losses[n].append(loss.item())
-            sec[n].append(time.perf_counter() - t0)
-    out = {"peak_mib": (resident()["peak"] - base) / 2**20, "losses": losses,
-           "sec": {n: statistics.median(s[1:] or s) for n, s in sec.items()}}  # fmt: skip
-    if device.type == "cuda":
-        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    if spec.get("kept"):
-        out.update(_kept(spec, names[0], device, x, y))
+    x = (torch.rand(t, b, 2, hw, hw, generator=gen) < 0.1).float()  # [T, B, 2, H, W]
+    y = torch.randint(0, 10, (b,), generator=gen)
+    model = build(spec["arch"], spec["variant"], x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses: list[float] = []
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+
+    def state():
+        return [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+
+    def named():
+        ps = list(model.parameters())
+        return {"parameters": {p.data_ptr() for p in ps}, "optimizer state": {v.data_ptr() for v in state()},
+                "gradients": {p.grad.data_ptr() for p in ps if p.grad is not None},
+                "input": {x.data_ptr(), y.data_ptr()}}  # fmt: skip
+
+    step()  # warm-up: the optimiser state exists, libraries are loaded
+    with open("/proc/self/clear_refs", "w") as f:  # Linux 4.0+: VmHWM starts again from VmRSS
+        f.write("5")
+    before = _resident_set()["VmRSS"]
+    step()
+    rss = _resident_set()["VmHWM"] - before
+    peak, by_category = exact_peak(step, lambda: [*model.parameters(), *model.buffers(), *state(), x, y], named)
+    flops, moved, ops = step_cost(step)
+    out = {"peak": peak, "by_category": by_category, "flops": flops, "bytes": moved, "ops": ops, "rss": rss,
+           "losses": losses}  # fmt: skip
+    if spec["variant"] in OURS:
+        from i2e_train.models.memory_plan import predict_peaks
+
+        fresh = build(spec["arch"], "none", x)
+        optimizer = functools.partial(_sgd, torch.optim.SGD)
+        out["predicted"] = predict_peaks(fresh, x.shape, modes=[spec["variant"]], optimizer=optimizer)[spec["variant"]]
     return out
 
 
-def _kept(spec: dict, variant: str, device, x, y) -> dict:
-    """Bytes kept for the backward by one forward of a fresh ``variant``, fp32 and bf16 autocast."""
-    import torch
-
-    from i2e_train.models.recompute import kept_bytes
-
-    out = {}
-    for name, dtype in (("kept_fp32_mib", None), ("kept_bf16_mib", torch.bfloat16)):
-        model = _build(spec, variant, device, x)
-        params = {p.untyped_storage()._cdata for p in model.parameters()}
-        with _path(variant), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out[name] = kept_bytes(lambda: torch.nn.functional.cross_entropy(model(x), y), params) / 2**20
-    return out
+def _sgd(cls, net):
+    return cls(net.parameters(), lr=0.1, momentum=0.9)
 
 
-def run_child(spec: dict, mmap_threshold: int | None, preload: str | None = None) -> dict:
-    env = dict(os.environ)
-    if mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    if preload:
-        env["LD_PRELOAD"] = preload
+def run_child(spec: dict, timeout: float = 3600) -> dict:
+    env = dict(os.environ, I2E_CPU_KERNELS="0", MALLOC_MMAP_THRESHOLD_="131072", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode:
         raise RuntimeError(f"benchmark child {spec} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# --------------------------------------------------------------------------- measurements
-def _spec(args, arch: str, variants: list[str], steps: int, **extra) -> dict:
-    return {"arch": arch, "t": args.t, "size": args.size, "batch": args.batch, "variants": variants, "steps": steps,
-            "device": args.device, **extra}  # fmt: skip
-
-
+# --------------------------------------------------------------------------- the tables
 def memory_rows(args, arch: str) -> list[dict]:
-    """One fresh process per variant: peak growth, kept bytes, losses."""
     rows = []
     for v in args.variants:
-        if arch == "sew_resnet18" and v.endswith("/cpu"):
-            continue  # the CPU layer is the model zoo's
-        extra = {"tree": str(Path(args.today).resolve())} if v == "today" else {}
-        kept = args.kept and v not in ("memopt", "today")
-        r = run_child(_spec(args, arch, [v], args.steps, kept=kept, **extra), args.mmap_threshold)
-        rows.append({"arch": arch, "variant": v, **r})
+        spec = {"arch": arch, "variant": v, "t": args.t, "size": args.size, "batch": args.batch}
+        rows.append({"arch": arch, "variant": v, **run_child(spec)})
     ref = {r["variant"]: r for r in rows}
     for r in rows:
-        r["x_official"] = r["peak_mib"] / ref["official"]["peak_mib"]
-        if "memopt" in ref:
-            r["x_memopt"] = r["peak_mib"] / ref["memopt"]["peak_mib"]
-        same_path = ref["official"] if not r["variant"].endswith("/cpu") else ref.get("none/cpu", ref["official"])
-        r["losses_identical"] = list(r["losses"].values()) == list(same_path["losses"].values())
-    return rows
-
-
-def time_rows(args, arch: str) -> list[dict]:
-    """Step times of the timed variants side by side, ratios to the first one per process."""
-    names = args.time_variants
-    extra = {"tree": None}
-    ratios: dict[str, list[float]] = {n: [] for n in names}
-    secs: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.repeats):
-        spec = _spec(args, arch, names, args.time_steps + 1, **extra)
-        if "today" in names:  # one process per tree: the reference runs in both
-            a = run_child(dict(spec, variants=["today"], tree=str(Path(args.today).resolve())), args.mmap_threshold)
-            b = run_child(dict(spec, variants=[n for n in names if n != "today"]), args.mmap_threshold)
-            res = {**a["sec"], **b["sec"]}
-        else:
-            res = run_child(spec, args.mmap_threshold)["sec"]
-        for n in names:
-            secs[n].append(res[n])
-            ratios[n].append(res[n] / res[names[0]])
-    return [{"arch": arch, "variant": n, "sec": statistics.median(secs[n]), "x_first": statistics.median(ratios[n]),
-             "secs": secs[n]} for n in names]  # fmt: skip
-
-
-def allocator_rows(args, arch: str) -> list[dict]:
-    """The default on CPU (``bits/cpu``) under each host allocator setting: the resident peak."""
-    settings = [("glibc malloc, default settings", 0, None), ("glibc, MALLOC_MMAP_THRESHOLD_=131072", 131072, None)]
-    settings += [(f"LD_PRELOAD={lib}", 0, lib) for lib in args.preload]
-    rows = []
-    for label, threshold, lib in settings:
-        peaks = [run_child(_spec(args, arch, ["bits/cpu"], args.steps), threshold, lib)["peak_mib"] for _ in range(args.repeats)]
-        rows.append({"arch": arch, "allocator": label, "peak_mib": statistics.median(peaks), "peaks": peaks})
+        base = ref.get("official", rows[0])
+        r["x_memopt"] = r["peak"] / ref["memopt"]["peak"] if "memopt" in ref else None
+        r["x_flops"], r["x_bytes"], r["x_ops"] = (r[k] / base[k] for k in ("flops", "bytes", "ops"))
+        r["losses_identical"] = r["losses"] == base["losses"]
     return rows
 
 
 def print_memory(rows: list[dict]) -> None:
-    print(f"\n{'network':<14}{'variant':<24}{'peak MiB':>9}{'x official':>11}{'x memopt':>9}{'kept fp32':>10}"
-          f"{'kept bf16':>10}  losses")  # fmt: skip
+    mib = 2**20
+    print(f"\n{'network':<14}{'variant':<11}{'peak MiB':>9}{'x memopt':>9}{'predicted':>10}{'FLOPs':>7}{'bytes':>7}"
+          f"{'ops':>7}{'rss MiB':>8}  activations+temporaries at peak, losses")  # fmt: skip
     for r in rows:
-        cuda = f"  (cuda {r['cuda_peak_mib']:.0f} MiB)" if "cuda_peak_mib" in r else ""
-        kept = "".join(f"{r[k]:>10.1f}" if k in r else f"{'-':>10}" for k in ("kept_fp32_mib", "kept_bf16_mib"))
-        print(f"{r['arch']:<14}{r['variant']:<24}{r['peak_mib']:>9.0f}{r['x_official']:>10.2f}x"
-              f"{r.get('x_memopt', float('nan')):>8.2f}x{kept}  {'identical' if r['losses_identical'] else 'DIFFERENT'}{cuda}")
+        memopt = f"{r['x_memopt']:>8.2f}x" if r["x_memopt"] is not None else f"{'-':>9}"
+        pred = f"{r['predicted'] / mib:>10.1f}" if "predicted" in r else f"{'-':>10}"
+        print(f"{r['arch']:<14}{r['variant']:<11}{r['peak'] / mib:>9.1f}{memopt}{pred}{r['x_flops']:>6.2f}x"
+              f"{r['x_bytes']:>6.2f}x{r['x_ops']:>6.2f}x{r['rss'] / mib:>8.0f}  "
+              f"{r['by_category'][CATEGORIES[-1]] / mib:.1f}, {'identical' if r['losses_identical'] else 'DIFFERENT'}")  # fmt: skip
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    """A stacked bar per variant: the exact peak by category (one panel per network)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.6), squeeze=False)
+    colors = ["#4c72b0", "#dd8452", "#937860", "#8c8c8c", "#c44e52"]
+    for ax, arch in zip(axes[0], archs):
+        mine = [r for r in rows if r["arch"] == arch]
+        bottom = [0.0] * len(mine)
+        for cat, color in zip(CATEGORIES, colors):
+            values = [r["by_category"][cat] / 2**20 for r in mine]
+            ax.bar([r["variant"] for r in mine], values, bottom=bottom, color=color, label=cat)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        for i, r in enumerate(mine):
+            ax.text(i, bottom[i], f"{r['peak'] / 2**20:.0f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(NETS[arch], fontsize=10)
+        ax.set_ylabel("exact peak, MiB")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CPU step time
+def _time_child(spec: dict) -> dict:
+    """Median CPU step time of ``spec['variants']`` stepped in turn (compiled CPU kernels on)."""
+    sys.path.insert(0, spec.get("tree") or str(ROOT))
+    import torch
+
+    from i2e_train.models import create_model
+    from i2e_train.module import SNNClassifier
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(spec["t"], spec["batch"], 2, spec["size"], spec["size"], generator=gen) < 0.1).float()
+    y = torch.randint(0, 10, (spec["batch"],), generator=gen)
+    steps = {}
+    for v in spec["variants"]:
+        torch.manual_seed(0)
+        module = SNNClassifier(create_model(spec["arch"], num_classes=10), num_classes=10,
+                               **({} if v == "default" else {"memory": v}))  # fmt: skip
+        module.configure_model()  # its fast kernels and memory mode, as a run sets them
+        steps[v] = (module.model, torch.optim.SGD(module.model.parameters(), lr=0.1, momentum=0.9))
+    sec: dict[str, list[float]] = {v: [] for v in steps}
+    names = list(steps)
+    for i in range(spec["steps"] + 1):
+        for v in names[i % len(names):] + names[: i % len(names)]:
+            model, opt = steps[v]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if i:  # the first step of each variant is not timed
+                sec[v].append(time.perf_counter() - t0)
+    return {v: statistics.median(s) for v, s in sec.items()}
+
+
+def time_rows(args, arch: str) -> list[dict]:
+    """The default's CPU step time here and (``--today``) in another checkout, fresh processes
+    alternating; the ratio per pair of processes, the median over ``--repeats`` pairs."""
+    spec = {"arch": arch, "t": args.t, "size": args.size, "batch": args.batch, "steps": args.time_steps,
+            "variants": ["default"]}  # fmt: skip
+    here, there = [], []
+    for _ in range(args.repeats):
+        for tree, out in ((None, here), (args.today, there)):
+            if tree is None or args.today:
+                env = dict(os.environ, PYTHONWARNINGS="ignore")
+                s = dict(spec, tree=str(Path(tree).resolve()) if tree else None, mode="time")
+                res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(s)],
+                                     capture_output=True, text=True, timeout=7200, env=env)  # fmt: skip
+                if res.returncode:
+                    raise RuntimeError(res.stderr[-3000:])
+                out.append(json.loads(res.stdout.strip().splitlines()[-1])["default"])
+    rows = [{"arch": arch, "tree": "this checkout", "sec": statistics.median(here), "secs": here}]
+    if there:
+        rows.append({"arch": arch, "tree": str(args.today), "sec": statistics.median(there), "secs": there,
+                     "ratios": [a / b for a, b in zip(here, there)]})  # fmt: skip
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -296,47 +435,37 @@ def main(argv=None) -> dict:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="ms_resnet_tiny, 32x32, T=2, batch 2")
     ap.add_argument("--archs", nargs="+", default=["ms_resnet18", "sew_resnet18"], choices=list(NETS))
-    ap.add_argument("--variants", nargs="+", default=VARIANTS)
-    ap.add_argument("--time-variants", nargs="+", default=["bits/cpu", "none/cpu", "bits/torch"])
-    ap.add_argument("--today", default=None, help="another checkout: its default is the variant 'today'")
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--t", type=int, default=8, help="time steps T")
-    ap.add_argument("--steps", type=int, default=3, help="SGD steps per memory process")
+    ap.add_argument("--parts", nargs="+", choices=["memory", "time"], default=["memory"])
+    ap.add_argument("--today", default=None, help="another checkout: its default's CPU step time beside ours")
     ap.add_argument("--time-steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--parts", nargs="+", choices=["memory", "time", "allocators"], default=["memory"])
-    ap.add_argument("--preload", nargs="*", default=[], help="allocator libraries to LD_PRELOAD (part 'allocators')")
-    ap.add_argument("--mmap-threshold", type=int, default=131072, help="MALLOC_MMAP_THRESHOLD_ of the children (0: unset)")
-    ap.add_argument("--no-kept", dest="kept", action="store_false", help="skip the kept-bytes count")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--chart", default=None, help="write the peak-by-category chart (PNG) here")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(_child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(_time_child(spec) if spec.get("mode") == "time" else _child(spec)))
         return {}
     if args.quick:
-        args.archs, args.size, args.t, args.batch, args.steps, args.time_steps, args.repeats = (
-            ["ms_resnet_tiny", "sew_resnet18"], 32, 2, 2, 2, 2, 1)  # fmt: skip
-    if args.today:
-        args.variants = [*args.variants, "today"]
-        args.time_variants = ["today", *args.time_variants]
-    result: dict = {"args": vars(args), "memory": [], "time": [], "allocators": []}
-    print(f"T={args.t}, {args.size}x{args.size}, batch {args.batch}, {args.steps} SGD steps, device {args.device}, "
-          f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold or 'unset'}")  # fmt: skip
+        args.archs, args.size, args.t, args.batch, args.time_steps, args.repeats = ["ms_resnet_tiny"], 32, 2, 2, 2, 1
+    result: dict = {"args": vars(args), "memory": [], "time": []}
+    print(f"T={args.t}, {args.size}x{args.size}, batch {args.batch}, SGD with momentum, the GPU path on CPU")
     for arch in args.archs:
         if "memory" in args.parts:
             result["memory"] += memory_rows(args, arch)
         if "time" in args.parts and arch != "sew_resnet18":
             result["time"] += time_rows(args, arch)
-        if "allocators" in args.parts and arch != "sew_resnet18":
-            result["allocators"] += allocator_rows(args, arch)
     if result["memory"]:
         print_memory(result["memory"])
+        if args.chart:
+            chart(result["memory"], Path(args.chart))
     for r in result["time"]:
-        print(f"{r['arch']:<14}{r['variant']:<24} step {r['sec']:.3f} s  x{r['x_first']:.3f} of {args.time_variants[0]}")
-    for r in result["allocators"]:
-        print(f"{r['arch']:<14}bits/cpu  {r['allocator']:<60} resident peak {r['peak_mib']:.0f} MiB")
+        ratio = f"  ratio per pair {['%.3f' % q for q in r['ratios']]}" if "ratios" in r else ""
+        print(f"{r['arch']:<14}{r['tree']:<40} step {r['sec']:.3f} s{ratio}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

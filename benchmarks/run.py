@@ -8,7 +8,7 @@ Baselines are written here, faithful to the official code's approach:
   {-1, +1} 3x3 kernels, two comparisons, float32 output (``baseline_convert``);
 - data: the dataset card's per-sample recipe (``benchmarks/decode.py``);
 - training: the same MS-ResNet18 run eagerly in float32 with the default memory format, built
-  from the plain torch.nn layers and SpikingJelly's LIF (``set_fast_kernels(model, False)``).
+  from the plain torch.nn layers and SpikingJelly's own LIF neurons.
 Every number is the median of ``--repeats`` runs (conversion, which is quick: 3x as many, at
 least 15); baseline and contenders alternate (who goes first rotates). Training: each repeat is
 one fresh process that steps every variant in turn on the same batch from the same initial
@@ -98,8 +98,9 @@ _TRAIN_CHILD = r"""
 import json, statistics, sys, time, torch
 sys.path.insert(0, {root!r})
 from i2e_train.models import create_model
-from i2e_train.models.layers import set_fast_kernels
+from i2e_train.models.lif import LIFNode
 from i2e_train.models.memory import set_memory
+from spikingjelly.activation_based import neuron
 variants, device, steps, allocators = {variants!r}, torch.device({device!r}), {steps}, {allocators!r}
 from contextlib import nullcontext
 def resident():  # resident set now and at its highest (/proc/self/status, bytes)
@@ -122,7 +123,13 @@ def make(name, arch="ms_resnet18", x=x, y=y):
     variant = {variant_of!r}.get(name, name)
     with allocator_of(name):  # its weights from its allocator too
         model = create_model(arch, num_classes=10).to(device)
-        set_fast_kernels(model, variant != "baseline")  # off: plain torch.nn layers and SpikingJelly's LIF
+        if variant == "baseline":  # the plain torch.nn + SpikingJelly network: SpikingJelly's own LIF
+            for m in list(model.modules()):
+                for n, c in list(m.named_children()):
+                    if isinstance(c, LIFNode):
+                        setattr(m, n, neuron.LIFNode(tau=c.tau, decay_input=c.decay_input, v_threshold=c.v_threshold,
+                                v_reset=c.v_reset, surrogate_function=c.surrogate_function,
+                                detach_reset=c.detach_reset, step_mode="m").to(device))
         set_memory(model, "bits" if variant.startswith("ours_bits") else "none")  # what the backward keeps
         if "channels_last" in variant:
             model = model.to(memory_format=torch.channels_last)

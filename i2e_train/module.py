@@ -20,11 +20,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from .models.layers import set_fast_kernels
+from .models.lif import set_fast_kernels
 from .models.memory import check_memory_mode, set_memory
+from .models.memory_plan import PRECISIONS, choose_memory, device_budget
 
 __all__ = ["SNNClassifier"]
 
@@ -55,15 +57,17 @@ class SNNClassifier(LightningModule):
         label_smoothing: label smoothing of the training loss.
         run_config: the resolved run config, stored in every checkpoint as ``i2e_config`` so that
             a checkpoint alone says how to rebuild its model and data.
-        fast_kernels: the bit-identical fast CPU paths of the model zoo's layers (fused LIF,
-            GEMM weight gradient of small convolutions, max pooling; see
-            :mod:`i2e_train.models.layers`): same results to the bit, faster training steps on
-            CPU (README, Measured). ``False`` runs the plain ``torch.nn`` / SpikingJelly layers.
-        memory: what training keeps for the backward pass (:mod:`i2e_train.models.memory`):
-            ``"bits"`` (spikes saved as bits, cheap recomputation instead of storage),
-            ``"bits+checkpoint"`` (also every residual block recomputed from its input: less
-            memory, about one more forward pass per step) or ``"none"`` (autograd's default).
-            The same losses and gradients to the bit in every mode.
+        fast_kernels: the compiled CPU kernel of our LIF neurons (:mod:`i2e_train.models.lif`):
+            the same results to the bit, faster training steps on CPU; ``False`` (or
+            ``I2E_CPU_KERNELS=0`` in the environment) runs SpikingJelly's operators there.
+        memory: what training keeps for the backward pass (:mod:`i2e_train.models.memory`), from
+            fastest to leanest: ``"none"``, ``"bits"`` (only what is free), ``"recompute"``
+            (what costs no convolution work runs again in the backward), ``"least"`` (every
+            layer runs again from spikes kept as bits), or ``"auto"`` (the fastest whose
+            predicted peak fits ``memory_budget``). The same losses and gradients to the bit in
+            every mode.
+        memory_budget: GiB a training step may use with ``memory="auto"`` (None: the device's
+            free memory, :func:`i2e_train.models.memory_plan.device_budget`).
         channels_last: keep convolution weights (and so activations) in channels-last memory
             format, the fast layout for tensor cores. The float sums run in another order, so
             membrane values differ in the last bits and spikes right at threshold may flip.
@@ -92,6 +96,7 @@ class SNNClassifier(LightningModule):
         compile: bool = False,
         fast_kernels: bool = True,
         memory: str = "bits",
+        memory_budget: float | None = None,
         eval_autocast: bool = False,
         batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
@@ -106,6 +111,10 @@ class SNNClassifier(LightningModule):
         self.compile = bool(compile)
         self.fast_kernels = bool(fast_kernels)
         self.memory = check_memory_mode(memory)
+        if memory_budget is not None and not float(memory_budget) > 0:
+            raise ValueError(f"module.memory_budget={memory_budget!r}: expected a positive number of GiB or null")
+        self.memory_budget = None if memory_budget is None else float(memory_budget)
+        self.memory_chosen: str | None = None  # memory="auto": the mode picked before the first step
         self.eval_autocast = bool(eval_autocast)
         self.batch_transform = batch_transform
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -138,6 +147,21 @@ class SNNClassifier(LightningModule):
     def forward(self, events: torch.Tensor) -> torch.Tensor:
         net = self._compiled if self._compiled is not None else self.model
         return net(events)  # [T, B, C, H, W] -> [B, classes]
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.memory == "auto" and self.memory_chosen is None:
+            self._choose_memory(batch[0])
+
+    def _choose_memory(self, events: torch.Tensor) -> None:
+        """memory=auto: the fastest mode whose predicted peak fits the budget, from the first batch's shape."""
+        budget = device_budget(events.device) if self.memory_budget is None else int(self.memory_budget * 2**30)
+        precision = str(getattr(self.trainer, "precision", "32-true")) if self._trainer is not None else None
+        mode, peaks = choose_memory(self.model, events.shape, budget, optimizer=self.optimizer_factory,
+                                    precision=precision if precision in PRECISIONS else None,
+                                    input_dtype=events.dtype)  # fmt: skip
+        self.memory_chosen = mode
+        rank_zero_info("memory=auto: %s for a budget of %.2f GiB (predicted peaks: %s)" % (
+            mode, budget / 2**30, ", ".join(f"{m} {p / 2**30:.2f} GiB" for m, p in peaks.items())))
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:

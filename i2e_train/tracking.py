@@ -234,7 +234,8 @@ def lif_backends(model: Any, device: Any, query: Any = None) -> dict[str, str]:
     ``{"LIFNode": "triton"}`` etc. On CUDA SpikingJelly's selection (``triton``, ``cuda`` (its
     CuPy/native kernels) or ``torch``, its reference: about a dozen kernels per time step), from
     ``spikingjelly.activation_based.functional.neuron_implementation`` (``query``); on CPU
-    ``fused-cpu`` (i2e_train's fused kernel, ``node.fast``) or ``torch-reference``."""
+    ``fused-cpu`` (i2e_train's compiled kernel: ``node.fast`` and ``I2E_CPU_KERNELS`` not ``0``) or
+    ``torch-reference``."""
     import torch
 
     device = torch.device(device)
@@ -249,7 +250,8 @@ def lif_backends(model: Any, device: Any, query: Any = None) -> dict[str, str]:
                 from spikingjelly.activation_based.functional import neuron_implementation as query
             found[name] = str(query(kind, device)["implementation"])
         else:
-            found[name] = "fused-cpu" if getattr(m, "fast", False) and kind == "lif" else "torch-reference"
+            fused = getattr(m, "fast", False) and kind == "lif" and os.environ.get("I2E_CPU_KERNELS", "1").strip() != "0"
+            found[name] = "fused-cpu" if fused else "torch-reference"
     return found
 
 

@@ -316,7 +316,7 @@ def test_run_records_the_neuron_backend_and_warns_on_the_torch_reference_on_cuda
     import spikingjelly.activation_based.functional as sj_functional
 
     from i2e_train.callbacks import RunInfo
-    from i2e_train.models.layers import set_fast_kernels
+    from i2e_train.models.lif import set_fast_kernels
     from i2e_train.tracking import lif_backends
 
     model = create_model("ms_resnet_tiny", num_classes=CLASSES)

@@ -50,6 +50,7 @@ T, RES = 4, 32
 
 
 def _tiny(name: str, k: int = 10, **kw):
+    torch.manual_seed(0)  # the same weights whichever test ran before (MA-SNN's rectangular surrogate can give all-zero gradients)
     return create_model(f"sj/{name}", num_classes=k, in_channels=2, resolution=RES, timesteps=T, **NEURON,
                         **TINY[name], **kw)
 

@@ -1,6 +1,6 @@
-"""Compiled CPU kernels (numba), by job: the converter, LIF neurons, max pooling, bit masks.
+"""Compiled CPU kernels (numba), by job: the converter, LIF neurons, spike bits, bit masks.
 
-Used by :mod:`i2e_train.i2e` (converter) and :mod:`i2e_train.models` (LIF, pooling); this
+Used by :mod:`i2e_train.i2e` (converter) and :mod:`i2e_train.models` (LIF, spike bits); this
 package imports neither. Every kernel is plain IEEE float32 arithmetic in the order of the
 tensor code it replaces, so results are bit-identical to it. Kernels are compiled on first use
 and cached on disk (about 7 s once per machine, then loaded).
@@ -8,8 +8,13 @@ and cached on disk (about 7 s once per machine, then loaded).
 :func:`load` is the one way in: it imports a kernel module, or, when numba cannot be used here,
 logs why once and returns None, and callers take their plain tensor path.
 
+The models' kernels are drop-in operators beneath the networks, chosen by the tensor's device
+(:func:`cpu_enabled`): ``I2E_CPU_KERNELS=0`` in the environment turns them off, and the CPU then
+runs the tensor operations a GPU runs (how the tests and ``benchmarks/memory.py`` measure the GPU
+path on a CPU). The converter chooses its own back-end (:mod:`i2e_train.i2e`).
+
 Modules: ``converter`` (I2E intensity, dense and packed events), ``lif`` (multi-step LIF
-forward / backward), ``pooling`` (max pooling forward / backward), ``spikes`` (spike tensors
+forward / backward), ``spikes`` (spike tensors
 packed to bits and back), ``bits`` (the LLVM intrinsics that turn 32 comparisons into a bit mask
 and back), ``_jit`` (shared options, thread count).
 """
@@ -18,13 +23,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from types import ModuleType
 
-__all__ = ["load", "unavailable_reason", "use_threads", "empty", "MODULES"]
+__all__ = ["MODULES", "cpu_enabled", "empty", "load", "unavailable_reason", "use_threads"]
 
 log = logging.getLogger(__name__)
 
-MODULES = ("converter", "lif", "pooling", "bits", "spikes")
+MODULES = ("converter", "lif", "bits", "spikes")
 _loaded: dict[str, ModuleType] = {}
 _error: str | None = None
 
@@ -46,6 +52,15 @@ def load(name: str) -> ModuleType | None:
         return None
     _loaded[name] = module
     return module
+
+
+def cpu_enabled(name: str, x: "torch.Tensor") -> bool:
+    """Whether kernel module ``name`` runs for tensor ``x``: a real CPU tensor (not a fake one of
+    ``FakeTensorMode``), ``I2E_CPU_KERNELS`` not ``0`` in the environment, and numba loads."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (x.device.type == "cpu" and os.environ.get("I2E_CPU_KERNELS", "1").strip() != "0" and not is_fake(x)
+            and load(name) is not None)  # fmt: skip
 
 
 def unavailable_reason() -> str | None:

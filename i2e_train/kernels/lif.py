@@ -5,15 +5,11 @@ that run in parallel; inside a block the time loop is outside and the neuron loo
 slices, so that LLVM vectorises it. Only IEEE float32 ``+ - * /`` and comparisons are used, in
 SpikingJelly's order, which is what makes the results bit-identical to its tensor operations.
 
-Two backward kernels: :func:`lif_backward` reads the charged membrane H saved by the forward;
-:func:`lif_backward_from_input` recomputes H from the input and the initial membrane, one block
-of neurons at a time into a small buffer (the same forward code, so the same bits), and then runs
-the same backward on it: the forward need not store H at all.
+The backward kernel, :func:`lif_backward`, reads the charged membrane H saved by the forward.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit, prange
 
 from ._jit import _F32
@@ -114,37 +110,6 @@ def _backward(gs, h, carry, gx, t_steps, n, tau, thr, decay_input, hard, sid, c1
                 _bwd_super_spike(*args, tau, thr, decay_input, hard, c1, c2)
 
 
-@njit(**_JIT)
-def _backward_steps(gs, h, carry, gx, t_steps, n, lo, hi, tau, thr, decay_input, hard, sid, c1, c2):  # pragma: no cover
-    """The reverse time loop of one block: h is [T, hi - lo] (block-local), the others global."""
-    for t in range(t_steps - 1, -1, -1):
-        o = t * n
-        args = (gs[o + lo : o + hi], h[t, : hi - lo], carry[lo:hi], gx[o + lo : o + hi])
-        if sid == 1:
-            _bwd_atan(*args, tau, thr, decay_input, hard, c1, c2)
-        elif sid == 2:
-            _bwd_piecewise_quadratic(*args, tau, thr, decay_input, hard, c1, c2)
-        elif sid == 4:
-            _bwd_soft_sign(*args, tau, thr, decay_input, hard, c1, c2)
-        else:
-            _bwd_super_spike(*args, tau, thr, decay_input, hard, c1, c2)
-
-
-@njit(parallel=True, **_JIT)
-def _backward_from_input(gs, x, v0, carry, gx, t_steps, n, tau, thr, reset, decay_input, hard, sid, c1, c2,
-                         block):  # pragma: no cover - compiled  # fmt: skip
-    for b in prange((n + block - 1) // block):
-        lo = b * block
-        hi = min(n, lo + block)
-        h = np.empty((t_steps, hi - lo), dtype=np.float32)  # H of this block, recomputed
-        s = np.empty(hi - lo, dtype=np.float32)  # spikes: recomputed and dropped
-        v = v0[lo:hi].copy() if v0.shape[0] == n else np.full(hi - lo, v0[0], dtype=np.float32)
-        for t in range(t_steps):
-            o = t * n
-            _forward_block(x[o + lo : o + hi], v, h[t], s, tau, thr, reset, decay_input, hard, True)
-        _backward_steps(gs, h, carry, gx, t_steps, n, lo, hi, tau, thr, decay_input, hard, sid, c1, c2)
-
-
 def lif_forward(x, v, h, s, t_steps, n, tau, thr, reset, decay_input, hard, store_h, block) -> None:
     """Run the LIF recurrence: x [T*N] -> spikes s [T*N], charged H [T*N] (if store_h); v [N] in/out."""
     _forward(x, v, h, s, t_steps, n, _F32(tau), _F32(thr), _F32(reset), decay_input, hard, store_h, block)
@@ -154,12 +119,3 @@ def lif_backward(gs, h, carry, gx, t_steps, n, tau, thr, decay_input, hard, sid,
     """Backward of :func:`lif_forward` (``detach_reset``): gs, H [T*N] -> gx [T*N]; carry [N]:
     in, the gradient of the final membrane; out, that of the initial one."""
     _backward(gs, h, carry, gx, t_steps, n, _F32(tau), _F32(thr), decay_input, hard, sid, _F32(c1), _F32(c2), block)
-
-
-def lif_backward_from_input(gs, x, v0, carry, gx, t_steps, n, tau, thr, reset, decay_input, hard, sid, c1, c2,
-                            block) -> None:  # fmt: skip
-    """:func:`lif_backward` with H recomputed from the input x [T*N] and the initial membrane v0
-    (the values :func:`lif_forward` started from; [N], or [1]: the same value for every neuron):
-    the same gx and carry, bit for bit."""
-    _backward_from_input(gs, x, v0, carry, gx, t_steps, n, _F32(tau), _F32(thr), _F32(reset), decay_input, hard, sid,
-                         _F32(c1), _F32(c2), block)  # fmt: skip

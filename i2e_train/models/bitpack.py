@@ -5,7 +5,7 @@ A spike tensor holds only 0.0 and 1.0; :func:`pack_spikes` stores it as 1 bit pe
 :func:`unpack_spikes` rebuilds exactly the same tensor: same values (+0.0 / +1.0), shape, dtype,
 device and memory format (contiguous or channels-last). On CPU float32 tensors the numba kernel
 (:mod:`i2e_train.kernels.spikes`) does it and checks for free that the values are spikes; on
-other devices (or with :data:`FORCE_TORCH`) plain tensor operations do it, without a host
+other devices (or with ``I2E_CPU_KERNELS=0``) plain tensor operations do it, without a host
 synchronisation: an input the caller cannot vouch for (``trusted=False``) is checked on CPU only;
 on other devices it is not packed (the check would read a device value on the host every step).
 Whatever cannot be packed exactly (other values, other strides) is reported
@@ -20,9 +20,8 @@ import torch
 
 from i2e_train import kernels
 
-__all__ = ["FORCE_TORCH", "SpikeLayout", "pack_spikes", "unpack_spikes"]
+__all__ = ["SpikeLayout", "pack_spikes", "unpack_spikes"]
 
-FORCE_TORCH = False  # tests: run the tensor-operation path on CPU too (the path CUDA takes)
 _ONE_BITS = 0x3F800000  # float32 +1.0
 
 
@@ -45,9 +44,9 @@ def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     return None
 
 
-def _use_kernel(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the numba kernel packs / unpacks tensors of this device and dtype."""
-    return not FORCE_TORCH and device.type == "cpu" and dtype == torch.float32 and kernels.load("spikes") is not None
+def _use_kernel(x: torch.Tensor) -> bool:
+    """Whether the numba kernel packs / unpacks tensors like ``x``."""
+    return x.dtype == torch.float32 and kernels.cpu_enabled("spikes", x)
 
 
 def _pack_torch(flat: torch.Tensor, trusted: bool) -> torch.Tensor | None:
@@ -77,7 +76,7 @@ def pack_spikes(x: torch.Tensor, trusted: bool = False) -> tuple[torch.Tensor, S
         return None
     flat, channels_last = order
     layout = SpikeLayout(x.shape, x.dtype, x.device, channels_last)
-    if _use_kernel(x.device, x.dtype):
+    if _use_kernel(x):
         kernels.use_threads(torch.get_num_threads())
         bits = kernels.empty(((flat.numel() + 7) // 8,), torch.uint8)
         ok = kernels.load("spikes").pack_spikes(flat.view(torch.int32).numpy().view("uint32"), bits.numpy())
@@ -93,7 +92,7 @@ def unpack_spikes(bits: torch.Tensor, layout: SpikeLayout) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= int(s)
-    if _use_kernel(device, dtype):
+    if dtype == torch.float32 and kernels.cpu_enabled("spikes", bits):
         kernels.use_threads(torch.get_num_threads())
         flat = kernels.empty((numel,), dtype)
         kernels.load("spikes").unpack_spikes(bits.numpy(), flat.numpy())

@@ -23,9 +23,8 @@ the same input give the same output and callers never need to reset by hand; it 
 again when it ends, so no membrane tensor keeps a reference to the autograd graph (which would
 make ``copy.deepcopy`` of the model fail).
 
-What training keeps for the backward pass follows the network's ``memory`` mode
-(:mod:`i2e_train.models.memory`: ``none`` by default here, ``bits`` by default in
-``SNNClassifier``, or ``bits+checkpoint``): the same outputs and gradients in every mode.
+The network is plain PyTorch + SpikingJelly: what training keeps for the backward pass is
+decided from outside, for any network, by :func:`i2e_train.models.memory.set_memory`.
 """
 
 from __future__ import annotations
@@ -37,12 +36,7 @@ import torch
 from spikingjelly.activation_based import functional, surrogate
 from torch import nn
 
-from . import bitpack
-from .event_stem import event_stem, event_stem_ok
-from .layers import Conv2d, MaxPool2d
-from .layers import per_frame as _seq  # [T, B, ...] -> [T*B, ...] -> layer -> [T, B, ...]
 from .lif import LIFNode
-from .memory import MemoryModeMixin, bn_fire, checkpointed, is_spiking, linear_on_spikes
 from .registry import register_model
 
 __all__ = [
@@ -58,6 +52,7 @@ __all__ = [
     "ms_resnet101",
     "ms_resnet152",
     "ms_resnet_tiny",
+    "per_frame",
 ]
 
 # Surrogate-gradient names accepted by ``surrogate=`` (all take an ``alpha`` argument).
@@ -132,17 +127,27 @@ class NeuronConfig:
 NeuronFactory = Callable[[], nn.Module]
 
 
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> Conv2d:
+def per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a per-frame layer to a sequence: ``[T, B, ...] -> [T*B, ...] -> [T, B, ...]``."""
+    t, b = x.shape[0], x.shape[1]
+    y = module(x.flatten(0, 1))
+    return y.reshape(t, b, *y.shape[1:])
+
+
+_seq = per_frame
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     """3x3 convolution, padding 1, no bias."""
-    return Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> Conv2d:
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     """1x1 convolution, no bias."""
-    return Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class _Downsample(MemoryModeMixin, nn.Sequential):
+class _Downsample(nn.Sequential):
     """``Sequential(LIF, conv1x1/stride, BN)`` on ``[T, B, C, H, W]`` -> ``[T, B, C', H', W']``.
 
     A ``Sequential`` subclass so that the keys stay ``downsample.1.*`` / ``downsample.2.*``.
@@ -151,21 +156,16 @@ class _Downsample(MemoryModeMixin, nn.Sequential):
     def __init__(self, in_planes: int, out_planes: int, stride: int, make_neuron: NeuronFactory):
         super().__init__(make_neuron(), conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
 
-    def fire_conv_pairs(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
-        return ((self[0], self[1]),)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self[0](x)  # spikes           [T, B, C, H, W]
         x = _seq(self[1], x)  # conv 1x1/s  [T, B, C', H', W']
         return _seq(self[2], x)  # BN       [T, B, C', H', W']
 
 
-class BasicBlock(MemoryModeMixin, nn.Module):
+class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a membrane shortcut (expansion 1).
 
-    ``[T, B, inplanes, H, W] -> [T, B, planes, H/stride, W/stride]``. The forward follows
-    ``self.memory`` (:mod:`i2e_train.models.memory`): with ``"bits+checkpoint"`` only the block's
-    input is kept and the block runs again in the backward.
+    ``[T, B, inplanes, H, W] -> [T, B, planes, H/stride, W/stride]``.
     """
 
     expansion = 1
@@ -188,30 +188,18 @@ class BasicBlock(MemoryModeMixin, nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def fire_conv_pairs(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
-        return ((self.sn1, self.conv1), (self.sn2, self.conv2))
-
-    def shared_input_neurons(self) -> tuple[nn.Module, ...]:
-        return () if self.downsample is None else (self.sn1, self.downsample[0])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.memory in ("bits+checkpoint", "checkpoint"):
-            return checkpointed(self._forward, (x,), self.modules())
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)  # [T, B, planes, H', W']
         out = _seq(self.conv1, self.sn1(x))  # [T, B, planes, H', W']
-        out = bn_fire(self.bn1, self.sn2, out, self.memory)  # sn2(bn1(out)): spikes [T, B, planes, H', W']
+        out = self.sn2(_seq(self.bn1, out))  # spikes [T, B, planes, H', W']
         out = _seq(self.bn2, _seq(self.conv2, out))  # [T, B, planes, H', W']
         return out + identity  # membrane shortcut: pre-spike values are added
 
 
-class Bottleneck(MemoryModeMixin, nn.Module):
+class Bottleneck(nn.Module):
     """1x1 -> 3x3 (stride) -> 1x1 convolutions with a membrane shortcut (expansion 4).
 
-    ``[T, B, inplanes, H, W] -> [T, B, 4*planes, H/stride, W/stride]``; ``self.memory`` as in
-    :class:`BasicBlock`.
+    ``[T, B, inplanes, H, W] -> [T, B, 4*planes, H/stride, W/stride]``.
     """
 
     expansion = 4
@@ -237,29 +225,18 @@ class Bottleneck(MemoryModeMixin, nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def fire_conv_pairs(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
-        return ((self.sn1, self.conv1), (self.sn2, self.conv2), (self.sn3, self.conv3))
-
-    def shared_input_neurons(self) -> tuple[nn.Module, ...]:
-        return () if self.downsample is None else (self.sn1, self.downsample[0])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.memory in ("bits+checkpoint", "checkpoint"):
-            return checkpointed(self._forward, (x,), self.modules())
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)  # [T, B, 4p, H', W']
         out = _seq(self.conv1, self.sn1(x))  # [T, B, p, H, W]
-        out = _seq(self.conv2, bn_fire(self.bn1, self.sn2, out, self.memory))  # [T, B, p, H', W']
-        out = _seq(self.conv3, bn_fire(self.bn2, self.sn3, out, self.memory))  # [T, B, 4p, H', W']
+        out = _seq(self.conv2, self.sn2(_seq(self.bn1, out)))  # [T, B, p, H', W']
+        out = _seq(self.conv3, self.sn3(_seq(self.bn2, out)))  # [T, B, 4p, H', W']
         return _seq(self.bn3, out) + identity
 
 
 Block = Type[Union[BasicBlock, Bottleneck]]
 
 
-class MSResNet(MemoryModeMixin, nn.Module):
+class MSResNet(nn.Module):
     """Membrane-shortcut spiking ResNet: events ``[T, B, C, H, W]`` -> logits ``[B, classes]``.
 
     Args:
@@ -274,9 +251,7 @@ class MSResNet(MemoryModeMixin, nn.Module):
             parameters of every LIF neuron (see :class:`NeuronConfig`).
 
     Any number of timesteps T is accepted; the logits are the mean of the per-step ``fc``
-    outputs. Neuron states are reset at the start of every forward. What the training keeps for
-    the backward pass follows ``memory`` (``"none"`` unless set by
-    :func:`i2e_train.models.memory.set_memory`; the results are the same in every mode).
+    outputs. Neuron states are reset at the start of every forward.
     """
 
     def __init__(
@@ -319,9 +294,9 @@ class MSResNet(MemoryModeMixin, nn.Module):
 
         self.inplanes = self.widths[0]
         # stem: [T*B, C_in, H, W] -> [T*B, w0, H/4, W/4]
-        self.conv1 = Conv2d(self.in_channels, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(self.in_channels, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
-        self.maxpool = MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, self.widths[0], self.layers_cfg[0], stride=1)
         self.layer2 = self._make_layer(block, self.widths[1], self.layers_cfg[1], stride=2)
         self.layer3 = self._make_layer(block, self.widths[2], self.layers_cfg[2], stride=2)
@@ -382,32 +357,8 @@ class MSResNet(MemoryModeMixin, nn.Module):
         return self.layer4(x)  # [T, B, F4, H/32, W/32]
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        """conv1 -> bn1 -> maxpool: ``[T, B, C_in, H, W] -> [T, B, w0, H/4, W/4]``. In the ``bits``
-        modes with event input, only the packed events (and the pooling argmax) are kept and
-        conv1 -> bn1 runs again in the backward: on the CPU fast path one autograd function
-        (:mod:`i2e_train.models.event_stem`), with ``"bits+checkpoint"`` elsewhere a recomputed
-        region."""
-        if self.memory in ("bits", "bits+checkpoint") and torch.is_grad_enabled() and not x.requires_grad:
-            flat = x.flatten(0, 1)  # [T*B, C_in, H, W]
-            if event_stem_ok(self.conv1, self.bn1, self.maxpool, flat):
-                out = event_stem(self.conv1, self.bn1, self.maxpool, flat)
-                if out is not None:
-                    return out.reshape(x.shape[0], x.shape[1], *out.shape[1:])
-        recompute = self.memory == "bits+checkpoint" and torch.is_grad_enabled() and not x.requires_grad
-        packed = bitpack.pack_spikes(x) if recompute else None
-        if packed is None and recompute:  # not packable (counts; or off CPU, unchecked): keep x itself,
-            # the step's input, alive through the step anyway
-            x = checkpointed(lambda c: _seq(self.bn1, _seq(self.conv1, c)), (x,), (self.conv1, self.bn1))
-        elif packed is None:
-            x = _seq(self.bn1, _seq(self.conv1, x))  # [T, B, w0, H/2, W/2]
-        else:
-            bits, layout = packed
-
-            def stem(b: torch.Tensor) -> torch.Tensor:
-                return _seq(self.bn1, _seq(self.conv1, bitpack.unpack_spikes(b, layout)))
-
-            x = checkpointed(stem, (bits,), (self.conv1, self.bn1))
-        return _seq(self.maxpool, x)
+        """conv1 -> bn1 -> maxpool: ``[T, B, C_in, H, W] -> [T, B, w0, H/4, W/4]``."""
+        return _seq(self.maxpool, _seq(self.bn1, _seq(self.conv1, x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Features ``[T, B, F, h, w]`` -> logits ``[B, classes]`` (or spikes ``[T, B, F]``)."""
@@ -416,7 +367,7 @@ class MSResNet(MemoryModeMixin, nn.Module):
         x = torch.flatten(x, 2)  # [T, B, F]
         if pre_logits:
             return x
-        x = linear_on_spikes(self.fc, x, self.memory, is_spiking(self.sn1))  # [T, B, classes]
+        x = self.fc(x)  # [T, B, classes]
         return x.mean(0)  # [B, classes]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
