@@ -67,8 +67,9 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     """The checkpoint's keys or shapes do not match the model (after remapping).
 
     Attributes: ``source``, ``missing`` (model keys absent from the checkpoint), ``unexpected``
-    (checkpoint keys the model lacks), ``mismatched`` (``(key, checkpoint shape, model shape)``)
-    and ``checkpoint_info`` (:func:`infer_architecture` of the checkpoint).
+    (checkpoint keys the model lacks), ``mismatched`` (``(key, checkpoint shape, model shape)``),
+    ``head_only`` (only the classifier differs: another class count) and ``checkpoint_info``
+    (:func:`infer_architecture` of the checkpoint).
     """
 
     def __init__(
@@ -102,7 +103,8 @@ class CheckpointMismatchError(CheckpointError, ValueError):
         )
         lines.append(f"  the checkpoint looks like: {describe_architecture(self.checkpoint_info)}")
         bad = set(missing) | set(unexpected) | {k for k, _, _ in mismatched}
-        if bad and all(k.startswith(head_name + ".") for k in bad):
+        self.head_only = bool(bad) and all(k.startswith(head_name + ".") for k in bad)
+        if self.head_only:
             lines.append(
                 f"  only the classifier '{head_name}' differs: pass replace_head=True to load the backbone and "
                 f"re-initialise '{head_name}' for the model's class count"
