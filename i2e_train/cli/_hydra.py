@@ -4,9 +4,8 @@ filtered, the command line's config checked before Hydra makes a run folder (``c
 folder of a run that failed before writing anything of its own removed again, and one clear error
 line per failure (the full traceback with ``HYDRA_FULL_ERROR=1`` or ``--traceback``).
 
-Nothing here imports torch or Lightning: ``--help`` (Hydra's help, ``configs/hydra/help/``) is
-answered before any task module is imported; each entry point imports its task inside its
-function."""
+Nothing here imports torch or Lightning: ``--help`` (:func:`render_help`) is answered before
+any task module is imported; each entry point imports its task inside its function."""
 
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ from i2e_train.config import (NESTED_GROUPS, check_group_option, compose, config
                               quote_list_overrides)
 
 __all__ = ["entry_point", "filter_known_noise", "check_command_line", "preflight", "RunFolderWatch",
-           "override_value"]
+           "override_value", "render_help"]
 
 # Third-party messages that tell the user nothing, matched exactly (everything else still shows).
 _NOISE_WARNINGS = (
@@ -164,6 +163,17 @@ def _remove_unused_run_folder() -> None:
         parent = parent.parent
 
 
+def render_help(config_name: str) -> str:
+    """The entry point's ``--help``: its Hydra help config (``configs/hydra/help/<name>.yaml``, which
+    the root config selects, so Hydra's own ``--help`` prints the same), rendered without composing
+    the app's config: Hydra's ``--help`` first lists every config group of its search path (seconds
+    of work), though this text shows none of that list."""
+    from omegaconf import OmegaConf
+
+    help_cfg = OmegaConf.load(config_dir() / "hydra" / "help" / f"{config_name}.yaml")
+    return str(OmegaConf.create({"hydra": {"help": help_cfg}}).hydra.help.template)
+
+
 def _fail(name: str, err: BaseException) -> None:
     """One line (what, where, how to fix) instead of a traceback, then exit status 1. Hydra's
     wrapper of an error raised by a ``_target_`` is unwrapped to the error itself."""
@@ -209,6 +219,9 @@ def entry_point(config_name: str, check: Callable[[DictConfig, list[str]], Any] 
             full["value"] = _full_errors(sys.argv[1:])
             if full["value"]:
                 os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then shows the whole traceback too
+            if any(a in ("--help", "-h") for a in args):
+                print(render_help(config_name))
+                return None
             filter_known_noise()
             try:
                 args = quote_list_overrides(expand_nested_globs(args))
