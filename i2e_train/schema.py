@@ -17,6 +17,9 @@ YAML files themselves, following each root config's defaults list to every group
 * no string holds an interpolation (a stored config is saved resolved; ``${oc.decode:...}`` or a
   resolver would run when it is read).
 
+What the schema refuses is still accepted where the config of the run reading the file (its
+command line is the user's: ``+callbacks.probe._target_=...``) holds the same at the same place.
+
 :func:`check_stored_config` raises :class:`StoredConfigError` naming the key and the file;
 :func:`check_record` checks a JSON record (a pipeline stage's or a study run's result) field by field.
 """
@@ -33,7 +36,8 @@ __all__ = ["StoredConfigError", "ConfigSchema", "config_schema", "check_stored_c
            "INSTANTIATE_KEYS"]
 
 INSTANTIATE_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
-_KEEP_WEIGHTS = ("if you trust its weights, keep only them (torch.save(torch.load(<file>, weights_only=True)"
+_KEEP_WEIGHTS = ("if your own command line added that (+key=...) to the run that saved it, give the same override "
+                 "here; if you trust its weights, keep only them (torch.save(torch.load(<file>, weights_only=True)"
                  "['state_dict'], 'weights.pt')) and pass that file")
 
 
@@ -170,41 +174,59 @@ def _describe(value: Any) -> str:
 
 
 class _Checker:
-    """One walk over a stored config; ``problems`` collects what it refuses."""
+    """One walk over a stored config; ``problems`` collects what it refuses. A node that ``trusted``
+    (the config of the run reading the file) holds, equal, at the same place is accepted: it is
+    what the user's own command line makes this run build anyway."""
 
-    def __init__(self, schema: ConfigSchema) -> None:
-        self.schema, self.problems = schema, []
+    def __init__(self, schema: ConfigSchema, trusted: Any = None) -> None:
+        self.schema, self.trusted, self.problems = schema, trusted, []
 
-    def refuse(self, text: str) -> None:
-        self.problems.append(text)
+    def refuse(self, text: str, at: str, node: Any) -> None:
+        if not self.is_trusted(at, node):
+            self.problems.append(text)
+
+    def is_trusted(self, at: str, node: Any) -> bool:
+        """Whether the trusted config holds ``node`` at the path ``at`` (resolved; a place that does not
+        resolve there, or inside a list, is not trusted)."""
+        if self.trusted is None or not at or "[]" in at:
+            return False
+        from omegaconf import OmegaConf
+
+        try:
+            mine = OmegaConf.select(self.trusted, at, throw_on_missing=True)
+            mine = OmegaConf.to_container(mine, resolve=True) if OmegaConf.is_config(mine) else mine
+        except Exception:  # noqa: BLE001 - not resolvable here (e.g. ${hydra:...} outside a run): not trusted
+            return False
+        return mine == node
 
     def value(self, node: Any, path: str, known: bool) -> None:
         """``known``: ``path`` is a place our configs define (keys are checked); else plain data."""
         if isinstance(node, str):
             if "${" in node:
-                self.refuse(f"{path}={_describe(node)}: an interpolation (stored configs are saved resolved)")
+                self.refuse(f"{path}={_describe(node)}: an interpolation (stored configs are saved resolved)", path,
+                            node)
         elif isinstance(node, (list, tuple)):
             for item in node:
                 self.value(item, path + "[]", known)
         elif isinstance(node, Mapping):
             self.mapping(node, path, known and (not path or path in self.schema.containers))
         elif node is not None and not isinstance(node, (bool, int, float)):
-            self.refuse(f"{path}: a {type(node).__name__}, not a plain value")
+            self.refuse(f"{path}: a {type(node).__name__}, not a plain value", path, node)
 
     def mapping(self, node: Mapping, path: str, known: bool) -> None:
         allowed = self.schema.targets.get(path, frozenset())
         for key, value in node.items():
             if not isinstance(key, str):
-                self.refuse(f"{path or '<top>'}: the key {key!r} is not a string")
+                self.refuse(f"{path or '<top>'}: the key {key!r} is not a string", path, node)
                 continue
             sub = _join(path, key)
             if key == "_target_":
                 if not known or value not in allowed:
                     where = f"they name {', '.join(sorted(allowed))}" if known and allowed else "they name none"
-                    self.refuse(f"{sub}={_describe(value)}: not a class our configs name there ({where})")
+                    self.refuse(f"{sub}={_describe(value)}: not a class our configs name there ({where})", path, node)
             elif key in INSTANTIATE_KEYS:
                 if not known or sub not in self.schema.keys:
-                    self.refuse(f"{sub}: our configs set no {key} there")
+                    self.refuse(f"{sub}: our configs set no {key} there", path, node)
                 else:
                     self.value(value, sub, True)
             elif not known or sub in self.schema.keys:
@@ -212,17 +234,22 @@ class _Checker:
             elif allowed:  # an argument of a class our configs name (what +trainer.key=value adds)
                 self.value(value, sub, False)
             else:
-                self.refuse(f"{sub}: unknown key (not in our configs)")
+                self.refuse(f"{sub}: unknown key (not in our configs)", sub, value)
 
 
-def check_stored_config(config: Any, source: str, root: str = "train") -> dict:
+def check_stored_config(config: Any, source: str, root: str = "train", trusted: Any = None) -> dict:
     """``config`` (a run config read from the file ``source``) checked against the schema of
     ``configs/<root>.yaml`` (module docstring); returns it. :class:`StoredConfigError` names the
-    first key refused and the file."""
+    first key refused and the file.
+
+    ``trusted``: the config of the run that reads the file (its command line is the user's): a
+    node the schema refuses is accepted when ``trusted`` holds the same at the same place, so a
+    checkpoint of a run with ``+callbacks.probe._target_=...`` is read back by that run, and by a
+    run given the same override."""
     if not isinstance(config, Mapping):
         raise StoredConfigError(f"{source}: refused: its stored run config is a {type(config).__name__}, not a "
                                 f"mapping; {_KEEP_WEIGHTS}")
-    checker = _Checker(config_schema(root))
+    checker = _Checker(config_schema(root), trusted)
     checker.mapping(config, "", True)
     if checker.problems:
         more = f" (and {len(checker.problems) - 1} more)" if len(checker.problems) > 1 else ""

@@ -211,6 +211,19 @@ def test_where_eval_reads_and_caches_data_comes_from_this_run_not_the_checkpoint
     assert cfg.data.root == str(tmp_path)  # the command line still wins
 
 
+def test_what_the_reading_runs_own_command_line_adds_is_accepted_and_nothing_else(tmp_path):
+    """A run with +callbacks.probe._target_=... reads its own checkpoints back (export, resume);
+    any other run, and the Python API without a config, refuses that checkpoint."""
+    probe = ["+callbacks.probe._target_=sweep_probe.FailFirstTrial", f"paths.output_dir={tmp_path}"]
+    mine = compose("train", probe)
+    ckpt = _checkpoint(tmp_path / "run.ckpt", OmegaConf.to_container(mine, resolve=True))
+    assert read_checkpoint(ckpt, trusted_config=mine).format == "lightning"
+    for other in (None, compose("train", [f"paths.output_dir={tmp_path}"]),
+                  compose("train", ["+callbacks.probe._target_=builtins.print", f"paths.output_dir={tmp_path}"])):
+        with pytest.raises(CheckpointFormatError, match=r"callbacks\.probe: unknown key.*give the same override here"):
+            read_checkpoint(ckpt, trusted_config=other)
+
+
 def _stored_configs():
     """The stored config of every experiment and of every data / model / trainer / logger option."""
     options = [[]] + [[f"experiment={e}"] for e in group_options("experiment")]

@@ -40,7 +40,7 @@ def latest_checkpoint(log_dir: str | Path) -> Path:
     )
 
 
-def _stored_config(path: Path) -> dict | None:
+def _stored_config(path: Path, cfg: DictConfig) -> dict | None:
     """The run config an i2e-train checkpoint carries (None for foreign checkpoints). Read as every
     checkpoint is (:func:`~i2e_train.models.checkpoint.load_torch_file`: nothing in it runs, and
     the stored config is refused unless it passes :func:`~i2e_train.schema.check_stored_config`)."""
@@ -48,7 +48,7 @@ def _stored_config(path: Path) -> dict | None:
 
     if path.suffix != ".ckpt":
         return None
-    ckpt = load_torch_file(path)
+    ckpt = load_torch_file(path, trusted_config=cfg)
     return ckpt.get("i2e_config") if isinstance(ckpt, dict) else None
 
 
@@ -132,7 +132,7 @@ def _prepare(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, str
     if source == "latest":
         source = str(latest_checkpoint(cfg.paths.log_dir))
     if not source.startswith("released:"):
-        stored = _stored_config(Path(source))
+        stored = _stored_config(Path(source), cfg)
         if stored is not None:
             cfg = _merge_stored(cfg, stored, overrides)
     check_train_config(cfg)
@@ -150,7 +150,7 @@ def _load(cfg: DictConfig, model, source: str):
     from i2e_train.models import CheckpointMismatchError, load_checkpoint
 
     try:
-        return load_checkpoint(model, source, cache_dir=cfg.paths.checkpoint_dir)
+        return load_checkpoint(model, source, cache_dir=cfg.paths.checkpoint_dir, trusted_config=cfg)
     except CheckpointMismatchError as err:
         if not err.head_only:
             raise

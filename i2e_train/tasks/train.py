@@ -34,7 +34,7 @@ def build_module(cfg: DictConfig, with_optim: bool = True):
     model = instantiate(cfg.model)
     if cfg.get("init_from"):
         report = load_checkpoint(model, cfg.init_from, replace_head=bool(cfg.get("replace_head", False)),
-                                 cache_dir=cfg.paths.checkpoint_dir)
+                                 cache_dir=cfg.paths.checkpoint_dir, trusted_config=cfg)
         log.info("initial weights: %s", report)
     kwargs: dict[str, Any] = {}
     if with_optim:
@@ -65,7 +65,7 @@ def _resume_path(cfg: DictConfig, output_dir: str | Path | None) -> str | None:
         raise ValueError("ckpt_path=last resumes a run folder: pass it as hydra.run.dir=<logs/train/runs/...>")
     path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(str(ckpt))
     try:
-        state = load_torch_file(path)  # CheckpointFormatError naming the file: missing, text, truncated, refused
+        state = load_torch_file(path, trusted_config=cfg)  # CheckpointFormatError naming the file: missing, text, ...
     except CheckpointDamagedError as err:
         raise type(err)(f"{err}{_earlier_checkpoint(path)}") from None
     if not isinstance(state, dict) or "state_dict" not in state or "epoch" not in state:
@@ -128,7 +128,7 @@ def _check_init_from(cfg: DictConfig) -> None:
     if not init or find_released(str(init)) is not None:  # released: read from the cache or the hub when loaded
         return
     try:
-        read_checkpoint(str(init))
+        read_checkpoint(str(init), trusted_config=cfg)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"init_from={init}: {err}") from None
 
