@@ -16,6 +16,9 @@ Resolvers (registered when :mod:`i2e_train` is imported):
   (:mod:`i2e_train.models.released`), null for null.
 * ``${i2e.pid:}``: this process's id (run folder names: two runs started in the same
   microsecond by two processes still get two folders).
+* ``${i2e.help_names:<group | released | catalog>}``, ``${i2e.help_groups:<root config>[,skip...]}``:
+  the lists in each entry point's ``--help`` (``configs/hydra/help/``), read from the configs,
+  the released-weights table and the catalog without importing torch.
 """
 
 from __future__ import annotations
@@ -214,11 +217,52 @@ def _pid() -> int:
     return os.getpid()
 
 
+def _wrap(items: Sequence[str], indent: str = "  ", first: str | None = None) -> str:
+    import textwrap
+
+    return textwrap.fill(", ".join(items) or "(none)", width=100, initial_indent=first or indent,
+                         subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
+
+
+def _help_names(kind: str) -> str:
+    """``--help``: the names an entry point accepts: a group's options, the released weights or
+    the catalog's dataset configs (read without importing torch)."""
+    if kind == "released":
+        from i2e_train.models.released import RELEASED_WEIGHTS
+
+        return _wrap(list(RELEASED_WEIGHTS))
+    if kind == "catalog":
+        from i2e_train.data.catalog import list_datasets
+
+        return _wrap(list_datasets())
+    return _wrap(group_options(kind))
+
+
+def _help_groups(root: str, *skip: str) -> str:
+    """``--help``: the config groups the root config ``root`` selects (its defaults list), each
+    with its default and options; ``skip``: groups listed elsewhere in the help."""
+    import yaml
+
+    defaults = yaml.safe_load((config_dir() / f"{root}.yaml").read_text(encoding="utf-8")).get("defaults") or []
+    lines = []
+    for entry in defaults:
+        if not isinstance(entry, dict):
+            continue
+        key, default = next(iter(entry.items()))
+        name = key.split()[-1].strip("/")
+        group = name.split("@")[0]
+        if group.split("/")[0] in ("hydra", "paths", *skip):
+            continue
+        options = [f"{o} (default)" if o == default else o for o in group_options(group)]
+        lines.append(_wrap(options, indent=" " * 18, first=f"  {name:<15} "))
+    return "\n".join(lines)
+
+
 def register_resolvers() -> None:
     """Register the ``i2e.*`` resolvers with OmegaConf (once)."""
     from omegaconf import OmegaConf
 
     for name, fn in (("i2e.catalog", _catalog_fact), ("i2e.paper_top1", _paper_top1), ("i2e.local", _local_fact),
-                     ("i2e.pid", _pid)):
+                     ("i2e.pid", _pid), ("i2e.help_names", _help_names), ("i2e.help_groups", _help_groups)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

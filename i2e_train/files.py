@@ -80,6 +80,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _unnamed_os_error(exc: BaseException) -> OSError | None:
+    """The OSError without a file name behind ``exc``: ``exc`` itself, or the one a writer wrapped
+    (``torch.save`` turns a failed ``write()`` into ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``, keeping the OSError as its context)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError):
+            return exc if exc.filename is None and exc.errno is not None else None
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], durable: bool = False) -> Path:
     """Call ``write(binary file)`` on a temporary file, then rename it over ``path``.
 
@@ -98,16 +110,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], dur
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if exc.filename is None:  # a failed write() names no file (disk full, quota, I/O error): name it
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        failed = _unnamed_os_error(exc)
+        if failed is not None:  # a failed write() names no file (disk full, quota, I/O error): name it
+            full = failed.errno in (errno.ENOSPC, errno.EDQUOT)
+            what = f"disk full: {failed.strerror}" if full else failed.strerror or str(failed)
             fix = "free space there or point the output elsewhere" if full else "check the device and retry"
-            raise OSError(exc.errno, f"{exc.strerror or exc} while writing {path}; {path} is unchanged: {fix}",
+            raise OSError(failed.errno, f"{what} while writing {path}; {path} is unchanged: {fix}",
                           str(path)) from exc  # fmt: skip
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
     if durable:
         _fsync_dir(path.parent)

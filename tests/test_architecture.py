@@ -14,16 +14,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "i2e_train"
 ALLOWED = {
     "files": set(), "naming": set(), "kernels": set(), "codec": set(),
     "config": {"data.catalog", "data.local", "models.released"},  # the resolvers read facts
+    "schema": {"config"},  # stored configs checked against the config groups
     "i2e": {"kernels", "codec"},
     "data": {"codec", "i2e", "files", "naming"},
-    "models": {"kernels", "files", "naming", "data.catalog"},
+    "models": {"kernels", "files", "naming", "data.catalog", "schema"},
     "module": {"kernels", "models"},
     "plots": {"files"}, "tracking": {"files"}, "sweeps": {"files"},
     "viz": {"codec", "i2e", "files", "data"},
     "callbacks": {"files", "plots", "tracking", "viz"},
     "recovery": {"files", "callbacks"},
     "convert": {"codec", "i2e", "files", "data"},
-    "tasks": {"config", "files", "data", "models", "module", "recovery", "callbacks", "plots", "tracking", "sweeps"},
+    "tasks": {"config", "schema", "files", "data", "models", "module", "recovery", "callbacks", "plots", "tracking",
+              "sweeps"},
     "cli": {"config", "files", "tasks"},
 }
 

@@ -11,6 +11,7 @@ What a run tells a person:
 * :class:`RunInfo`: the resolved config, parameter counts, hardware and the neuron back-ends
   sent to every logger at the start of fit.
 * :class:`StepLossProgressBar`: the TQDM bar with the training loss, read once per refresh.
+* :class:`ModelSummary`: Lightning's model summary without its column of zero FLOPs.
 
 What keeps a run recoverable:
 
@@ -33,6 +34,7 @@ from .bad_records import BadRecordsReport
 from .cuda_math import CudaMath
 from .event_media import EventMediaLogger
 from .learning_curves import LearningCurves
+from .model_summary import ModelSummary
 from .nonfinite import NonFiniteLossError, StopOnNonFinite
 from .progress import StepLossProgressBar
 from .rng_state import RestoreRNGState, rng_states, set_rng_states
@@ -43,4 +45,4 @@ from .step_checkpoint import StepCheckpoint
 
 __all__ = ["SpikeStats", "StreamEpoch", "EventMediaLogger", "LearningCurves", "RunInfo", "StepCheckpoint", "RestoreRNGState",
            "StopOnNonFinite", "NonFiniteLossError", "BadRecordsReport", "rng_states", "set_rng_states",
-           "spiking_layers", "CudaMath", "StepLossProgressBar"]
+           "spiking_layers", "CudaMath", "StepLossProgressBar", "ModelSummary"]

@@ -26,6 +26,14 @@ class StepLossProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         self.loss_key = loss_key
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Close the open bars now: left open, each prints its last state when the process exits,
+        after the entry point's one-line error."""
+        for bar in (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar,
+                    self._predict_progress_bar):
+            if bar is not None and not getattr(bar, "disable", True):
+                bar.close()
+
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         loss = trainer.callback_metrics.get(self.loss_key) if trainer.training else None

@@ -5,12 +5,26 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from i2e_train.cli._hydra import entry_point
-from i2e_train.tasks.evaluate import evaluate_from_overrides
 
 
-@entry_point("eval")
+def _task_overrides(args: list[str]) -> list[str]:
+    """The command line's overrides of the task config (Hydra's ``overrides.task``: no ``hydra.*``)."""
+    return [a for a in args if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+
+def check(cfg: DictConfig, args: list[str]) -> None:
+    """Before Hydra makes the run folder: the checkpoint, its stored config and the values
+    (:func:`~i2e_train.tasks.evaluate.check_eval_run`)."""
+    from i2e_train.tasks.evaluate import check_eval_run
+
+    check_eval_run(cfg, _task_overrides(args))
+
+
+@entry_point("eval", check=check)
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
+
+    from i2e_train.tasks.evaluate import evaluate_from_overrides
 
     return evaluate_from_overrides(cfg, list(HydraConfig.get().overrides.task))["val/top1"]
 

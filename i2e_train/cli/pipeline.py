@@ -6,11 +6,19 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from i2e_train.cli._hydra import entry_point
-from i2e_train.tasks.pipeline import report, run_pipeline
 
 
-@entry_point("pipeline")
+def check(cfg: DictConfig, args: list[str]) -> None:
+    """Before Hydra makes the pipeline's folder: every stage's config (:func:`~i2e_train.tasks.pipeline.check_pipeline`)."""
+    from i2e_train.tasks.pipeline import check_pipeline
+
+    check_pipeline(cfg)
+
+
+@entry_point("pipeline", check=check)
 def main(cfg: DictConfig) -> None:
+    from i2e_train.tasks.pipeline import report, run_pipeline
+
     print(report(run_pipeline(cfg)))
 
 

@@ -6,11 +6,19 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from i2e_train.cli._hydra import entry_point
-from i2e_train.tasks.study import run_study
 
 
-@entry_point("study")
+def check(cfg: DictConfig, args: list[str]) -> None:
+    """Before Hydra makes the study's folder: every run's config (:func:`~i2e_train.tasks.study.check_study`)."""
+    from i2e_train.tasks.study import check_study
+
+    check_study(cfg)
+
+
+@entry_point("study", check=check)
 def main(cfg: DictConfig) -> None:
+    from i2e_train.tasks.study import run_study
+
     out = run_study(cfg)
     print(out["table"], end="")
     print(f"written: {out['dir']}/study.md, study.csv, runs.csv, study.png")

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from i2e_train.cli._hydra import entry_point
-from i2e_train.tasks.train import train_for_sweep
+from i2e_train.cli._hydra import entry_point, override_value
 
 
-@entry_point("train")
+def check(cfg: DictConfig, args: list[str]) -> None:
+    """Before Hydra makes the run folder: values, run folder, checkpoints (:func:`~i2e_train.tasks.train.check_train_run`)."""
+    from i2e_train.tasks.train import check_train_run
+
+    check_train_run(cfg, override_value(args, "hydra.run.dir"))
+
+
+@entry_point("train", check=check)
 def main(cfg: DictConfig) -> float | None:
+    from i2e_train.tasks.train import train_for_sweep
+
     return train_for_sweep(cfg)
 
 

@@ -4,7 +4,10 @@ and the on-disk frame cache.
 Sources (``SOURCES``; ``root`` is the folder given as ``data.root``, never downloaded into):
 
 - ``N-MNIST``: ``<root>/NMNIST/{Train,Test}/<digit>/*.bin``, tonic's layout for
-  ``tonic.datasets.NMNIST(save_to=root)``; listed and read by that class (34x34 ATIS pixels).
+  ``tonic.datasets.NMNIST(save_to=root)`` (34x34 ATIS pixels); each file read by tonic's reader
+  ``tonic.io.read_mnist_file``, as that class reads it. Listed here, by class folder name: tonic's
+  listing takes the last character of every folder as the digit (``int(path[-1])``), so one
+  foreign folder (``ten``) would stop it before ``data.exclude_classes`` could leave it out.
 - ``N-Caltech101``: ``<root>/NCALTECH101/Caltech101/<class>/*.bin``, tonic's layout for
   ``tonic.datasets.NCALTECH101(save_to=root)``; listed and read by that class, which shifts
   each recording so that its smallest x and y are 0.
@@ -15,9 +18,8 @@ Sources (``SOURCES``; ``root`` is the folder given as ``data.root``, never downl
   itself fails in tonic 1.7.0 (github.com/neuromorphs/tonic/issues/302). tonic's own
   ``CIFAR10DVS`` class reads a re-encoded AEDAT4 copy of the dataset and is not used.
 
-The tonic dataset classes are subclassed only to switch off their download (and their check
-for the complete archive); a missing file is a ``RecordingsUnavailableError`` saying what to
-place where.
+tonic's N-Caltech101 class is subclassed only to switch off its download (and its check for the
+complete archive); a missing file is a ``RecordingsUnavailableError`` saying what to place where.
 
 Frames: each recording's events, in file order, become events on a frame grid of
 ``(H, W)`` = the sensor (N-MNIST 34x34, CIFAR10-DVS 128x128) or, for N-Caltech101, the
@@ -143,13 +145,16 @@ class _NoDownload:
                                          "downloaded here (see the data config for where to place them)")
 
 
-# Named as tonic's classes: tonic finds the files under <save_to>/<class name>/.
-class NMNIST(_NoDownload, tonic.datasets.NMNIST):
-    """tonic's N-MNIST dataset that never downloads."""
-
-
+# Named as tonic's class: tonic finds the files under <save_to>/<class name>/.
 class NCALTECH101(_NoDownload, tonic.datasets.NCALTECH101):
     """tonic's N-Caltech101 dataset that never downloads."""
+
+
+def _class_folder_files(folder: Path, suffix: str) -> list[str]:
+    """``<class>/<file>`` of every ``suffix`` file in the class folders of ``folder`` (hidden
+    entries left out), sorted."""
+    return sorted(f"{d.name}/{f.name}" for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  for f in d.iterdir() if f.is_file() and f.name.endswith(suffix) and not f.name.startswith("."))
 
 
 def _class_files(folder: Path, suffix: str) -> dict[str, int]:
@@ -216,6 +221,19 @@ class _TonicReader:
         return frame_events(events["x"], events["y"], 1 - events["p"], events["t"])
 
 
+class _ATISReader:
+    """Frame events of an N-MNIST ``.bin`` file through tonic's reader (``tonic.io.read_mnist_file``
+    with ``tonic.datasets.NMNIST.dtype``, what that dataset's ``__getitem__`` returns); ATIS
+    polarity p (1 = ON) becomes channel 1 - p."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def __call__(self, rec: Recording) -> np.ndarray:
+        events = tonic.io.read_mnist_file(str(self.folder / rec.rel), dtype=tonic.datasets.NMNIST.dtype)
+        return frame_events(events["x"], events["y"], 1 - events["p"], events["t"])
+
+
 def _listing(datasets: dict[str, object], folder: Path) -> list[Recording]:
     recs = []
     for split, ds in datasets.items():
@@ -243,8 +261,12 @@ class NMNISTSource(RecordingSource):
 
     def open(self, root: Path):
         self.check_layout(root)
-        datasets = {"train": NMNIST(str(root), train=True), "test": NMNIST(str(root), train=False)}
-        return _listing(datasets, self.folder(root)), _TonicReader(datasets)
+        folder, recs = self.folder(root), []
+        for split, sub in (("train", "Train"), ("test", "Test")):
+            files = _class_folder_files(folder / sub, self.suffix)
+            recs += [Recording(rel=f"{sub}/{f}", label=f.split("/")[0], split=split, index=i)
+                     for i, f in enumerate(files)]
+        return sorted(recs, key=lambda r: r.rel), _ATISReader(folder)
 
 
 class NCaltech101Source(RecordingSource):

@@ -8,39 +8,35 @@ Files: ``ms_resnet`` (the networks), ``registry`` (names -> entry points), ``lif
 (neuron and layers with bit-identical fast CPU paths), ``released`` (the released-weights table),
 ``hub`` (downloading a released file), ``checkpoint`` (reading, remapping and writing checkpoint
 files), ``loading`` (strict loading into a model), ``errors``.
+
+Names are imported on first use (as in :mod:`i2e_train.data`), so that ``released`` (the table,
+facts only) can be read without importing torch: the entry points' ``--help`` lists its names.
 """
 
-from .checkpoint import export_safetensors, read_checkpoint, state_digest
-from .errors import CheckpointError, CheckpointFormatError, ReleasedWeightsUnavailable
-from .hub import resolve_released
-from .loading import CheckpointMismatchError, LoadReport, load_checkpoint, replace_head
-from .ms_resnet import BasicBlock, Bottleneck, MSResNet, NeuronConfig
-from . import sj_zoo  # noqa: F401  (registers sj/<name>: SpikingJelly's zoo)
-from .registry import create_model, is_model, list_models, register_model
-from .released import RELEASED_WEIGHTS, ReleasedWeight, find_released, get_released
+from __future__ import annotations
 
-__all__ = [
-    "MSResNet",
-    "BasicBlock",
-    "Bottleneck",
-    "NeuronConfig",
-    "create_model",
-    "register_model",
-    "list_models",
-    "is_model",
-    "load_checkpoint",
-    "replace_head",
-    "read_checkpoint",
-    "state_digest",
-    "RELEASED_WEIGHTS",
-    "ReleasedWeight",
-    "find_released",
-    "get_released",
-    "resolve_released",
-    "export_safetensors",
-    "LoadReport",
-    "CheckpointError",
-    "CheckpointFormatError",
-    "CheckpointMismatchError",
-    "ReleasedWeightsUnavailable",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MSResNet": "ms_resnet", "BasicBlock": "ms_resnet", "Bottleneck": "ms_resnet", "NeuronConfig": "ms_resnet",
+    "create_model": "registry", "register_model": "registry", "list_models": "registry", "is_model": "registry",
+    "load_checkpoint": "loading", "replace_head": "loading", "LoadReport": "loading",
+    "CheckpointMismatchError": "loading",
+    "read_checkpoint": "checkpoint", "state_digest": "checkpoint", "export_safetensors": "checkpoint",
+    "RELEASED_WEIGHTS": "released", "ReleasedWeight": "released", "find_released": "released",
+    "get_released": "released",
+    "resolve_released": "hub",
+    "CheckpointError": "errors", "CheckpointFormatError": "errors", "ReleasedWeightsUnavailable": "errors",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

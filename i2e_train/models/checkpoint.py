@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from i2e_train.files import atomic_write_bytes
-from i2e_train.models.errors import CheckpointFormatError
+from i2e_train.models.errors import CheckpointDamagedError, CheckpointFormatError
 from i2e_train.models.released import RELEASED_WEIGHTS
+from i2e_train.schema import StoredConfigError, check_stored_config
 
 __all__ = ["Checkpoint", "read_checkpoint", "load_torch_file", "remap_state_dict", "infer_architecture", "describe_architecture",
            "export_safetensors", "state_digest"]
@@ -83,27 +84,32 @@ _CONVERT = (
 )
 
 
-def load_torch_file(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Any:
+def load_torch_file(path: Union[str, os.PathLike], map_location: Any = "cpu", trusted_config: Any = None) -> Any:
     """The object a torch file holds, read as :func:`read_checkpoint` reads it (``weights_only=True``
-    plus numpy scalars; nothing in the file runs). :class:`CheckpointFormatError` names the file
-    when it is missing, not a checkpoint, truncated or refused."""
+    plus numpy scalars; nothing in the file runs; ``trusted_config`` as there). :class:`CheckpointFormatError`
+    names the file when it is missing, not a checkpoint, truncated or refused."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointFormatError(f"checkpoint {path} does not exist or is not a file")
-    return _torch_load(path, map_location)
+    return _torch_load(path, map_location, trusted_config)
 
 
-def _torch_load(path: Path, map_location: Any) -> Any:
+def _torch_load(path: Path, map_location: Any, trusted_config: Any = None) -> Any:
     """``torch.load(weights_only=True)``, always: tensors, plain containers and numpy scalars only
     (the safe globals are allowed for this call alone, :func:`torch.serialization.safe_globals`).
     A file that names any other Python object is refused, never unpickled: unpickling can run code.
-    Corrupt or truncated files are named with the reason (without torch's advice to unpickle)."""
+    Corrupt or truncated files are named with the reason (without torch's advice to unpickle). The
+    run config an ``i2e-train`` checkpoint stores (``i2e_config``) must pass
+    :func:`~i2e_train.schema.check_stored_config` (``trusted_config``: the config of the run
+    reading it), or the file is refused naming the key."""
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if found or "Unsupported global" in str(exc):
+        # torch names a global outside its allow-list ("Unsupported global: GLOBAL x") and one of a
+        # module it blocks outright ("unsupported GLOBAL posix.system whose module posix is blocked")
+        found = re.search(r"unsupported global(?::\s*GLOBAL)?\s+([\w.]+)", str(exc), re.I)
+        if found or "unsupported global" in str(exc).lower():
             what = f"'{found.group(1)}'" if found else "an object that is not a tensor"
             raise CheckpointFormatError(
                 f"{path}: refused: it holds the Python object {what}, not only tensors and numbers, and "
@@ -112,9 +118,16 @@ def _torch_load(path: Path, map_location: Any) -> Any:
         operand = re.search(r"Unsupported operand (\d+)", str(exc))
         reason = (f"pickle opcode {operand.group(1)} is not one a torch checkpoint uses: a text file, another "
                   "format, or a pickle of arbitrary objects (refused, never run)") if operand else _reason(exc)
-        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({reason}); {_REFETCH}") from exc
+        error = CheckpointDamagedError if operand is None else CheckpointFormatError
+        raise error(f"{path}: not a readable torch checkpoint ({reason}); {_REFETCH}") from exc
     except Exception as exc:
-        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({_reason(exc)}); {_REFETCH}") from exc
+        raise CheckpointDamagedError(f"{path}: not a readable torch checkpoint ({_reason(exc)}); {_REFETCH}") from exc
+    if isinstance(obj, Mapping) and "i2e_config" in obj:  # the run config i2e-train stores: data, checked
+        try:
+            check_stored_config(obj["i2e_config"], str(path), trusted=trusted_config)
+        except StoredConfigError as exc:
+            raise CheckpointFormatError(str(exc)) from None
+    return obj
 
 
 _REFETCH = "the file is truncated, corrupt or not a checkpoint: copy or download it again"
@@ -132,12 +145,15 @@ def _reason(exc: BaseException) -> str:
 def read_checkpoint(
     path: Union[str, os.PathLike],
     map_location: Any = "cpu",
+    trusted_config: Any = None,
 ) -> Checkpoint:
     """Read a checkpoint file into its state dict plus epoch / best_acc1 / metadata.
 
     Nothing in the file is run: torch files are read with ``weights_only=True`` (a file that needs
     more is refused, :class:`CheckpointFormatError` says how to convert it), safetensors hold
-    tensors only.
+    tensors only. The run config an ``i2e-train`` checkpoint stores is checked against our config
+    groups (:func:`~i2e_train.schema.check_stored_config`); ``trusted_config`` is the config of the
+    run reading the file, whose own additions (``+callbacks.x=...``) it may hold.
     """
     path = Path(path)
     if not path.is_file():
@@ -160,7 +176,7 @@ def read_checkpoint(
             sd, "safetensors", _as_number(meta.get("epoch"), int), _as_number(meta.get("best_acc1"), float), meta
         )
 
-    obj = _torch_load(path, map_location)
+    obj = _torch_load(path, map_location, trusted_config)
     if isinstance(obj, nn.Module):
         return Checkpoint(dict(obj.state_dict()), "module")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

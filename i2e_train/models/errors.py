@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CheckpointFormatError", "ReleasedWeightsUnavailable"]
+__all__ = ["CheckpointError", "CheckpointFormatError", "CheckpointDamagedError", "ReleasedWeightsUnavailable"]
 
 
 class CheckpointError(RuntimeError):
@@ -11,6 +11,11 @@ class CheckpointError(RuntimeError):
 
 class CheckpointFormatError(CheckpointError, ValueError):
     """The file could not be read or holds no recognisable state dict."""
+
+
+class CheckpointDamagedError(CheckpointFormatError):
+    """The file cannot be read as a checkpoint at all: truncated, corrupt, or of another format
+    (not a refusal of what it holds)."""
 
 
 class ReleasedWeightsUnavailable(CheckpointError, FileNotFoundError):

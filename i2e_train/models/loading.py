@@ -67,8 +67,9 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     """The checkpoint's keys or shapes do not match the model (after remapping).
 
     Attributes: ``source``, ``missing`` (model keys absent from the checkpoint), ``unexpected``
-    (checkpoint keys the model lacks), ``mismatched`` (``(key, checkpoint shape, model shape)``)
-    and ``checkpoint_info`` (:func:`infer_architecture` of the checkpoint).
+    (checkpoint keys the model lacks), ``mismatched`` (``(key, checkpoint shape, model shape)``),
+    ``head_only`` (only the classifier differs: another class count) and ``checkpoint_info``
+    (:func:`infer_architecture` of the checkpoint).
     """
 
     def __init__(
@@ -102,7 +103,8 @@ class CheckpointMismatchError(CheckpointError, ValueError):
         )
         lines.append(f"  the checkpoint looks like: {describe_architecture(self.checkpoint_info)}")
         bad = set(missing) | set(unexpected) | {k for k, _, _ in mismatched}
-        if bad and all(k.startswith(head_name + ".") for k in bad):
+        self.head_only = bool(bad) and all(k.startswith(head_name + ".") for k in bad)
+        if self.head_only:
             lines.append(
                 f"  only the classifier '{head_name}' differs: pass replace_head=True to load the backbone and "
                 f"re-initialise '{head_name}' for the model's class count"
@@ -150,12 +152,13 @@ def _resolve_source(source: Union[str, os.PathLike], cache_dir: Union[str, os.Pa
     return Path(source), None
 
 
-def _read(source, map_location: Any, cache_dir) -> tuple[Checkpoint, str, Optional[ReleasedWeight]]:
+def _read(source, map_location: Any, cache_dir, trusted_config: Any = None
+          ) -> tuple[Checkpoint, str, Optional[ReleasedWeight]]:
     """The checkpoint a source names, its label for messages and its released-table row."""
     if isinstance(source, Mapping):
         return Checkpoint(dict(source), "state_dict"), "<in-memory state dict>", None
     path, released = _resolve_source(source, cache_dir)
-    ckpt = read_checkpoint(path, map_location=map_location)
+    ckpt = read_checkpoint(path, map_location=map_location, trusted_config=trusted_config)
     return ckpt, str(path), released
 
 
@@ -208,6 +211,7 @@ def load_checkpoint(
     strict: bool = True,
     map_location: Any = "cpu",
     cache_dir: Union[str, os.PathLike] = "checkpoints",
+    trusted_config: Any = None,
 ) -> LoadReport:
     """Load weights into ``model`` after remapping foreign keys; strict by default.
 
@@ -223,6 +227,9 @@ def load_checkpoint(
             is reported.
         map_location: passed to ``torch.load`` (device for safetensors).
         cache_dir: where released weights are looked for / downloaded to.
+        trusted_config: the config of the run loading the weights; the run config an
+            ``i2e-train`` checkpoint stores may hold what it holds (its command line's additions),
+            besides what our config groups define (:func:`~i2e_train.schema.check_stored_config`).
 
     Nothing in a file is ever run: torch files are read with ``weights_only=True`` (tensors,
     containers, numbers); a file that holds any other Python object is refused with
@@ -231,7 +238,7 @@ def load_checkpoint(
     Returns:
         a :class:`LoadReport`.
     """
-    ckpt, label, released = _read(source, map_location, cache_dir)
+    ckpt, label, released = _read(source, map_location, cache_dir, trusted_config)
     model_sd = model.state_dict()
     head = _head_name(model)
     check = _check_keys(model_sd, ckpt.state_dict, head, replace_head)

@@ -23,6 +23,16 @@ from i2e_train.naming import unknown_name
 __all__ = ["register_model", "create_model", "list_models", "is_model", "model_entrypoint"]
 
 _model_entrypoints: dict[str, Callable[..., nn.Module]] = {}
+# The modules whose entry points register themselves when imported (the package imports its
+# names lazily, so the registry imports them before it is read).
+_ZOO = ("i2e_train.models.ms_resnet", "i2e_train.models.sj_zoo")
+
+
+def _load_zoo() -> None:
+    import importlib
+
+    for module in _ZOO:
+        importlib.import_module(module)
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
@@ -45,17 +55,20 @@ def register_model(fn: F) -> F:
 
 def list_models(pattern: Union[str, Iterable[str]] = "*") -> list[str]:
     """Sorted names of the registered models matching an fnmatch ``pattern`` (or any of several)."""
+    _load_zoo()
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     return sorted(n for n in _model_entrypoints if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
 def is_model(name: str) -> bool:
     """Whether ``name`` is a registered model."""
+    _load_zoo()
     return name in _model_entrypoints
 
 
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     """The entry-point function of ``name``; unknown names raise ``ValueError`` with suggestions."""
+    _load_zoo()
     try:
         return _model_entrypoints[name]
     except KeyError:

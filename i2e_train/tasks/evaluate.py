@@ -3,8 +3,10 @@ validation split of its data.
 
 Writes to the run folder: metrics.json (top-1, top-5, loss, checkpoint), confusion_matrix.json
 and confusion_matrix.png. A checkpoint written by ``i2e-train`` carries its model and data config,
-which are used unless chosen on the command line; a released weight picks its own model and data
-config (:func:`released_overrides`).
+which are used unless chosen on the command line, once they pass
+:func:`~i2e_train.schema.check_stored_config` (and with this machine's paths: where data is read
+and cached is never the checkpoint's); a released weight picks its own model and data config
+(:func:`released_overrides`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,7 +24,7 @@ from i2e_train.tasks.train import make_trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "evaluate_from_overrides", "latest_checkpoint", "released_overrides"]
+__all__ = ["evaluate", "evaluate_from_overrides", "check_eval_run", "latest_checkpoint", "released_overrides"]
 
 
 def latest_checkpoint(log_dir: str | Path) -> Path:
@@ -39,14 +40,15 @@ def latest_checkpoint(log_dir: str | Path) -> Path:
     )
 
 
-def _stored_config(path: Path) -> dict | None:
+def _stored_config(path: Path, cfg: DictConfig) -> dict | None:
     """The run config an i2e-train checkpoint carries (None for foreign checkpoints). Read as every
-    checkpoint is (:func:`~i2e_train.models.checkpoint.load_torch_file`: nothing in it runs)."""
+    checkpoint is (:func:`~i2e_train.models.checkpoint.load_torch_file`: nothing in it runs, and
+    the stored config is refused unless it passes :func:`~i2e_train.schema.check_stored_config`)."""
     from i2e_train.models.checkpoint import load_torch_file
 
     if path.suffix != ".ckpt":
         return None
-    ckpt = load_torch_file(path)
+    ckpt = load_torch_file(path, trusted_config=cfg)
     return ckpt.get("i2e_config") if isinstance(ckpt, dict) else None
 
 
@@ -63,6 +65,7 @@ def _merge_stored(cfg: DictConfig, stored: dict, overrides: Sequence[str]) -> Di
         base = OmegaConf.create(stored[group])
         if group == "data":
             _earlier_recipe_preprocessing(base)
+            _this_machines_paths(base, stored.get("paths") or {}, cfg)
         for o in overrides:
             key = o.split("=", 1)[0]
             name = key.lstrip("+~")
@@ -79,6 +82,21 @@ def _merge_stored(cfg: DictConfig, stored: dict, overrides: Sequence[str]) -> Di
         cfg[group] = base
     cfg.module.num_classes = cfg.data.num_classes
     return cfg
+
+
+def _this_machines_paths(data: DictConfig, stored_paths: dict, cfg: DictConfig) -> None:
+    """Where data is found and cached comes from this run, never from the checkpoint: a stored
+    value equal to one of the stored run's ``paths.*`` becomes this run's ``paths.*`` of that name
+    (the data configs derive ``root``, ``source`` from them), ``data_dir`` (the caches written) is
+    always this run's, and a stored ``cache_dir`` is dropped (the default: under the data's root)."""
+    for key, value in OmegaConf.to_container(data, resolve=False).items():
+        for name, old in stored_paths.items():
+            if isinstance(value, str) and value == old and name != "output_dir" and name in cfg.paths:
+                data[key] = cfg.paths[name]
+    if "data_dir" in data:
+        data.data_dir = cfg.paths.data_dir
+    if data.get("cache_dir") is not None:
+        data.cache_dir = None
 
 
 def _earlier_recipe_preprocessing(data: DictConfig) -> None:
@@ -104,30 +122,64 @@ def _write_results(cfg: DictConfig, module, source: str, metrics: dict[str, floa
     return result
 
 
-def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Validate ``cfg.ckpt_path`` on ``cfg.data``; ``overrides`` are the command line's (they win
-    over the model / data config stored in an i2e-train checkpoint)."""
-    from i2e_train.models import load_checkpoint
+def _prepare(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, str]:
+    """The config an evaluation runs and its checkpoint: ``latest`` found, an i2e-train
+    checkpoint's stored model and data merged in (after :func:`~i2e_train.schema.check_stored_config`),
+    the values checked. Reads, writes nothing."""
+    from i2e_train.tasks.checks import check_train_config
 
-    L.seed_everything(cfg.seed, workers=True)
     source = str(cfg.ckpt_path)
     if source == "latest":
         source = str(latest_checkpoint(cfg.paths.log_dir))
     if not source.startswith("released:"):
-        stored = _stored_config(Path(source))
+        stored = _stored_config(Path(source), cfg)
         if stored is not None:
             cfg = _merge_stored(cfg, stored, overrides)
-    from i2e_train.tasks.checks import check_train_config
-
     check_train_config(cfg)
+    classes, data_classes = cfg.model.get("num_classes"), cfg.data.get("num_classes")
+    if classes is not None and data_classes is not None and int(classes) != int(data_classes):
+        raise ValueError(f"ckpt_path={source}: the model has {int(classes)} classes, the data evaluated here "
+                         f"({cfg.data.get('name')}) {int(data_classes)}; evaluate a checkpoint on the data it was "
+                         "trained for (an i2e-train checkpoint: leave data= out, its own data config is used)")
+    return cfg, source
+
+
+def _load(cfg: DictConfig, model, source: str):
+    """The checkpoint's weights in ``model``; a classifier of another class count is one line
+    (replacing it would evaluate a random classifier)."""
+    from i2e_train.models import CheckpointMismatchError, load_checkpoint
+
+    try:
+        return load_checkpoint(model, source, cache_dir=cfg.paths.checkpoint_dir, trusted_config=cfg)
+    except CheckpointMismatchError as err:
+        if not err.head_only:
+            raise
+        theirs, ours = err.checkpoint_info.get("num_classes"), cfg.data.num_classes
+        raise ValueError(f"ckpt_path={source}: its classifier has {theirs} classes, the data evaluated here "
+                         f"({cfg.data.name}) {ours}; evaluate it on the data it was trained for (data=<config> with "
+                         f"{theirs} classes)") from None
+
+
+def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Validate ``cfg.ckpt_path`` on ``cfg.data``; ``overrides`` are the command line's (they win
+    over the model / data config stored in an i2e-train checkpoint)."""
+    cfg, source = _prepare(cfg, overrides)
+    L.seed_everything(cfg.seed, workers=True)
     log.info("evaluating %s", source)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    log.info("loaded: %s", load_checkpoint(model, source, cache_dir=cfg.paths.checkpoint_dir))
+    log.info("loaded: %s", _load(cfg, model, source))
     module = instantiate(cfg.module, model=model)
     trainer: L.Trainer = make_trainer(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     res = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     return _write_results(cfg, module, source, {k: float(v) for k, v in res.items()})
+
+
+def check_eval_run(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """What :func:`evaluate_from_overrides` checks before it writes anything (the entry point runs
+    it before Hydra makes the run folder): the checkpoint found and read, its stored config
+    checked, the values checked."""
+    _prepare(_with_released(cfg, overrides), overrides)
 
 
 def released_overrides(source: str, overrides: Sequence[str]) -> list[str]:
@@ -146,13 +198,18 @@ def released_overrides(source: str, overrides: Sequence[str]) -> list[str]:
     return extra
 
 
-def evaluate_from_overrides(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
-    """:func:`evaluate` for a config composed from ``overrides``; a released weight recomposes it
-    with its own model and data config first."""
+def _with_released(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``cfg``, recomposed with a released weight's own model and data config when it names one."""
     from i2e_train.config import compose
 
     if str(cfg.ckpt_path).startswith("released:"):
         extra = released_overrides(str(cfg.ckpt_path), overrides)
         if extra:
-            cfg = compose("eval", list(overrides) + extra)
-    return evaluate(cfg, overrides=overrides)
+            return compose("eval", list(overrides) + extra)
+    return cfg
+
+
+def evaluate_from_overrides(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
+    """:func:`evaluate` for a config composed from ``overrides``; a released weight recomposes it
+    with its own model and data config first."""
+    return evaluate(_with_released(cfg, overrides), overrides=overrides)

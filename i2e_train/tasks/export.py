@@ -52,7 +52,7 @@ def export_run(model: nn.Module, best_checkpoint: str, cfg: DictConfig, metrics:
     from i2e_train.models import export_safetensors, load_checkpoint
 
     out_dir = Path(out_dir)
-    load_checkpoint(model, best_checkpoint)
+    load_checkpoint(model, best_checkpoint, trusted_config=cfg)  # this run's own checkpoint
     card = model_card(cfg, metrics, best_checkpoint)
     weights = export_safetensors(model, out_dir / "model.safetensors",
                                  {k: v for k, v in card.items() if k != "data_config"})

@@ -5,7 +5,8 @@ overrides (typically one `experiment=...`), optionally `init_from: <earlier stag
 stage's best checkpoint) or any checkpoint path / released:<name>. The run folder holds one
 sub-folder per stage and `pipeline.json`, which records what each stage ran and which
 checkpoint fed which stage. A stage that finished (its `stage.json` exists) is skipped on
-re-run; an interrupted one resumes from its last checkpoint.
+re-run; an interrupted one resumes from its last checkpoint. Every stage is checked before the
+first one runs (:func:`check_pipeline`); a `stage.json` is read back as data, checked.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from i2e_train.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_pipeline"]
+__all__ = ["run_pipeline", "check_pipeline"]
 
 
 def _quote(value: str) -> str:
@@ -75,21 +76,76 @@ def _run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict[str, An
     return record
 
 
+# stage.json: what a finished stage ran and where its best checkpoint is (read back on a re-run)
+_STAGE_FIELDS = {"overrides": (list,), "init_from": (str, type(None)), "init_from_stage": (str, type(None)),
+                 "init_digest": (str, type(None)), "best_checkpoint": (str, type(None)),
+                 "metrics": (dict, type(None)), "skipped": (bool,)}
+
+
+def _finished_stage(run_dir: Path, name: str) -> dict[str, Any] | None:
+    """The record of a stage that finished earlier (None when it has not), checked as data: its
+    keys and types (:func:`~i2e_train.schema.check_record`), numbers as metrics, and a best
+    checkpoint inside the stage's own folder (the next stage starts from it)."""
+    from i2e_train.schema import StoredConfigError, check_record
+
+    path = run_dir / name / "stage.json"
+    if not path.is_file():
+        return None
+    try:
+        record = check_record(json.loads(path.read_text(encoding="utf-8")), _STAGE_FIELDS, str(path))
+    except ValueError as exc:
+        raise StoredConfigError(str(exc) if isinstance(exc, StoredConfigError) else
+                                f"{path}: unreadable ({exc}); delete it to run stage {name!r} again") from None
+    bad = [k for k, v in (record.get("metrics") or {}).items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    best = record.get("best_checkpoint")
+    if bad or (best and not Path(best).resolve().is_relative_to((run_dir / name).resolve())):
+        what = f"metrics {bad} are not numbers" if bad else f"best_checkpoint={best!r} is outside {run_dir / name}"
+        raise StoredConfigError(f"{path}: {what}; delete it to run stage {name!r} again")
+    return record
+
+
+def check_pipeline(cfg: DictConfig) -> None:
+    """Every stage checked before anything runs or is written (``i2e-pipeline`` runs this before
+    Hydra makes the pipeline's folder; :func:`run_pipeline` again): finished stages' records, and
+    each other stage's composed ``train`` config, as :func:`~i2e_train.tasks.train.check_train_run`
+    checks it (values, initial weights when a file, an interrupted stage's checkpoint)."""
+    from i2e_train.config import compose
+    from i2e_train.tasks.train import check_train_run
+
+    stages, run_dir = cfg.pipeline.stages, Path(cfg.run_dir)
+    if not stages:
+        raise ValueError(f"pipeline {cfg.pipeline.name!r} has no stages")
+    earlier: list[str] = []
+    for name, stage in stages.items():
+        init = stage.get("init_from")
+        if init in stages and init not in earlier:
+            raise ValueError(f"stage {name!r} starts from stage {init!r}, which comes later in the pipeline")
+        earlier.append(name)
+        if _finished_stage(run_dir, name) is not None:
+            continue
+        init_path = None if not init or init in stages else str(init)
+        stage_dir = run_dir / name
+        overrides = _stage_overrides(cfg, name, stage, init_path, stage_dir)
+        if init in stages:  # that stage's best checkpoint, not there yet: read when this stage starts
+            overrides.append("init_from=null")
+        stage_cfg = compose("train", overrides)
+        check_train_run(stage_cfg, stage_dir if stage_dir.is_dir() else None)
+
+
 def run_pipeline(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run ``cfg.pipeline.stages`` in order; each stage is the ``train`` config composed from its
     overrides and run by ``train`` (:func:`i2e_train.tasks.train.train` by default). Returns the
-    manifest written to ``<run_dir>/pipeline.json``."""
+    manifest written to ``<run_dir>/pipeline.json``. Everything is checked first (:func:`check_pipeline`)."""
     if train is None:
         from i2e_train.tasks.train import train
+    check_pipeline(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"pipeline": cfg.pipeline.name, "stages": {}}
-    if not cfg.pipeline.stages:
-        raise ValueError(f"pipeline {cfg.pipeline.name!r} has no stages")
     for name, stage in cfg.pipeline.stages.items():
-        finished = run_dir / name / "stage.json"
-        if finished.is_file():
-            record = dict(json.loads(finished.read_text()), skipped=True)
+        finished = _finished_stage(run_dir, name)
+        if finished is not None:
+            record = dict(finished, skipped=True)
             log.info("stage %s finished earlier: skipped (%s)", name, record.get("best_checkpoint"))
         else:
             record = _run_stage(cfg, name, stage, manifest["stages"], run_dir, train)

@@ -3,8 +3,9 @@
 Default run folders are unique (``configs/hydra/default.yaml``: date, time to the microsecond
 and the process id). A folder chosen by hand (``hydra.run.dir=...``) that already holds a run
 (a checkpoint, ``metrics.json``, or the ``RUNNING`` marker of a live process) is refused unless
-the run is resumed (``ckpt_path=last``) or ``overwrite=true`` is given. ``ckpt_path=last``
-needs the folder and its ``checkpoints/last.ckpt``.
+the run is resumed (``ckpt_path=last``, or a checkpoint in its own ``checkpoints/``) or
+``overwrite=true`` is given; a folder a live run is writing is refused whatever is asked.
+``ckpt_path=last`` needs the folder and its ``checkpoints/last.ckpt``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from i2e_train.files import atomic_write_json
 
-__all__ = ["RunFolderError", "MARKER", "check_run_folder", "mark_running", "unmark_running", "holds_run",
+__all__ = ["RunFolderError", "MARKER", "check_run_folder", "resumes_in_place", "mark_running", "unmark_running", "holds_run",
            "primary_process"]
 
 MARKER = "RUNNING"  # JSON {pid, host}: written at the start of a run, removed at its end
@@ -66,10 +67,27 @@ def holds_run(folder: Path) -> str | None:
     return None
 
 
+def resumes_in_place(folder: str | os.PathLike, ckpt_path: str | None) -> bool:
+    """Whether ``ckpt_path`` resumes the run of ``folder`` itself: ``last``, or a checkpoint in its
+    ``checkpoints/`` (an ``epoch*.ckpt`` when ``last.ckpt`` is damaged)."""
+    if not ckpt_path:
+        return False
+    if ckpt_path == "last":
+        return True
+    own = (Path(folder) / "checkpoints").resolve()
+    return Path(str(ckpt_path)).resolve().parent == own
+
+
 def check_run_folder(folder: str | os.PathLike, ckpt_path: str | None, overwrite: bool) -> None:
-    """Refuse a folder holding another run (unless resuming or ``overwrite``), and ``ckpt_path=last``
-    without a run to resume."""
+    """Refuse a folder a live run is writing (whatever is asked), a folder holding another run
+    (unless resuming it or ``overwrite``), and ``ckpt_path=last`` without a run to resume."""
     folder = Path(folder)
+    live = _live_marker(folder)
+    if live:
+        raise RunFolderError(
+            f"{folder} is being written by a running run ({live}): neither resuming it nor overwrite=true can "
+            "be used while it runs. Wait for it to end, or leave hydra.run.dir out to start this run in a new "
+            "folder")
     if ckpt_path == "last":
         last = folder / "checkpoints" / "last.ckpt"
         if not folder.is_dir():
@@ -78,17 +96,14 @@ def check_run_folder(folder: str | os.PathLike, ckpt_path: str | None, overwrite
         if not last.is_file():
             raise RunFolderError(f"ckpt_path=last: {last} does not exist, so there is nothing to resume in {folder}; "
                                  "start a new run without ckpt_path=last (add overwrite=true to reuse this folder)")
-        live = _live_marker(folder)
-        if live:
-            raise RunFolderError(f"{folder} is being written by a running run ({live}); wait for it to end")
+        return
+    if resumes_in_place(folder, ckpt_path):
         return
     found = holds_run(folder)
     if found and not overwrite:
         raise RunFolderError(
             f"the run folder {folder} already holds {found}; refusing to overwrite it. Resume it with "
             "ckpt_path=last, pick a new folder (leave hydra.run.dir out), or pass overwrite=true to replace it")
-    if found and "running run" in found:
-        raise RunFolderError(f"{folder} is being written by {found}; overwrite=true does not stop a live run")
 
 
 def mark_running(folder: str | os.PathLike) -> Path:

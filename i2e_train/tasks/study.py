@@ -41,7 +41,7 @@ from i2e_train.files import atomic_write_bytes, atomic_write_json, atomic_write_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["study_runs", "run_study", "aggregate", "markdown_table"]
+__all__ = ["study_runs", "run_study", "check_study", "aggregate", "markdown_table"]
 
 
 def _quote(value: str) -> str:
@@ -70,26 +70,79 @@ def study_runs(cfg: DictConfig) -> list[dict[str, Any]]:
     return runs
 
 
-def _train_run(run: dict[str, Any], study_name: str) -> dict[str, Any]:
+def _train_config(run: dict[str, Any], study_name: str) -> DictConfig:
     from i2e_train.config import compose
-    from i2e_train.tasks.train import train
 
     # an interrupted run resumes from its last checkpoint; one stopped before any checkpoint (no
     # result.json, nothing to keep) starts again in its own folder
     resume = "ckpt_path=last" if (Path(run["dir"]) / "checkpoints" / "last.ckpt").is_file() else "overwrite=true"
     overrides = run["overrides"] + [f"seed={run['seed']}", f"paths.output_dir={_quote(str(run['dir']))}",
                                     resume, f"++wandb_group=study/{study_name}"]
-    return train(compose("train", overrides))
+    return compose("train", overrides)
 
 
-def _pipeline_run(run: dict[str, Any], study_name: str) -> dict[str, Any]:
+def _pipeline_config(run: dict[str, Any], study_name: str) -> DictConfig:
     from i2e_train.config import compose
-    from i2e_train.tasks.pipeline import run_pipeline
 
     own = [o for o in run["overrides"] if o.lstrip("+~").startswith("pipeline")]  # pipeline-level
     common = [o for o in run["overrides"] if o not in own] + [f"seed={run['seed']}", f"++wandb_group=study/{study_name}"]
     arg = "common_overrides=[" + ",".join(_quote(o) for o in common) + "]"
-    return run_pipeline(compose("pipeline", own + [arg, f"run_dir={_quote(str(run['dir']))}"]))
+    return compose("pipeline", own + [arg, f"run_dir={_quote(str(run['dir']))}"])
+
+
+def _train_run(run: dict[str, Any], study_name: str) -> dict[str, Any]:
+    from i2e_train.tasks.train import train
+
+    return train(_train_config(run, study_name))
+
+
+def _pipeline_run(run: dict[str, Any], study_name: str) -> dict[str, Any]:
+    from i2e_train.tasks.pipeline import run_pipeline
+
+    return run_pipeline(_pipeline_config(run, study_name))
+
+
+# result.json: a finished run's metric (read back on a re-run, aggregated into the table)
+_RESULT_FIELDS = {"cell": (dict,), "seed": (int,), "overrides": (list,), "metric": (str,), "value": (int, float)}
+
+
+def _finished_run(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a run that finished earlier (None when it has not), checked as data: its keys
+    and types (:func:`~i2e_train.schema.check_record`), and that it is this run's (cell and seed)."""
+    from i2e_train.schema import StoredConfigError, check_record
+
+    path = run["dir"] / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        record = check_record(json.loads(path.read_text(encoding="utf-8")), _RESULT_FIELDS, str(path))
+    except ValueError as exc:
+        raise StoredConfigError(str(exc) if isinstance(exc, StoredConfigError) else
+                                f"{path}: unreadable ({exc}); delete it to run it again") from None
+    if record["cell"] != run["cell"] or record["seed"] != run["seed"] or not math.isfinite(record["value"]):
+        raise StoredConfigError(f"{path}: records cell {record['cell']} seed {record['seed']} value "
+                                f"{record['value']}, not a result of this run (cell {run['cell']}, seed {run['seed']}); "
+                                "delete it to run it again")
+    return record
+
+
+def check_study(cfg: DictConfig) -> None:
+    """Every run checked before anything runs or is written (``i2e-study`` runs this before Hydra
+    makes the study's folder; :func:`run_study` again): the study's kind and seeds, the finished
+    runs' records, and one composed config per cell of the others (:func:`~i2e_train.tasks.train.check_train_run`,
+    :func:`~i2e_train.tasks.pipeline.check_pipeline`)."""
+    from i2e_train.tasks.pipeline import check_pipeline
+    from i2e_train.tasks.train import check_train_run
+
+    checked = set()
+    for run in study_runs(cfg):
+        if _finished_run(run) is not None or run["cell_name"] in checked:
+            continue
+        checked.add(run["cell_name"])
+        if cfg.study.kind == "pipeline":
+            check_pipeline(_pipeline_config(run, cfg.study.name))
+        else:
+            check_train_run(_train_config(run, cfg.study.name), run["dir"] if run["dir"].is_dir() else None)
 
 
 def _metric(result: dict[str, Any], kind: str, metric: str, stage: str | None) -> float:
@@ -106,8 +159,8 @@ def _metric(result: dict[str, Any], kind: str, metric: str, stage: str | None) -
 def _run_one(cfg: DictConfig, run: dict[str, Any], runner: Callable | None) -> dict[str, Any]:
     """One run, or its earlier result when it finished before (``result.json``)."""
     done = run["dir"] / "result.json"
-    if done.is_file():
-        record = json.loads(done.read_text())
+    record = _finished_run(run)
+    if record is not None:
         log.info("%s seed %d finished earlier: skipped", run["cell_name"], run["seed"])
         return dict(record, skipped=True)
     study = cfg.study
@@ -213,7 +266,10 @@ def _write(cfg: DictConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
 def run_study(cfg: DictConfig, runner: Callable | None = None) -> dict[str, Any]:
     """Run every (cell, seed) of ``cfg.study`` not finished yet, then aggregate and write the
     table, CSVs and plot into ``cfg.study_dir``. ``runner(run, study_name)`` replaces the task
-    (tests). Returns ``{"rows", "table", "dir", "runs"}``."""
+    (tests). Returns ``{"rows", "table", "dir", "runs"}``. Everything is checked first
+    (:func:`check_study`; with the real tasks only)."""
+    if runner is None:
+        check_study(cfg)
     records = [_run_one(cfg, run, runner) for run in study_runs(cfg)]
     out = _write(cfg, records)
     out["runs"] = records

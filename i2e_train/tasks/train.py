@@ -24,7 +24,7 @@ from i2e_train.recovery import recovery_callbacks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "train_for_sweep", "build_module"]
+__all__ = ["train", "train_for_sweep", "build_module", "check_train_run"]
 
 
 def build_module(cfg: DictConfig, with_optim: bool = True):
@@ -34,7 +34,7 @@ def build_module(cfg: DictConfig, with_optim: bool = True):
     model = instantiate(cfg.model)
     if cfg.get("init_from"):
         report = load_checkpoint(model, cfg.init_from, replace_head=bool(cfg.get("replace_head", False)),
-                                 cache_dir=cfg.paths.checkpoint_dir)
+                                 cache_dir=cfg.paths.checkpoint_dir, trusted_config=cfg)
         log.info("initial weights: %s", report)
     kwargs: dict[str, Any] = {}
     if with_optim:
@@ -51,21 +51,102 @@ def _instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
 
 
-def _resume_path(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from, checked before Lightning reads it: it must be a readable
-    checkpoint holding only tensors and plain values (read as Lightning will, ``weights_only=True``)."""
+def _resume_path(cfg: DictConfig, output_dir: str | Path | None) -> str | None:
+    """The checkpoint to resume from, checked before Lightning reads it: a readable checkpoint
+    holding only tensors and plain values (read as Lightning will, ``weights_only=True``; its
+    stored run config checked, :mod:`i2e_train.schema`), of a run of this run's model and classes."""
     from i2e_train.models.checkpoint import load_torch_file
+    from i2e_train.models.errors import CheckpointDamagedError
 
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
         return None
-    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(str(ckpt))
-    state = load_torch_file(path)  # CheckpointFormatError naming the file: missing, text, truncated, refused
+    if ckpt == "last" and output_dir is None:
+        raise ValueError("ckpt_path=last resumes a run folder: pass it as hydra.run.dir=<logs/train/runs/...>")
+    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(str(ckpt))
+    try:
+        state = load_torch_file(path, trusted_config=cfg)  # CheckpointFormatError naming the file: missing, text, ...
+    except CheckpointDamagedError as err:
+        raise type(err)(f"{err}{_earlier_checkpoint(path)}") from None
     if not isinstance(state, dict) or "state_dict" not in state or "epoch" not in state:
         raise ValueError(f"ckpt_path={ckpt}: {path} is not a Lightning checkpoint of i2e-train (it resumes a run); "
                          "to start from its weights use init_from=<file> instead")
+    _check_same_run(cfg, state, path)
+    _check_callback_paths(state, path)
     log.info("resuming from %s", path)
     return str(path)
+
+
+def _earlier_checkpoint(path: Path) -> str:
+    """For a damaged checkpoint in a run folder: how to resume from the newest good one there."""
+    others = sorted((p for p in path.parent.glob("epoch*.ckpt") if p != path), key=lambda p: p.stat().st_mtime)
+    if not others:
+        return ""
+    run = path.parent.parent
+    return (f". Resume from the run's newest epoch checkpoint instead: hydra.run.dir={run} "
+            f"ckpt_path={others[-1]}")
+
+
+def _check_same_run(cfg: DictConfig, state: dict, path: Path) -> None:
+    """``ckpt_path`` continues the run the checkpoint was saved by: the same model and class count
+    (else Lightning's strict load fails with a list of size mismatches)."""
+    stored = state.get("i2e_config") or {}
+    fix = f"ckpt_path continues that run; to start a new one from its weights use init_from={path}"
+    name, want = (stored.get("model") or {}).get("name"), cfg.model.get("name")
+    if name and want and name != want:
+        raise ValueError(f"ckpt_path={path}: the checkpoint is of model {name}, this run builds {want} "
+                         f"(model=...); {fix}")
+    classes, want = state.get("num_classes"), cfg.data.get("num_classes")
+    if classes is not None and want is not None and int(classes) != int(want):
+        raise ValueError(f"ckpt_path={path}: the checkpoint was trained for {int(classes)} classes, this run's data "
+                         f"{cfg.data.get('name')} has {int(want)}; {fix} replace_head=true")
+
+
+def _check_callback_paths(state: dict, path: Path) -> None:
+    """On resume Lightning's ModelCheckpoint takes the checkpoint files its stored state names and
+    later deletes the older ones: locally only inside its own folder, on a remote filesystem
+    anywhere. So a resumed state may name local files only."""
+    for name, cb in (state.get("callbacks") or {}).items():
+        if not isinstance(cb, dict):
+            continue
+        named = [cb.get(k) for k in ("dirpath", "best_model_path", "kth_best_model_path", "last_model_path")]
+        named += list(cb.get("best_k_models") or {})
+        remote = [v for v in named if isinstance(v, str) and "://" in v]
+        if remote:
+            raise ValueError(f"ckpt_path={path}: refused: the state of its callback {name} names {remote[0]!r}, not a "
+                             "local file (resuming would let Lightning delete it); resume from a checkpoint of your "
+                             "own run")
+
+
+def _check_init_from(cfg: DictConfig) -> None:
+    """The initial weights, when a file, read now (before anything is written): missing, damaged
+    and refused files are named here, not after the data is loaded."""
+    from i2e_train.models.checkpoint import read_checkpoint
+    from i2e_train.models.released import find_released
+
+    init = cfg.get("init_from")
+    if not init or find_released(str(init)) is not None:  # released: read from the cache or the hub when loaded
+        return
+    try:
+        read_checkpoint(str(init), trusted_config=cfg)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"init_from={init}: {err}") from None
+
+
+def check_train_run(cfg: DictConfig, output_dir: str | Path | None) -> str | None:
+    """Everything a training run checks before it writes anything (the entry point runs it before
+    Hydra makes the run folder; :func:`train` again): the config values
+    (:func:`~i2e_train.tasks.checks.check_train_config`), the run folder when it exists, the
+    checkpoint to resume and the initial weights. Returns the checkpoint to resume from."""
+    from i2e_train.tasks.checks import check_train_config
+    from i2e_train.tasks.runs import check_run_folder, primary_process
+
+    check_train_config(cfg)
+    if output_dir is not None and primary_process():
+        check_run_folder(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+    resume = _resume_path(cfg, output_dir)
+    _check_init_from(cfg)
+    return resume
 
 
 def _trainer(cfg: DictConfig, out_dir: Path) -> L.Trainer:
@@ -87,6 +168,8 @@ def make_trainer(trainer_cfg: DictConfig, callbacks: list | None = None, **kwarg
     OmegaConf.set_struct(tcfg, False)
     cuda_math = tcfg.pop("cuda_math", None)
     callbacks = list(callbacks or [])
+    if "enable_model_summary" not in tcfg and any(isinstance(c, L.pytorch.callbacks.ModelSummary) for c in callbacks):
+        tcfg.enable_model_summary = False  # the callbacks print it; else Lightning says so on every run
     if cuda_math:
         callbacks.append(CudaMath(**OmegaConf.to_container(cuda_math, resolve=True)))
     return instantiate(tcfg, callbacks=callbacks, **kwargs)
@@ -110,9 +193,9 @@ def _write_results(cfg: DictConfig, module, result: dict[str, Any], out_dir: Pat
 def _claim_folder(cfg: DictConfig, out_dir: Path) -> None:
     """Mark the (checked) run folder as running; ``overwrite=true`` first removes the earlier run's
     checkpoints and metrics, so nothing of it is mixed into this one."""
-    from i2e_train.tasks.runs import mark_running
+    from i2e_train.tasks.runs import mark_running, resumes_in_place
 
-    if cfg.get("overwrite", False) and cfg.get("ckpt_path") != "last":
+    if cfg.get("overwrite", False) and not resumes_in_place(out_dir, cfg.get("ckpt_path")):
         for old in [*(out_dir / "checkpoints").glob("*.ckpt"), out_dir / "metrics.json"]:
             log.info("overwrite=true: removing %s of the earlier run", old)
             old.unlink(missing_ok=True)
@@ -122,17 +205,14 @@ def _claim_folder(cfg: DictConfig, out_dir: Path) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job; returns the final metrics (floats) and the best checkpoint path.
 
-    Refused before anything is written: invalid config values (:mod:`i2e_train.tasks.checks`), a
-    run folder holding another run, a checkpoint to resume that is missing or unreadable."""
-    from i2e_train.tasks.checks import check_train_config
-    from i2e_train.tasks.runs import check_run_folder, primary_process, unmark_running
+    Refused before anything is written (:func:`check_train_run`): invalid config values, a run
+    folder holding another run, a checkpoint to resume or initial weights that are missing,
+    unreadable or refused."""
+    from i2e_train.tasks.runs import primary_process, unmark_running
 
-    check_train_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     primary = primary_process()
-    if primary:
-        check_run_folder(out_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
-    resume = _resume_path(cfg)
+    resume = check_train_run(cfg, out_dir)
     if primary:
         _claim_folder(cfg, out_dir)
     try:
