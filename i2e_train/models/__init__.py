@@ -16,6 +16,7 @@ from .hub import resolve_released
 from .loading import CheckpointMismatchError, LoadReport, load_checkpoint, replace_head
 from .ms_resnet import BasicBlock, Bottleneck, MSResNet, NeuronConfig
 from . import sj_zoo  # noqa: F401  (registers sj/<name>: SpikingJelly's zoo)
+from . import ms_resnet_deploy  # noqa: F401  (registers deploy/<name>: the NIR-exportable MS-ResNets)
 from .registry import create_model, is_model, list_models, register_model
 from .released import RELEASED_WEIGHTS, ReleasedWeight, find_released, get_released
 

@@ -23,7 +23,7 @@ from i2e_train.tasks.train import make_trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "evaluate_from_overrides", "latest_checkpoint", "released_overrides"]
+__all__ = ["evaluate", "evaluate_from_overrides", "checkpoint_config", "latest_checkpoint", "released_overrides"]
 
 
 def latest_checkpoint(log_dir: str | Path) -> Path:
@@ -104,12 +104,12 @@ def _write_results(cfg: DictConfig, module, source: str, metrics: dict[str, floa
     return result
 
 
-def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Validate ``cfg.ckpt_path`` on ``cfg.data``; ``overrides`` are the command line's (they win
-    over the model / data config stored in an i2e-train checkpoint)."""
-    from i2e_train.models import load_checkpoint
+def checkpoint_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[DictConfig, str]:
+    """``cfg.ckpt_path`` resolved (``latest``: the best checkpoint of the most recent run) and ``cfg``
+    with the model and data config an i2e-train checkpoint carries (the command line's ``overrides``
+    win), its values checked (:func:`~i2e_train.tasks.checks.check_train_config`)."""
+    from i2e_train.tasks.checks import check_train_config
 
-    L.seed_everything(cfg.seed, workers=True)
     source = str(cfg.ckpt_path)
     if source == "latest":
         source = str(latest_checkpoint(cfg.paths.log_dir))
@@ -117,9 +117,16 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         stored = _stored_config(Path(source))
         if stored is not None:
             cfg = _merge_stored(cfg, stored, overrides)
-    from i2e_train.tasks.checks import check_train_config
+    return check_train_config(cfg), source
 
-    check_train_config(cfg)
+
+def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Validate ``cfg.ckpt_path`` on ``cfg.data``; ``overrides`` are the command line's (they win
+    over the model / data config stored in an i2e-train checkpoint)."""
+    from i2e_train.models import load_checkpoint
+
+    L.seed_everything(cfg.seed, workers=True)
+    cfg, source = checkpoint_config(cfg, overrides)
     log.info("evaluating %s", source)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
