@@ -4,7 +4,8 @@
     >>> model = create_model("ms_resnet18", num_classes=10)       # [T, B, 2, H, W] -> [B, 10]
     >>> report = load_checkpoint(model, "released:cifar10_baseline")  # cache or Hugging Face
 
-Files: ``ms_resnet`` (the networks), ``registry`` (names -> entry points), ``lif`` / ``layers``
+Files: ``ms_resnet`` (the networks), ``ms_resnet_deploy`` (``deploy/<name>``: the same with an
+average-pooling stem), ``nir_export`` (NIR graphs of them), ``registry`` (names -> entry points), ``lif`` / ``layers``
 (neuron and layers with bit-identical fast CPU paths), ``released`` (the released-weights table),
 ``hub`` (downloading a released file), ``checkpoint`` (reading, remapping and writing checkpoint
 files), ``loading`` (strict loading into a model), ``errors``.
