@@ -136,6 +136,29 @@ def test_deploy_variant_takes_the_standard_weights_and_trains():
     assert y.shape == (2, 10) and model.conv1.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("memory", ["none", "bits", "bits+checkpoint"])
+def test_deploy_variant_training_step_on_fake_cuda(memory):
+    """The GPU path of the average-pooling stem (tests/fakecuda.py): a training step in every
+    memory mode without a host synchronisation or copy."""
+    from fakecuda import HostTraffic, fake_cuda, fake_module
+    from i2e_train.module import SNNClassifier
+
+    def build():
+        module = SNNClassifier(create_model("deploy/ms_resnet_tiny", num_classes=4), num_classes=4, memory=memory,
+                               optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+        module.configure_model()
+        return module
+
+    with fake_cuda() as mode:
+        module = fake_module(mode, build)
+        batch = ((torch.rand(2, 2, 2, 32, 32, device="cuda") < 0.1).float(), torch.zeros(2, dtype=torch.long, device="cuda"))
+        traffic = HostTraffic()
+        with traffic:
+            loss = module.training_step(batch, 0)
+        assert loss.is_cuda and loss.shape == ()
+        traffic.assert_clean(f"deploy/ms_resnet_tiny memory={memory}")
+
+
 @pytest.mark.parametrize("name", ["ms_resnet18", "ms_resnet50"])
 def test_deploy_configs_compose_and_export_the_bottleneck_too(name, tmp_path):
     from hydra.core.global_hydra import GlobalHydra
@@ -226,6 +249,21 @@ def test_importers_match_the_network_directly(trained):
     strict = deploy_graph(model, (32, 32)).strict_threshold().run(events)
     torch.testing.assert_close(run_snntorch(path, events), strict, rtol=0, atol=LOGIT_TOL)
     assert torch.equal(run_snntorch(path, events).argmax(1), ref.argmax(1))
+
+
+def test_non_spiking_head_is_exported_as_it_runs(tmp_path):
+    """With ``sn1 = nn.Identity()`` fc reads the pooled membranes: the graph has no head LIF and
+    SpikingJelly's import of it gives the network's logits."""
+    torch.manual_seed(0)
+    model = create_model("deploy/ms_resnet_tiny", num_classes=5, widths=(8, 8, 8, 8))
+    model.sn1 = nn.Identity()
+    model.eval()
+    path = export_nir(model, tmp_path / "m.nir", (32, 32), 3)
+    graph = read_nir(path)
+    assert "sn1" not in graph.nodes and ("avgpool", "fc") in [tuple(e) for e in graph.edges]
+    x = _events(3, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(run_spikingjelly(path, x), model(x), rtol=0, atol=LOGIT_TOL)
 
 
 def test_read_nir_names_a_missing_file(tmp_path):

@@ -119,9 +119,9 @@ def _neuron(module: nn.Module, where: str) -> nn.Module:
 
 
 def _pool(module: nn.Module, where: str, arch: str) -> nn.Module:
-    """The stem's pooling as an ``nn.AvgPool2d`` (or Identity); max pooling is refused."""
+    """The stem's pooling as an ``nn.AvgPool2d`` (None for ``nn.Identity``); max pooling is refused."""
     if isinstance(module, nn.Identity):
-        return nn.Identity()
+        return None
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d)):
         k = getattr(module, "kernel_size", getattr(module, "output_size", "?"))
         alt = f"model={_deploy_name(arch)}" if arch else "a deploy/<name> model"
@@ -191,15 +191,20 @@ class DeployGraph(nn.Module):
         kernel = tuple(int(s) for s in feature_size)  # global: the whole feature map
         self.avgpool = nn.AvgPool2d(kernel, kernel, (0, 0))
         head = model.sn1
-        self.sn1 = nn.Identity() if isinstance(head, nn.Identity) else _neuron(head, "model.sn1")
+        # a non-spiking head (nn.Identity): the pooled membranes go to fc as they are, as in the network
+        self.sn1 = None if isinstance(head, nn.Identity) else _neuron(head, "model.sn1")
         if not isinstance(model.fc, nn.Linear):
             raise NIRExportError(f"model.fc is {type(model.fc).__name__}: the export maps nn.Linear")
         self.fc = _linear_as_conv(model.fc)
 
     def forward(self, events: torch.Tensor) -> torch.Tensor:  # events of one step [B, C, H, W]
-        x = self.maxpool(self.conv1(events))  # [B, w0, H/4, W/4] membrane input of layer1
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # [B, F, h, w]
-        return self.fc(self.sn1(self.avgpool(x)))  # [B, K, 1, 1] this step's fc output
+        x = self.conv1(events)  # [B, w0, H/2, W/2]
+        if self.maxpool is not None:
+            x = self.maxpool(x)  # [B, w0, H/4, W/4] membrane input of layer1
+        x = self.avgpool(self.layer4(self.layer3(self.layer2(self.layer1(x)))))  # [B, F, 1, 1]
+        if self.sn1 is not None:
+            x = self.sn1(x)  # spikes [B, F, 1, 1]
+        return self.fc(x)  # [B, K, 1, 1] this step's fc output
 
     def strict_threshold(self) -> "DeployGraph":
         """A copy whose neurons fire at ``H > v_threshold`` (NIR's rule, which snnTorch follows) instead
