@@ -12,9 +12,10 @@ time step of a graph, run by the importer once per time step on one I2E frame ``
 * every LIF neuron becomes a NIR ``LIF`` (:data:`DT`, the mapping in :func:`export_nir`);
 * the membrane shortcut ``out + identity`` is no node: both sources have an edge into every layer
   that reads the sum, and NIR importers sum the inputs of a node (``nirtorch`` does);
-* ``fc`` becomes ``Flatten`` -> ``Affine``; the graph's output is the per-step ``fc`` output, and
-  the logits are its mean over the T steps (NIR has no time average that the importers run; the
-  file says so in its metadata).
+* ``fc`` becomes a 1x1 ``Conv2d`` on the pooled ``[F, 1, 1]`` (the same weights: NIR's ``Flatten``
+  is read differently by the importers); the graph's output is the per-step ``fc`` output
+  ``[K, 1, 1]``, and the logits are its mean over the T steps (NIR has no time average that the
+  importers run; the file says so in its metadata).
 
 The graph is traced and its layers mapped by SpikingJelly's own exporter
 (``spikingjelly.activation_based.nir_exchange.export_to_nir``) from a single-step copy of the
@@ -118,7 +119,7 @@ def _neuron(module: nn.Module, where: str) -> nn.Module:
                v_reset=float(module.v_reset), step_mode="s")
 
 
-def _pool(module: nn.Module, where: str, arch: str) -> nn.Module:
+def _pool(module: nn.Module, where: str, arch: str) -> nn.Module | None:
     """The stem's pooling as an ``nn.AvgPool2d`` (None for ``nn.Identity``); max pooling is refused."""
     if isinstance(module, nn.Identity):
         return None
@@ -131,9 +132,13 @@ def _pool(module: nn.Module, where: str, arch: str) -> nn.Module:
         if module.ceil_mode or module.divisor_override is not None or (module.padding and not module.count_include_pad):
             raise NIRExportError(f"{where}: AvgPool2d with ceil_mode / divisor_override / padding not counted has no "
                                  "NIR equivalent; use nn.AvgPool2d(k, s) without them")
-        pair = torch.nn.modules.utils._pair  # (h, w) pairs: importers read them as arrays of two
-        return nn.AvgPool2d(pair(module.kernel_size), pair(module.stride), pair(module.padding))
+        return nn.AvgPool2d(_pair(module.kernel_size), _pair(module.stride), _pair(module.padding))
     raise NIRExportError(f"{where} is {type(module).__name__}: the export maps average pooling (nn.AvgPool2d) only")
+
+
+def _pair(v) -> tuple[int, int]:
+    """(h, w) of an int or pair: importers read pooling sizes as arrays of two."""
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _deploy_name(arch: str) -> str:
@@ -170,10 +175,10 @@ class _Block(nn.Module):
 
 
 class DeployGraph(nn.Module):
-    """The exported network on ONE time step: events ``[B, C, H, W]`` -> per-step ``fc`` output ``[B, K]``.
+    """The exported network on ONE time step: events ``[B, C, H, W]`` -> per-step ``fc`` output ``[B, K, 1, 1]``.
 
     Plain layers only (folded ``nn.Conv2d``, ``nn.AvgPool2d``, single-step SpikingJelly
-    ``LIFNode``, ``nn.Flatten``, ``nn.Linear``), so that SpikingJelly's NIR exporter traces it. Its
+    ``LIFNode``, ``fc`` as a 1x1 ``nn.Conv2d``), so that SpikingJelly's NIR exporter traces it. Its
     neurons keep their membranes between calls: :meth:`run` resets them and steps through a
     sequence; the logits are the mean over the steps.
     """
@@ -185,7 +190,7 @@ class DeployGraph(nn.Module):
         for name in ("layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, nn.Sequential(*(_Block(b, f"model.{name}.{i}") for i, b in enumerate(getattr(model, name)))))
         pool = model.avgpool
-        if not (isinstance(pool, nn.AdaptiveAvgPool2d) and tuple(torch.nn.modules.utils._pair(pool.output_size)) == (1, 1)):
+        if not (isinstance(pool, nn.AdaptiveAvgPool2d) and _pair(pool.output_size) == (1, 1)):
             raise NIRExportError(f"model.avgpool is {pool}: the export maps a global average pooling "
                                  "(AdaptiveAvgPool2d((1, 1))) only")
         kernel = tuple(int(s) for s in feature_size)  # global: the whole feature map
@@ -305,7 +310,7 @@ def export_nir(model: nn.Module, path: str | os.PathLike, resolution: Sequence[i
     file ``path`` for events ``[T, B, C, H, W]`` of ``resolution`` (H, W) and ``timesteps`` T.
 
     The graph is traced and mapped by SpikingJelly's ``export_to_nir`` from :func:`deploy_graph`:
-    ``Conv2d`` (folded BN, bias), ``AvgPool2d``, ``LIF``, ``Flatten``, ``Affine``. A LIF with time
+    ``Conv2d`` (folded BN, bias; ``fc`` as 1x1), ``AvgPool2d``, ``LIF``. A LIF with time
     constant ``tau`` (in steps), ``decay_input=False`` and hard reset to ``v_reset`` updates
     ``H = V - (V - v_reset)/tau + X``; NIR's ``tau dv/dt = (v_leak - v) + r I`` integrated by forward
     Euler with step ``dt`` is ``v + (dt/tau_nir)(v_leak - v) + (dt/tau_nir) r I``, so
