@@ -277,3 +277,18 @@ def test_nir_file_is_written_whole_at_the_named_path(tmp_path):
     assert export_nir(model, target, (16, 16), 2) == target
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nir"]  # no temporary left beside it
     assert Path(target).read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"  # HDF5: arrays and strings, no code
+
+
+def test_deploy_study_compares_the_two_stems_on_the_same_recipe(tmp_path, monkeypatch):
+    """configs/study/deploy.yaml: per seed one run of each stem, the same overrides but the model."""
+    from i2e_train.config import compose
+    from i2e_train.tasks.study import study_runs
+
+    monkeypatch.setenv("I2E_ROOT", str(tmp_path))
+    runs = study_runs(compose("study", ["study=deploy", "seeds=[0,1,2]"]))
+    assert sorted((r["cell_name"], r["seed"]) for r in runs) == [(f"stem={s}", k) for s in ("avgpool", "maxpool")
+                                                                 for k in range(3)]
+    for r in runs:
+        cfg = compose("train", [*r["overrides"], f"seed={r['seed']}"])
+        model = "deploy/ms_resnet_tiny" if r["cell"]["stem"] == "avgpool" else "ms_resnet_tiny"
+        assert cfg.model.name == model and cfg.trainer.max_epochs == 2 and cfg.data.name == "I2E-Digits"
