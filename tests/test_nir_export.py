@@ -292,3 +292,16 @@ def test_deploy_study_compares_the_two_stems_on_the_same_recipe(tmp_path, monkey
         cfg = compose("train", [*r["overrides"], f"seed={r['seed']}"])
         model = "deploy/ms_resnet_tiny" if r["cell"]["stem"] == "avgpool" else "ms_resnet_tiny"
         assert cfg.model.name == model and cfg.trainer.max_epochs == 2 and cfg.data.name == "I2E-Digits"
+
+
+@pytest.mark.parametrize("option, message", [("check=[norse]", r"check=\['norse'\]: unknown importer 'norse'"),
+                                             ("check_batches=0", r"check_batches=0: expected a whole number >= 1"),
+                                             ("format=onnx", r"format=onnx: expected nir or safetensors")])
+def test_bad_export_options_are_refused_before_anything_is_written(option, message, tmp_path, monkeypatch):
+    from i2e_train.models import export_safetensors
+
+    ckpt = export_safetensors(create_model("deploy/ms_resnet_tiny", num_classes=10), tmp_path / "m.safetensors")
+    cfg = compose_in(tmp_path, monkeypatch, "export", [f"ckpt_path={ckpt}", option], run_dir="out")
+    with pytest.raises(ValueError, match=message):
+        export(cfg)
+    assert not (tmp_path / "out").exists()

@@ -38,6 +38,16 @@ def _nir_metadata(cfg: DictConfig, source: str) -> dict[str, Any]:
     return {k: card[k] for k in ("data", "num_classes", "converter_ratio", "converter_order", "checkpoint")}
 
 
+def _importers(check: Any) -> list[str]:
+    """The ``check`` option as a list of known importers (a single name is a list of one)."""
+    names = [] if check is None else [str(check)] if isinstance(check, str) else [str(c) for c in check]
+    unknown = [n for n in names if n not in IMPORTERS]
+    if unknown:
+        raise ValueError(f"check={names}: unknown importer {unknown[0]!r}; expected some of {list(IMPORTERS)} "
+                         "(or [] for no check)")
+    return names
+
+
 def _validation_batches(cfg: DictConfig, batches: int | None):
     """(events [T, B, C, H, W], labels [B]) of the validation split, on the CPU; ``batches`` of them
     (None: all)."""
@@ -60,9 +70,7 @@ def check_nir(path: str | Path, model: nn.Module, batches, importers: Sequence[s
     where the two rules part (a membrane exactly at threshold) are counted."""
     from i2e_train.models import nir_export
 
-    unknown = [i for i in importers if i not in IMPORTERS]
-    if unknown:
-        raise ValueError(f"check={list(importers)}: unknown importer {unknown[0]!r}; expected some of {list(IMPORTERS)}")
+    _importers(importers)
     model = model.cpu().float().eval()
     graph = nir_export.read_nir(path)
     resolution = [int(v) for v in graph.metadata["input_shape"][1:]]
@@ -120,9 +128,14 @@ def export(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     from i2e_train.models.nir_export import export_nir
     from i2e_train.tasks.evaluate import checkpoint_config
 
+    from i2e_train.tasks.checks import positive_int
+
     fmt = str(cfg.get("format", "nir"))
     if fmt not in ("nir", "safetensors"):
         raise ValueError(f"format={fmt}: expected nir or safetensors")
+    importers = _importers(cfg.get("check"))  # refused before anything is written
+    batches = cfg.get("check_batches")
+    batches = None if batches is None else positive_int("check_batches", batches)
     cfg, source = checkpoint_config(cfg, overrides)
     out_dir = Path(cfg.paths.output_dir)
     model = instantiate(cfg.model)
@@ -135,10 +148,8 @@ def export(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
                       _nir_metadata(cfg, source))
     result: dict[str, Any] = {"checkpoint": source, "nir": str(path)}
     print(f"checkpoint: {source}\nwritten: {path}", flush=True)
-    importers = list(cfg.get("check") or [])
     if importers:
-        batches = cfg.get("check_batches")
-        report = check_nir(path, model, _validation_batches(cfg, None if batches is None else int(batches)), importers)
+        report = check_nir(path, model, _validation_batches(cfg, batches), importers)
         atomic_write_json(out_dir / "nir_check.json", report)
         _say_check(report)
         result["check"] = report
