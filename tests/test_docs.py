@@ -26,7 +26,7 @@ RUN_MARK = "<!-- docs-test: run -->"
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    re.M | re.S)
 ENTRY_POINTS = {"i2e-train": "train", "i2e-eval": "eval", "i2e-pipeline": "pipeline",
-                "i2e-convert": "convert", "i2e-viz": "viz"}
+                "i2e-convert": "convert", "i2e-viz": "viz", "i2e-export": "export"}
 
 
 def _rel(path: Path) -> str:

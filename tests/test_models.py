@@ -39,7 +39,8 @@ def test_registry_lists_the_family():
     for n in ("ms_resnet18", "ms_resnet34", "ms_resnet50", "ms_resnet101", "ms_resnet152", "ms_resnet_tiny"):
         assert n in names and is_model(n)
     assert list_models("ms_resnet1*") == ["ms_resnet101", "ms_resnet152", "ms_resnet18"]
-    assert list_models(["ms_*34", "*tiny"]) == ["ms_resnet34", "ms_resnet_tiny"]
+    assert list_models(["ms_*34", "ms_*tiny"]) == ["ms_resnet34", "ms_resnet_tiny"]
+    assert list_models("deploy/*") == ["deploy/" + n for n in list_models("ms_resnet*")]  # NIR-exportable variants
     assert "sj/sew_resnet18" in names  # SpikingJelly's zoo (models/sj_zoo.py)
     assert not is_model("resnet18")
 

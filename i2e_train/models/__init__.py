@@ -4,8 +4,10 @@
     >>> model = create_model("ms_resnet18", num_classes=10)       # [T, B, 2, H, W] -> [B, 10]
     >>> report = load_checkpoint(model, "released:cifar10_baseline")  # cache or Hugging Face
 
-Files: ``ms_resnet`` (the networks), ``registry`` (names -> entry points), ``lif``
-(the LIF operator), ``memory`` / ``recompute`` / ``memory_plan`` (training memory), ``released`` (the released-weights table),
+Files: ``ms_resnet`` (the networks), ``ms_resnet_deploy`` (``deploy/<name>``: the same with an
+average-pooling stem), ``nir_export`` (NIR graphs of them), ``registry`` (names -> entry points),
+``lif`` (the LIF operator), ``memory`` / ``recompute`` / ``memory_plan`` (training memory),
+``released`` (the released-weights table),
 ``hub`` (downloading a released file), ``checkpoint`` (reading, remapping and writing checkpoint
 files), ``loading`` (strict loading into a model), ``errors``.
 

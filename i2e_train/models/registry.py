@@ -25,7 +25,7 @@ __all__ = ["register_model", "create_model", "list_models", "is_model", "model_e
 _model_entrypoints: dict[str, Callable[..., nn.Module]] = {}
 # The modules whose entry points register themselves when imported (the package imports its
 # names lazily, so the registry imports them before it is read).
-_ZOO = ("i2e_train.models.ms_resnet", "i2e_train.models.sj_zoo")
+_ZOO = ("i2e_train.models.ms_resnet", "i2e_train.models.sj_zoo", "i2e_train.models.ms_resnet_deploy")
 
 
 def _load_zoo() -> None:

@@ -24,7 +24,8 @@ from i2e_train.tasks.train import make_trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "evaluate_from_overrides", "check_eval_run", "latest_checkpoint", "released_overrides"]
+__all__ = ["evaluate", "evaluate_from_overrides", "check_eval_run", "checkpoint_config", "latest_checkpoint",
+           "released_overrides"]
 
 
 def latest_checkpoint(log_dir: str | Path) -> Path:
@@ -122,7 +123,7 @@ def _write_results(cfg: DictConfig, module, source: str, metrics: dict[str, floa
     return result
 
 
-def _prepare(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictConfig, str]:
+def checkpoint_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[DictConfig, str]:
     """The config an evaluation runs and its checkpoint: ``latest`` found, an i2e-train
     checkpoint's stored model and data merged in (after :func:`~i2e_train.schema.check_stored_config`),
     the values checked. Reads, writes nothing."""
@@ -163,7 +164,7 @@ def _load(cfg: DictConfig, model, source: str):
 def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Validate ``cfg.ckpt_path`` on ``cfg.data``; ``overrides`` are the command line's (they win
     over the model / data config stored in an i2e-train checkpoint)."""
-    cfg, source = _prepare(cfg, overrides)
+    cfg, source = checkpoint_config(cfg, overrides)
     L.seed_everything(cfg.seed, workers=True)
     log.info("evaluating %s", source)
     datamodule = instantiate(cfg.data)
@@ -179,7 +180,7 @@ def check_eval_run(cfg: DictConfig, overrides: Sequence[str]) -> None:
     """What :func:`evaluate_from_overrides` checks before it writes anything (the entry point runs
     it before Hydra makes the run folder): the checkpoint found and read, its stored config
     checked, the values checked."""
-    _prepare(_with_released(cfg, overrides), overrides)
+    checkpoint_config(_with_released(cfg, overrides), overrides)
 
 
 def released_overrides(source: str, overrides: Sequence[str]) -> list[str]:
