@@ -136,7 +136,7 @@ def test_deploy_variant_takes_the_standard_weights_and_trains():
     assert y.shape == (2, 10) and model.conv1.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("memory", ["none", "bits", "bits+checkpoint"])
+@pytest.mark.parametrize("memory", ["none", "bits", "recompute", "least"])
 def test_deploy_variant_training_step_on_fake_cuda(memory):
     """The GPU path of the average-pooling stem (tests/fakecuda.py): a training step in every
     memory mode without a host synchronisation or copy."""
