@@ -57,9 +57,9 @@ class SNNClassifier(LightningModule):
             a checkpoint alone says how to rebuild its model and data.
         fast_kernels: the bit-identical fast CPU paths of the model zoo's layers (fused LIF,
             GEMM weight gradient of small convolutions, max pooling; see
-            :mod:`i2e_train.models.layers`): same results to the bit, faster training steps on
+            `i2e_train.models.layers`): same results to the bit, faster training steps on
             CPU (README, Measured). ``False`` runs the plain ``torch.nn`` / SpikingJelly layers.
-        memory: what training keeps for the backward pass (:mod:`i2e_train.models.memory`):
+        memory: what training keeps for the backward pass (`i2e_train.models.memory`):
             ``"bits"`` (spikes saved as bits, cheap recomputation instead of storage),
             ``"bits+checkpoint"`` (also every residual block recomputed from its input: less
             memory, about one more forward pass per step) or ``"none"`` (autograd's default).

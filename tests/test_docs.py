@@ -26,7 +26,7 @@ RUN_MARK = "<!-- docs-test: run -->"
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    re.M | re.S)
 ENTRY_POINTS = {"i2e-train": "train", "i2e-eval": "eval", "i2e-pipeline": "pipeline",
-                "i2e-convert": "convert", "i2e-viz": "viz"}
+                "i2e-convert": "convert", "i2e-viz": "viz", "i2e-study": "study"}
 
 
 def _rel(path: Path) -> str:
@@ -121,7 +121,24 @@ def _commands() -> list[tuple[str, int, str, list[str]]]:
     return out
 
 
-COMMANDS = _commands()
+# A command written in the prose, as a code span: `i2e-train experiment=cifar10/baseline2 --cfg job`.
+INLINE_COMMAND = re.compile(r"`((?:%s) [^`\n]*)`" % "|".join(map(re.escape, ENTRY_POINTS)))
+
+
+def _inline_commands() -> list[tuple[str, int, str, list[str]]]:
+    """(page, line, config name, arguments) of every entry-point call written as a code span in the
+    prose (outside code blocks); placeholders such as ``<run folder>`` become one word."""
+    out = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        prose = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)  # blocks blanked, lines kept
+        for m in INLINE_COMMAND.finditer(prose):
+            words = shlex.split(re.sub(r"<[^<>]*>", "placeholder", m.group(1)))
+            out.append((_rel(page), prose.count("\n", 0, m.start()) + 1, ENTRY_POINTS[words[0]], words[1:]))
+    return out
+
+
+COMMANDS = _commands() + _inline_commands()
 
 
 def _overrides(args: list[str]) -> list[list[str]]:
@@ -130,7 +147,7 @@ def _overrides(args: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
 
-    from i2e_train.config import expand_nested_globs, group_options
+    from i2e_train.config import expand_nested_globs, group_options, quote_list_overrides
 
     kept, skip_next = [], False
     for a in args:
@@ -140,7 +157,7 @@ def _overrides(args: list[str]) -> list[list[str]]:
             skip_next = True
         elif not a.startswith("-"):
             kept.append(re.sub(r"<[^<>]*>", "placeholder", a))
-    parsed = OverridesParser.create().parse_overrides(expand_nested_globs(kept))
+    parsed = OverridesParser.create().parse_overrides(quote_list_overrides(expand_nested_globs(kept)))
     choices = []
     for o in parsed:
         if not o.is_sweep_override():
@@ -180,6 +197,30 @@ def test_command_composes(page, line, name, args):
                     compose("train", stage_overrides, return_hydra_config=True)
                 except Exception as exc:  # noqa: BLE001
                     pytest.fail(f"{page}:{line}: stage {stage_name} ({stage_overrides}): {type(exc).__name__}: {exc}")
+
+
+# Commands that only print a config (`--cfg job`, `--cfg job --resolve`) run offline in seconds:
+# each runs as written, through its entry point, in an empty folder.
+PRINTING = [c for c in COMMANDS if "--cfg" in c[3]]
+
+
+def test_the_docs_show_a_resolved_config_command():
+    assert any("--resolve" in args for *_, args in PRINTING), [c[:2] for c in PRINTING]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page,line,name,args", PRINTING, ids=[f"{c[0]}:{c[1]}" for c in PRINTING])
+def test_config_printing_command_runs(page, line, name, args, tmp_path):
+    assert not any("placeholder" in a for a in args), f"{page}:{line}: write the command without placeholders"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", f"i2e_train.cli.{name}", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    command = f"{page}:{line}: i2e-{name} {' '.join(args)}"
+    assert proc.returncode == 0, f"{command} exited {proc.returncode}\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
+    assert proc.stdout.strip(), f"{command} printed nothing"
+    if "--resolve" in args:
+        assert "${" not in proc.stdout, f"{command} left an interpolation unresolved"
+    assert not any(tmp_path.iterdir()), f"{command} wrote {sorted(p.name for p in tmp_path.iterdir())}"
 
 
 # Repository paths written in backticks: `i2e_train/models/lif.py`, `configs/recipe/`, ...

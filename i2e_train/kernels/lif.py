@@ -1,12 +1,12 @@
-"""Fused multi-step LIF kernels (forward and backward), used by :mod:`i2e_train.models.lif`.
+"""Fused multi-step LIF kernels (forward and backward), used by `i2e_train.models.lif`.
 
 Arrays are flat float32 views of contiguous ``[T, N]`` tensors. The neurons are cut into blocks
 that run in parallel; inside a block the time loop is outside and the neuron loop inside, on
 slices, so that LLVM vectorises it. Only IEEE float32 ``+ - * /`` and comparisons are used, in
 SpikingJelly's order, which is what makes the results bit-identical to its tensor operations.
 
-Two backward kernels: :func:`lif_backward` reads the charged membrane H saved by the forward;
-:func:`lif_backward_from_input` recomputes H from the input and the initial membrane, one block
+Two backward kernels: `lif_backward` reads the charged membrane H saved by the forward;
+`lif_backward_from_input` recomputes H from the input and the initial membrane, one block
 of neurons at a time into a small buffer (the same forward code, so the same bits), and then runs
 the same backward on it: the forward need not store H at all.
 """
@@ -151,15 +151,15 @@ def lif_forward(x, v, h, s, t_steps, n, tau, thr, reset, decay_input, hard, stor
 
 
 def lif_backward(gs, h, carry, gx, t_steps, n, tau, thr, decay_input, hard, sid, c1, c2, block) -> None:
-    """Backward of :func:`lif_forward` (``detach_reset``): gs, H [T*N] -> gx [T*N]; carry [N]:
+    """Backward of `lif_forward` (``detach_reset``): gs, H [T*N] -> gx [T*N]; carry [N]:
     in, the gradient of the final membrane; out, that of the initial one."""
     _backward(gs, h, carry, gx, t_steps, n, _F32(tau), _F32(thr), decay_input, hard, sid, _F32(c1), _F32(c2), block)
 
 
 def lif_backward_from_input(gs, x, v0, carry, gx, t_steps, n, tau, thr, reset, decay_input, hard, sid, c1, c2,
                             block) -> None:  # fmt: skip
-    """:func:`lif_backward` with H recomputed from the input x [T*N] and the initial membrane v0
-    (the values :func:`lif_forward` started from; [N], or [1]: the same value for every neuron):
+    """`lif_backward` with H recomputed from the input x [T*N] and the initial membrane v0
+    (the values `lif_forward` started from; [N], or [1]: the same value for every neuron):
     the same gx and carry, bit for bit."""
     _backward_from_input(gs, x, v0, carry, gx, t_steps, n, _F32(tau), _F32(thr), _F32(reset), decay_input, hard, sid,
                          _F32(c1), _F32(c2), block)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Max pooling kernels, used by :class:`i2e_train.models.layers.MaxPool2d`.
+"""Max pooling kernels, used by `i2e_train.models.layers.MaxPool2d`.
 
 PyTorch's CPU max_pool2d (NCHW), element for element: the window is clipped to the input, the
 running maximum starts at -inf with the index of the window's first in-bounds pixel, and a
@@ -74,5 +74,5 @@ def maxpool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, relative=False) -> None:
 
 def maxpool_backward(gy, idx, gx, kw=0, sh=0, sw=0, ph=0, pw=0, relative=False) -> None:
     """gx [P, H, W] = 0, then gy [P, Ho, Wo] added at the argmax of each output (idx as stored by
-    :func:`maxpool_forward`; the window geometry is only read for ``relative`` indices)."""
+    `maxpool_forward`; the window geometry is only read for ``relative`` indices)."""
     _maxpool_backward(gy, idx, gx, kw, sh, sw, ph, pw, relative)

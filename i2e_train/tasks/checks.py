@@ -1,6 +1,6 @@
 """Config values checked (and coerced where the meaning is clear) before any library sees them,
 so a bad value is one error naming its key instead of an ``assert`` deep inside timm, Lightning
-or SpikingJelly. Run by :func:`i2e_train.tasks.train.train` and :func:`i2e_train.tasks.evaluate.evaluate`
+or SpikingJelly. Run by [`i2e_train.tasks.train.train`][i2e_train.tasks.train.train] and [`i2e_train.tasks.evaluate.evaluate`][i2e_train.tasks.evaluate.evaluate]
 before anything is written."""
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def _run_stage(cfg: DictConfig, name: str, stage: DictConfig, done: dict[str, An
 
 def run_pipeline(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run ``cfg.pipeline.stages`` in order; each stage is the ``train`` config composed from its
-    overrides and run by ``train`` (:func:`i2e_train.tasks.train.train` by default). Returns the
+    overrides and run by ``train`` ([`i2e_train.tasks.train.train`][i2e_train.tasks.train.train] by default). Returns the
     manifest written to ``<run_dir>/pipeline.json``."""
     if train is None:
         from i2e_train.tasks.train import train

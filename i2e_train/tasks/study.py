@@ -12,8 +12,8 @@ For pipelines, overrides that start with ``pipeline`` choose or change the pipel
 other override is given to every stage (``common_overrides``), as is the seed.
 
 Every (cell, seed) is one run in a fixed folder ``<study_dir>/runs/<cell>/seed=<s>``, composed
-with :func:`i2e_train.config.compose` and run by the existing task (:func:`i2e_train.tasks.train.train`
-or :func:`i2e_train.tasks.pipeline.run_pipeline`), one after the other: the same engine as
+with [`i2e_train.config.compose`][i2e_train.config.compose] and run by the existing task ([`i2e_train.tasks.train.train`][i2e_train.tasks.train.train]
+or [`i2e_train.tasks.pipeline.run_pipeline`][i2e_train.tasks.pipeline.run_pipeline]), one after the other: the same engine as
 ``i2e-train`` / ``i2e-pipeline``, no scheduler of its own. A run that finished wrote
 ``result.json`` and is skipped when the study is run again; an interrupted one resumes from its
 ``last.ckpt`` (``ckpt_path=last``; pipelines skip finished stages).
