@@ -41,7 +41,7 @@ from i2e_train.files import atomic_write_bytes, atomic_write_json, atomic_write_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["study_runs", "run_study", "aggregate", "markdown_table"]
+__all__ = ["study_runs", "run_study", "aggregate", "markdown_table", "plot_runs"]
 
 
 def _quote(value: str) -> str:
@@ -178,6 +178,12 @@ def _plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], axes: list[
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return buf.getvalue()
+
+
+def plot_runs(records: list[dict[str, Any]], axes: list[str], metric: str) -> bytes:
+    """``study.png`` of per-run records (``{"cell": {axis: label}, "seed": s, "value": v}``, the rows
+    of ``runs.csv``): the plot a study writes, drawn again from its values."""
+    return _plot(aggregate(records), records, axes, metric)
 
 
 def _log_wandb(cfg: DictConfig, rows: list[dict[str, Any]], columns: list[str], png: Path) -> None:
