@@ -235,7 +235,7 @@ def unpack_events(
 
 
 def records_from_packed(packed: np.ndarray, shape: Sequence[int]) -> list[bytes]:
-    """Packed payloads uint8 [B, N] -> record bytes (the same bytes as :func:`encode_record`)."""
+    """Packed payloads uint8 [B, N] -> record bytes (the same bytes as [`encode_record`][i2e_train.codec.encode_record])."""
     prefix = record_prefix(shape)
     return [prefix + row.tobytes() for row in packed]
 

@@ -1,19 +1,19 @@
 """Hydra configs as a library: composing them, listing a group's options, nested globs, and the
 resolvers through which configs read facts instead of restating them.
 
-The entry points (:mod:`i2e_train.cli`) and the library (the pipeline composes one ``train``
+The entry points (`i2e_train.cli`) and the library (the pipeline composes one ``train``
 config per stage; tests and notebooks compose configs in-process) share these.
 
-Resolvers (registered when :mod:`i2e_train` is imported):
+Resolvers (registered when `i2e_train` is imported):
 
 * ``${i2e.catalog:<config name>,<fact>[,<default>]}``: a fact of the dataset catalog
-  (:mod:`i2e_train.data.catalog`): ``num_classes``, ``resolution``, ``timesteps``, ``ratio``,
+  (`i2e_train.data.catalog`): ``num_classes``, ``resolution``, ``timesteps``, ``ratio``,
   ``order`` ... Data configs read their classes, resolution, T and converter ratio this way. For
   a name outside the catalog (data of your own) the default, or an error saying what to give.
 * ``${i2e.local:<fact>,<folder>,<config or null>}``: a fact of ``i2e-convert`` output (its card
-  and manifest, :mod:`i2e_train.data.local`); ``data=local`` reads classes, resolution, T, ratio.
+  and manifest, `i2e_train.data.local`); ``data=local`` reads classes, resolution, T, ratio.
 * ``${i2e.paper_top1:<released name or null>}``: the paper's top-1 of a released weight
-  (:mod:`i2e_train.models.released`), null for null.
+  (`i2e_train.models.released`), null for null.
 * ``${i2e.pid:}``: this process's id (run folder names: two runs started in the same
   microsecond by two processes still get two folders).
 * ``${i2e.help_names:<group | released | catalog>}``, ``${i2e.help_groups:<root config>[,skip...]}``:
@@ -193,8 +193,7 @@ def _catalog_fact(name: str, fact: str, default=_NO_DEFAULT):
                        f"data.num_classes=<K> data.resolution=[H,W] (and data.encoder.ratio for images)") from None
     if not hasattr(info, fact):
         raise KeyError(f"${{i2e.catalog:{name},{fact}}}: the catalog has no fact {fact!r}")
-    value = getattr(info, fact)
-    return list(value) if isinstance(value, tuple) else value
+    return getattr(info, fact)
 
 
 def _paper_top1(released):
@@ -256,6 +255,19 @@ def _help_groups(root: str, *skip: str) -> str:
         options = [f"{o} (default)" if o == default else o for o in group_options(group)]
         lines.append(_wrap(options, indent=" " * 18, first=f"  {name:<15} "))
     return "\n".join(lines)
+def _node_valued(fn):
+    """``fn`` with list / tuple / dict results returned as OmegaConf containers: a plain list held by
+    an interpolation fails ``OmegaConf.resolve`` (what ``--cfg job --resolve`` runs) with
+    "Value 'list' is not a supported primitive type"; a ListConfig takes the node's place."""
+    from omegaconf import OmegaConf
+
+    def resolver(*args):
+        value = fn(*args)
+        if isinstance(value, tuple):
+            value = list(value)
+        return OmegaConf.create(value) if isinstance(value, (list, dict)) else value
+
+    return resolver
 
 
 def register_resolvers() -> None:
@@ -265,4 +277,4 @@ def register_resolvers() -> None:
     for name, fn in (("i2e.catalog", _catalog_fact), ("i2e.paper_top1", _paper_top1), ("i2e.local", _local_fact),
                      ("i2e.pid", _pid), ("i2e.help_names", _help_names), ("i2e.help_groups", _help_groups)):
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            OmegaConf.register_new_resolver(name, _node_valued(fn))

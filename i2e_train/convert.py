@@ -1,7 +1,7 @@
 """Static images -> I2E parquet in the released schema (the library side of ``i2e-convert``).
 
 Sources: an image folder, a Hugging Face dataset (id or local copy) or parquet files, read by
-:mod:`i2e_train.data.sources`.
+`i2e_train.data.sources`.
 
 Output (the layout of the hub repo UESTC-BICS/I2E, so ``datasets.load_dataset(out, config)``
 and ``I2EDataModule(path=out)`` read it)::
@@ -14,7 +14,7 @@ and ``I2EDataModule(path=out)`` read it)::
 Rows: ``file_path`` = "<class folder>/<source file stem, or row index>.npy", ``label`` = the
 ClassLabel index of the class folder name, ``data`` = the record bytes (``i2e_train.codec``).
 
-Steps of :func:`convert`: resolve the settings (catalog defaults for a known config), open the
+Steps of [`convert`][i2e_train.convert.convert]: resolve the settings (catalog defaults for a known config), open the
 source, load or start the manifest, plan the shards of every split (which exist already), then
 per split: DataLoader workers decode and preprocess (RGB, uint8, torchvision v2 resize to (H, W), see
 ``interpolation``), the
@@ -714,11 +714,17 @@ def convert(
             resolution, ratio and order.
         splits: output split -> source split (None: every split found; a source "test" split
             becomes "validation" when there is no validation split). See ``parse_splits``.
-        resolution: H (square) or (H, W). ratio: threshold ratio in [0, 1]. order: preset 0..5 or
-            8 groups.
-        source_type, hf_config, image_column, label_column, cache_dir: how to read the source
-            (:func:`i2e_train.data.sources.open_source`).
-        batch_size: images per converter call. num_workers: DataLoader workers (decode/resize).
+        resolution: H (square) or (H, W).
+        ratio: the converter's threshold ratio, in [0, 1].
+        order: the converter's order preset 0..5 or a list of 8 direction groups.
+        source_type: how to read the source (`open_source`): "auto", "hub", "parquet" or
+            "imagefolder".
+        hf_config: the hub dataset's config name, if it has several.
+        image_column: the image column's name (auto-detected when None).
+        label_column: the label column's name (auto-detected when None).
+        cache_dir: cache folder for hub downloads.
+        batch_size: images per converter call.
+        num_workers: DataLoader workers (decode/resize).
         rows_per_shard: rows per parquet shard (None: about 500 MB per shard).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda:1", ...
         train_mode: random direction vectors (I2E augmentation) drawn from ``seed``; the draw

@@ -99,7 +99,7 @@ class I2E(nn.Module):
         direction_draw: "batch" (official: one draw per group per forward, shared by the batch)
             or "sample" (one draw per group and sample).
         backend: how the events are computed; every back-end gives the same bits.
-            ``"numba"``: CPU kernels (:mod:`i2e_train.kernels.converter`) compute the
+            ``"numba"``: CPU kernels (`i2e_train.kernels.converter`) compute the
             intensity, then the difference and comparisons straight into float32, bool or
             uint8 output (for ``forward_packed``: both, and the bit packing, in one loop per
             image); replicate padding, float32 / uint8 images. ``"compiled"``: the dense

@@ -6,11 +6,11 @@
   through an fsspec transaction whose temporary file lives in the system temp folder: the
   final move is a copy when that is another filesystem.) Used by every trainer config
   (``configs/trainer/default.yaml``: ``plugins``).
-- :func:`recovery_callbacks`: exact resume (``RestoreRNGState``; with the DataModules'
-  resumable sampler, :mod:`i2e_train.data.sampler`, a run interrupted mid-epoch and resumed
+- `recovery_callbacks`: exact resume (``RestoreRNGState``; with the DataModules'
+  resumable sampler, `i2e_train.data.sampler`, a run interrupted mid-epoch and resumed
   with ``ckpt_path=last`` ends with the same weights as an uninterrupted one), a loud stop on a
   NaN/Inf loss that keeps the last good checkpoint (``StopOnNonFinite``) and the count of
-  skipped bad records (``BadRecordsReport``); see :mod:`i2e_train.callbacks`. Mid-epoch
+  skipped bad records (``BadRecordsReport``); see [`i2e_train.callbacks`][i2e_train.callbacks]. Mid-epoch
   recovery points: ``StepCheckpoint`` (``callbacks.step_checkpoint.every_n_train_steps``).
 """
 

@@ -1,14 +1,14 @@
 """Hyper-parameter sweeps: what the Optuna sweeper and wandb sweep agents need from us.
 
-* :class:`OptunaStorage`: a Hydra callback (``hydra.callbacks`` of ``configs/hparams_search/*``)
+* `OptunaStorage`: a Hydra callback (``hydra.callbacks`` of ``configs/hparams_search/*``)
   that creates the folder of a ``sqlite:///...`` storage before the sweeper opens it (SQLite
   creates the file, never its folder) and, at the end, logs where the best parameters are.
-* :func:`in_multirun` / :func:`record_failure`: a trial of a ``-m`` run that raises is written
+* `in_multirun` / `record_failure`: a trial of a ``-m`` run that raises is written
   to ``<trial folder>/error.txt`` (with its traceback) and returns ``None`` instead of a value:
   hydra-optuna-sweeper 1.3 then marks it ``FAIL`` in the study and goes on with the next trial.
   (A NaN would stop the whole sweep: optuna 2.10's ``tell`` refuses it and the sweeper's
   fallback ``tell(FAIL, values=[nan])`` raises again.)
-* :func:`wandb_sweep_commands`: the command lines a ``wandb agent`` would run for a sweep spec
+* `wandb_sweep_commands`: the command lines a ``wandb agent`` would run for a sweep spec
   (``configs/sweep/*.yaml``), grid values expanded and distributions sampled at a few points,
   for dry runs and tests (a wandb sweep itself always needs a wandb server).
 """
@@ -133,7 +133,7 @@ def _flag_lists(args: Mapping[str, Any]) -> dict[str, list[str]]:
 def wandb_sweep_commands(spec: Mapping[str, Any] | str | Path, samples: int = 3,
                          interpreter: str = "python") -> list[list[str]]:
     """Every command line a ``wandb agent`` would run for ``spec`` (a sweep config or its YAML
-    file): the cartesian product of the parameter values (:func:`sweep_values`), substituted into
+    file): the cartesian product of the parameter values (`sweep_values`), substituted into
     the spec's ``command`` (wandb's default when absent) the way the agent does it."""
     if not isinstance(spec, Mapping):
         import yaml

@@ -88,7 +88,7 @@ def wandb_logger(
         tags: wandb tags (configs: ``${tags}``).
         offline: log to disk only. Also implied by ``mode`` (default: env ``WANDB_MODE``) in
             ``offline``/``dryrun``; model checkpoints are then not uploaded (``log_model`` off).
-        id: force a run id (default: see :func:`wandb_run_id`).
+        id: force a run id (default: see `wandb_run_id`).
         kwargs: passed to ``wandb.init`` through the logger (``config``, ``resume``, ...).
     """
     from lightning.pytorch.loggers import WandbLogger

@@ -46,3 +46,9 @@ def test_eval_released_name_uses_its_model_and_data(tmp_path, monkeypatch):
 
     with Image.open(run / "confusion_matrix.png") as png:
         assert png.format == "PNG" and min(png.size) > 100
+    # firing rates and SOPs of the released weight on this data: the stem reads the events themselves
+    stats = json.loads((run / "spike_stats.json").read_text())
+    conv1 = next(s for s in stats["synapses"] if s["name"] == "conv1")
+    assert conv1["input_rate"] == pytest.approx(events.mean(), rel=1e-9) and conv1["spiking_input"]
+    assert stats["sops_per_sample"] > 0 and metrics["spikes/sops_per_sample"] == pytest.approx(stats["sops_per_sample"])
+    assert (run / "spike_rates.png").is_file()

@@ -94,6 +94,45 @@ def test_official_checkpoint_loads_strictly_and_reproduces_logits(tmp_path):
         assert torch.equal(dst(x), src(x))
 
 
+@pytest.mark.slow
+def test_released_layout_gives_the_official_networks_logits(tmp_path):
+    """The official network (``tests/official``: MSNet_I2E with its converter inside) saved in the
+    released layout and loaded strictly into ours: our converter and network give its logits, to
+    the bit, on real photographs."""
+    from spikingjelly.activation_based import functional
+
+    from official import MSNet_I2E
+
+    torch.manual_seed(0)
+    theirs = MSNet_I2E.resnet18(num_classes=10, ratio=0.07)
+    functional.set_step_mode(theirs, "m")  # as the official scripts run it
+    with torch.no_grad():  # weights and batch-norm statistics away from their initial values
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    theirs.eval()
+    path = tmp_path / "cifar10_augmentation.pth.tar"
+    state = {"module." + k: v for k, v in theirs.state_dict().items()}  # holds module.i2e.weight too
+    torch.save({"epoch": 255, "state_dict": state, "best_acc1": 89.23}, path)
+
+    ours = create_model("ms_resnet18", num_classes=10).eval()
+    report = load_checkpoint(ours, path)
+    assert report.ignored_keys == ["module.i2e.weight"] and report.loaded_keys == 122
+
+    from sklearn.datasets import load_sample_image
+
+    photos = torch.stack([torch.from_numpy(load_sample_image(n)[:64, 100:164]).permute(2, 0, 1)
+                          for n in ("china.jpg", "flower.jpg")]).float() / 255  # [2, 3, 64, 64]
+    with torch.no_grad():
+        expected = theirs(photos)
+        got = ours(I2E(ratio=0.07, order=4).eval()(photos))
+    assert expected.shape == (2, 10) and expected.abs().sum() > 0
+    assert torch.equal(got, expected)
+
+
 def test_official_checkpoint_with_tensor_best_acc1(tmp_path):
     src = trained_model("ms_resnet_tiny")
     path = official_checkpoint(src, tmp_path / "y.pth.tar", best_acc1=torch.tensor(77.5))

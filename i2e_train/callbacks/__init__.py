@@ -1,29 +1,29 @@
 """Lightning callbacks, one per file (configs/callbacks/default.yaml; the recovery ones are added
-to every run by :func:`i2e_train.recovery.recovery_callbacks`).
+to every run by `i2e_train.recovery.recovery_callbacks`).
 
 What a run tells a person:
 
-* :class:`SpikeStats`: firing rate of every spiking layer and synaptic operations per sample,
+* [`SpikeStats`][i2e_train.callbacks.SpikeStats]: firing rate of every spiking layer and synaptic operations per sample,
   measured on the validation set (``spikes/*`` metrics, ``spike_stats.json``, ``spike_rates.png``).
-* :class:`EventMediaLogger`: a few validation samples as event animations and the confusion
+* [`EventMediaLogger`][i2e_train.callbacks.EventMediaLogger]: a few validation samples as event animations and the confusion
   matrix, logged to Weights & Biases (does nothing without a ``WandbLogger``).
-* :class:`LearningCurves`: train / validation loss and top-1 per epoch as a PNG at the end of fit.
-* :class:`RunInfo`: the resolved config, parameter counts, hardware and the neuron back-ends
+* [`LearningCurves`][i2e_train.callbacks.LearningCurves]: train / validation loss and top-1 per epoch as a PNG at the end of fit.
+* [`RunInfo`][i2e_train.callbacks.RunInfo]: the resolved config, parameter counts, hardware and the neuron back-ends
   sent to every logger at the start of fit.
-* :class:`StepLossProgressBar`: the TQDM bar with the training loss, read once per refresh.
-* :class:`ModelSummary`: Lightning's model summary without its column of zero FLOPs.
+* [`StepLossProgressBar`][i2e_train.callbacks.StepLossProgressBar]: the TQDM bar with the training loss, read once per refresh.
+* [`ModelSummary`][i2e_train.callbacks.ModelSummary]: Lightning's model summary without its column of zero FLOPs.
 
 What keeps a run recoverable:
 
-* :class:`StepCheckpoint`: ``last.ckpt`` every N optimiser steps (mid-epoch recovery points).
-* :class:`RestoreRNGState`: RNG states saved in checkpoints and restored on resume.
-* :class:`StopOnNonFinite`: stop at a NaN/Inf loss; never checkpoint NaN/Inf weights.
-* :class:`BadRecordsReport`: records skipped under ``data.on_bad_record=skip``, counted and written.
-* :class:`StreamEpoch`: the epoch reaches a streaming training set (a new shuffle order each epoch).
+* [`StepCheckpoint`][i2e_train.callbacks.StepCheckpoint]: ``last.ckpt`` every N optimiser steps (mid-epoch recovery points).
+* [`RestoreRNGState`][i2e_train.callbacks.RestoreRNGState]: RNG states saved in checkpoints and restored on resume.
+* [`StopOnNonFinite`][i2e_train.callbacks.StopOnNonFinite]: stop at a NaN/Inf loss; never checkpoint NaN/Inf weights.
+* [`BadRecordsReport`][i2e_train.callbacks.BadRecordsReport]: records skipped under ``data.on_bad_record=skip``, counted and written.
+* [`StreamEpoch`][i2e_train.callbacks.StreamEpoch]: the epoch reaches a streaming training set (a new shuffle order each epoch).
 
 What a run on a GPU sets as the official scripts do:
 
-* :class:`CudaMath`: cuDNN autotuning (unless deterministic) and TF32 matmuls, for the run only
+* [`CudaMath`][i2e_train.callbacks.CudaMath]: cuDNN autotuning (unless deterministic) and TF32 matmuls, for the run only
   (the gpu / ddp trainer configs' ``cuda_math`` block).
 
 All of them are cheap: SpikeStats hooks the network during validation epochs only, media and

@@ -19,7 +19,7 @@ class CudaMath(Callback):
 
     Set at ``setup`` and put back as they were at ``teardown``, and only when the trainer's
     device is CUDA: CPU runs, and the process after the run, are not affected. Added by the
-    ``trainer.cuda_math`` block of the gpu / ddp trainer configs (:func:`i2e_train.tasks.train.make_trainer`).
+    ``trainer.cuda_math`` block of the gpu / ddp trainer configs (`i2e_train.tasks.train.make_trainer`).
 
     Both change float rounding on the GPU (not on CPU): the autotuner may pick another
     convolution algorithm from run to run, and TF32 matmuls (the linear head) keep 10 mantissa bits.

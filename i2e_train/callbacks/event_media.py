@@ -23,9 +23,9 @@ class EventMediaLogger(Callback):
     Only active when a ``WandbLogger`` is attached (otherwise it does nothing, not even
     keep a batch). The first ``num_samples`` samples of the first validation batch become GIF
     videos (``media/val_events``: one frame per time step, ON red / OFF blue, drawn by
-    :func:`i2e_train.viz.event_frames`, ``fps`` frames per second) captioned with the label and
+    `i2e_train.viz.event_frames`, ``fps`` frames per second) captioned with the label and
     the prediction; the confusion matrix of the epoch (``pl_module.last_confusion``) is drawn by
-    :func:`i2e_train.plots.plot_confusion` (``media/confusion_matrix``). Every
+    `i2e_train.plots.plot_confusion` (``media/confusion_matrix``). Every
     ``every_n_epochs`` validation epochs, on rank 0, never during the sanity check.
     """
 

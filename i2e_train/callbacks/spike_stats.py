@@ -49,7 +49,7 @@ def _macs(module: nn.Module, output: torch.Tensor) -> int:
 
 
 class SpikeStats(Callback):
-    r"""Firing rates and synaptic operations (SOPs) of a spiking network on the validation set.
+    """Firing rates and synaptic operations (SOPs) of a spiking network on the validation set.
 
     During every validation epoch (not the sanity check, not training) forward hooks are put on
 
@@ -63,9 +63,9 @@ class SpikeStats(Callback):
     The hooks are removed at the end of the epoch. With ``N`` validation samples and ``T`` time
     steps, the standard SNN estimate is used (input spikes times the operations each triggers):
 
-    .. math::
-        \mathrm{SOPs/sample} = \sum_{l \in \text{synapses with binary input}}
-            r_{in,l} \cdot \mathrm{MACs}_l \cdot T
+    ```text
+    SOPs/sample = sum over the synapses l with binary input of  r_in,l * MACs_l * T
+    ```
 
     where ``MACs_l`` = multiply-accumulates of layer ``l`` for one sample and one time step
     (conv: ``C_out * H_out * W_out * C_in / groups * k_h * k_w``; linear: ``in * out``). It equals

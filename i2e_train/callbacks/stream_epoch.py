@@ -2,7 +2,7 @@
 
 A ``datasets`` stream reshuffles its shards and its shuffle buffer from ``seed + epoch``; without
 this callback every epoch would see the same order. Map-style sets are ordered by their sampler
-(:mod:`i2e_train.data.sampler`) and are left alone.
+(`i2e_train.data.sampler`) and are left alone.
 """
 
 from __future__ import annotations

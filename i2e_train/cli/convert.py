@@ -1,5 +1,5 @@
 """``i2e-convert``: static images -> I2E parquet; configs/convert.yaml lists the arguments of
-:func:`i2e_train.convert.convert`, which this calls."""
+[`i2e_train.convert.convert`][i2e_train.convert.convert], which this calls."""
 
 from __future__ import annotations
 

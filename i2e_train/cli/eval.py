@@ -1,4 +1,4 @@
-"""``i2e-eval``: evaluate a checkpoint on its data; see :mod:`i2e_train.tasks.evaluate`."""
+"""``i2e-eval``: evaluate a checkpoint on its data; see `i2e_train.tasks.evaluate`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``i2e-pipeline``: run a multi-stage recipe, e.g. ``i2e-pipeline pipeline=sim2real``
-(see :mod:`i2e_train.tasks.pipeline`)."""
+(see `i2e_train.tasks.pipeline`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``i2e-study``: an experiment or pipeline over seeds and a grid of options, aggregated into a table,
-e.g. ``i2e-study study=demo seeds=[0,1,2]`` (see :mod:`i2e_train.tasks.study`)."""
+e.g. ``i2e-study study=demo seeds=[0,1,2]`` (see `i2e_train.tasks.study`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``i2e-train``: train one config (or sweep many with ``-m``); see :mod:`i2e_train.tasks.train`."""
+"""``i2e-train``: train one config (or sweep many with ``-m``); see `i2e_train.tasks.train`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``i2e-viz``: a record, a dataset row or an image -> GIF + PNG strip; configs/viz.yaml lists the
-arguments of :func:`i2e_train.viz.render_input`, which this calls."""
+arguments of `i2e_train.viz.render_input`, which this calls."""
 
 from __future__ import annotations
 

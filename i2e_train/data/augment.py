@@ -121,7 +121,7 @@ def mixup_cutmix(x: torch.Tensor, labels: torch.Tensor, num_classes: int, genera
 
     torchvision draws the choice, lambda and box from torch's global generator (as the official
     scripts); with ``generator`` they come from a seed drawn from it instead (the global
-    generator is left as it was). ``op``: a :func:`mixup_choice` built earlier (else one is built).
+    generator is left as it was). ``op``: a `mixup_choice` built earlier (else one is built).
     """
     if not x.is_floating_point():
         raise TypeError(f"mixup_cutmix needs float inputs (scale uint8 images first), got {x.dtype}")

@@ -1,11 +1,11 @@
 """What every DataModule shares: the data's facts, the errors, and the loaders.
 
-A DataModule of i2e-train is an :class:`EventDataModule`: it holds ``info`` (a catalog
-:class:`~i2e_train.data.catalog.DatasetInfo`: resolution, classes, T, converter ratio), fills
+A DataModule of i2e-train is an `EventDataModule`: it holds ``info`` (a catalog
+`DatasetInfo`: resolution, classes, T, converter ratio), fills
 ``datasets`` ({"train", "validation"}) in ``setup``, and turns every batch into
 ``(events [T, B, C, H, W], targets int64 [B])`` on the training device in
 ``on_after_batch_transfer``. Loaders, the resumable training order and the global-batch rule
-come from :class:`~i2e_train.data.sampler.ResumableTrainData`.
+come from `ResumableTrainData`.
 """
 
 from __future__ import annotations

@@ -209,10 +209,16 @@ class CIFAR10DVSDataModule(EventDataModule):
 
     Args:
         root: dataset folder (holds events_np/, or extract/ or download/ to build it from).
-        frames_number: frames per sample (T); split_by: "number" (equal event counts) or "time".
+        frames_number: frames per sample (T).
+        split_by: "number" (equal event counts) or "time".
         train_ratio: per-class training fraction (0.9, SpikingJelly's split_to_train_test_set).
-        num_classes, resolution, timesteps: checked against the catalog (10, [128, 128], = frames_number).
-        batch_size, num_workers, pin_memory, drop_last: the DataLoaders'.
+        num_classes: checked against the catalog (10).
+        resolution: checked against the catalog ([128, 128]).
+        timesteps: checked against ``frames_number``.
+        batch_size: the GLOBAL batch; under DDP each process loads batch_size / world_size.
+        num_workers: the DataLoaders' worker processes.
+        pin_memory: the DataLoaders' ``pin_memory``.
+        drop_last: drop the last incomplete training batch.
         augment: event augmentation in training: a list of data/event_augment.py entries (e.g.
             [nda, event_drop]) or the legacy {crop_padding: 4, hflip: 0.5}; None (paper) = none.
         verify_md5: check the zips' MD5 before extracting them (download/ route).

@@ -25,7 +25,7 @@ Operations (events [T, B, C, H, W]; one random draw per sample unless said other
   (side up to ``max_ratio`` of the frame) removed; ``event_drop`` applies one of identity or the
   three drops, chosen per sample, as the paper does.
 * ``crop``, ``hflip`` -- random crop after zero padding and horizontal flip
-  (:mod:`i2e_train.data.augment`).
+  (`i2e_train.data.augment`).
 * ``mixup_cutmix``, ``temporal_delete`` -- the official scripts' options as entries:
   torchvision's ``RandomChoice([CutMix, MixUp])`` on the event batch (MixUp blends, so 0/1 events
   become fractions; labels soft), and ``--t_train`` (keep ``keep`` of the T frames, in order).
@@ -36,10 +36,10 @@ uses, so a run resumed mid-epoch augments the following batches exactly as the u
 run, and the global RNG is left alone. Labels become soft ``[B, K]`` float targets only when a
 mixing entry is present (the loss takes them; the accuracy uses their argmax).
 
-Other entries can be added with :func:`register_augment` (a class taking its arguments as keyword
+Other entries can be added with `register_augment` (a class taking its arguments as keyword
 arguments, whose instances are called as ``op(events, targets, generator) -> (events, targets)``).
 The legacy mapping form ``data.augment={crop_padding: 4, hflip: 0.5}`` keeps its behaviour
-(:class:`i2e_train.data.augment.EventAugment`).
+(`i2e_train.data.augment.EventAugment`).
 """
 
 from __future__ import annotations
@@ -371,7 +371,7 @@ class MixUpCutMix(_Op):
 @register_augment("temporal_delete")
 class TemporalDeleteEntry(_Op):
     """The official ``--t_train``: keep ``keep`` of the T frames, drawn for the whole batch and kept
-    in time order (:func:`i2e_train.data.augment.temporal_delete`; T becomes ``keep``)."""
+    in time order (`i2e_train.data.augment.temporal_delete`; T becomes ``keep``)."""
 
     def __init__(self, keep: int) -> None:
         super().__init__(1.0)
@@ -433,8 +433,8 @@ def _entry(spec: Any, where: str) -> Any:
 def build_event_augment(augment: Any, num_classes: int, where: str = "data.augment"):
     """``data.augment`` -> what a DataModule calls on training batches.
 
-    None / empty: nothing. A list: an :class:`EventPipeline` of registered entries. A mapping
-    without ``name`` (``{crop_padding, hflip}``): the legacy :class:`EventAugment`.
+    None / empty: nothing. A list: an `EventPipeline` of registered entries. A mapping
+    without ``name`` (``{crop_padding, hflip}``): the legacy `EventAugment`.
     """
     if augment is None:
         return EventAugment()

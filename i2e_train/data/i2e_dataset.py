@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 def _load_parquet(files: list[str], split: str, streaming: bool, data_dir: Path, where: str):
     """``datasets`` over local parquet files. Its Arrow cache is keyed on file modification times
-    only, so it lives under a folder keyed by :func:`files_fingerprint` (size, inode, ctime too): a
+    only, so it lives under a folder keyed by `files_fingerprint` (size, inode, ctime too): a
     replaced file is always read again. A file that fails to decode is named."""
     import datasets
 
@@ -80,19 +80,26 @@ class I2EDataModule(EventDataModule):
         data_dir: where hub downloads are cached and embedded data is built.
         streaming: read as a stream (no random access) instead of map-style.
         batch_size: the GLOBAL batch; under DDP each process loads batch_size / world_size.
-        num_workers, pin_memory: the DataLoaders'.
-        val_fraction, seed: the stratified split made for configs without a validation split.
+        num_workers: the DataLoaders' worker processes.
+        pin_memory: the DataLoaders' ``pin_memory``.
+        val_fraction: the fraction of train held out by the stratified split made for configs
+            without a validation split.
+        seed: the seed of that split.
         shuffle_buffer: streaming shuffle buffer (rows).
         dtype: dtype of the unpacked events ("float32", "bfloat16", "float16", "bool", ...).
         augment: event augmentation in training: a list of data/event_augment.py entries (e.g.
             [nda, event_drop]) or the legacy {crop_padding: 4, hflip: 0.5}.
         on_bad_record: "raise" (default) or "skip" (drop, count, log, write to the run folder).
-        train_split, val_split: split names to read. ``val_split=None`` carves a stratified
-            validation split of ``val_fraction`` from train on purpose (otherwise that happens only
-            where the catalog, card and manifest list no validation split).
-        num_classes, resolution, timesteps: the data's facts. For catalog configs they may be
-            omitted and are checked when given; a config of your own (e.g. written by
-            ``i2e-convert`` under a new name) needs num_classes and resolution, and a ``path``.
+        train_split: the training split's name.
+        val_split: the validation split's name. ``None`` carves a stratified validation split of
+            ``val_fraction`` from train on purpose (otherwise that happens only where the catalog,
+            card and manifest list no validation split).
+        num_classes: the data's class count. For catalog configs it, ``resolution`` and
+            ``timesteps`` may be omitted and are checked when given; a config of your own (e.g.
+            written by ``i2e-convert`` under a new name) needs num_classes and resolution, and a
+            ``path``.
+        resolution: [H, W] of the events.
+        timesteps: T of the events.
     """
 
     collate_fn = collate_packed  # packed batches stay packed until on_after_batch_transfer

@@ -8,7 +8,7 @@ Sources (``source``, kind auto-detected or given as ``source_type``):
   ``label_column`` override);
 - an ImageFolder tree: ``root/<split>/<class>/<image>`` (ImageNet: train/ and val/), or
   ``root/<class>/<image>`` with a seeded stratified validation split (Caltech, Mini-ImageNet).
-Sources are read by the same code as ``i2e-convert`` (:mod:`i2e_train.data.sources`), so labels and
+Sources are read by the same code as ``i2e-convert`` (`i2e_train.data.sources`), so labels and
 errors agree between the online and the offline route.
 
 Labels: class names that are the numbers 0..K-1 (ClassLabel indices, digit folders) are the
@@ -325,23 +325,31 @@ class ImageDataModule(EventDataModule):
         source_type: "auto" (detect), "hub", "parquet" or "imagefolder".
         hf_config: the hub dataset's config name, if it has several.
         data_dir: cache folder for hub downloads (``<data_dir>/hf-cache``).
-        num_classes, resolution ([H, W] of the events), timesteps (8, the converter's).
+        num_classes: the class count.
+        resolution: [H, W] of the events.
+        timesteps: T of the events (8, the converter's).
         train_split: source split for training ("train").
         val_split: source split for validation; "auto" = "test" for hub/parquet sources (CIFAR's
             hub sets ship train/test), for an ImageFolder the first of val/validation/valid/test
             that exists, else a stratified split; None = always a seeded stratified split of
             train_split (``val_fraction``, ``seed``).
-        image_column, label_column: column names (auto-detected when None).
-        batch_size, num_workers, pin_memory, drop_last: the DataLoaders'.
+        image_column: the image column's name (auto-detected when None).
+        label_column: the label column's name (auto-detected when None).
+        batch_size: the GLOBAL batch; under DDP each process loads batch_size / world_size.
+        num_workers: the DataLoaders' worker processes.
+        pin_memory: the DataLoaders' ``pin_memory``.
+        drop_last: drop the last incomplete training batch.
         train_aug: "baseline1", "baseline2" or "none"; aug_family: "cifar" or "imagenet"
             (see the module docstring for the recipes).
         source_size: (cifar) the size of the image that is padded/cropped before the resize (32).
-        crop_padding, pad_mode: (cifar, baseline2) padding before the random crop; pad_mode
-            "replicate" (= edge, official), "constant" (zeros) or "reflect".
+        crop_padding: (cifar, baseline2) padding before the random crop.
+        pad_mode: that padding's mode: "replicate" (= edge, official), "constant" (zeros) or
+            "reflect".
         hflip: horizontal flip probability in training (baseline1/2).
         test_resize: evaluation resize of the shorter side before a centre crop to resolution
             (ImageNet: 256); None = resize straight to resolution (the released data).
-        rrc_scale, rrc_ratio: (imagenet, baseline2) RandomResizedCrop scale and aspect ranges.
+        rrc_scale: (imagenet, baseline2) RandomResizedCrop's scale range.
+        rrc_ratio: (imagenet, baseline2) RandomResizedCrop's aspect-ratio range.
         encoder: I2E settings (dict / DictConfig: ratio, order, padding_mode, threshold,
             random_directions, direction_draw, dtype) or an I2E instance; ratio defaults to the catalog's.
         interpolation: "bilinear" (official: the scripts' torchvision v2 Compose in the workers),

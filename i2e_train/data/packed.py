@@ -2,9 +2,9 @@
 
 Labels: the ClassLabel names (= class folder names in ``file_path``) are the source dataset's
 original class indices; they may be ordered as strings ("0", "1", "10", ...), so targets are
-mapped by name (:class:`LabelMap`), and every row's label is checked against its ``file_path``.
-Bad records raise :class:`~i2e_train.codec.RecordError` naming split, row and file, or, under
-``on_bad_record="skip"``, are dropped and counted (:class:`BadRecordCounter`).
+mapped by name (`LabelMap`), and every row's label is checked against its ``file_path``.
+Bad records raise [`RecordError`][i2e_train.codec.RecordError] naming split, row and file, or, under
+``on_bad_record="skip"``, are dropped and counted (`BadRecordCounter`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class LabelMap:
 
     names: list[str]
     targets: np.ndarray  # int64 [len(names)]
-    # what the class folder of file_path holds (see :meth:`with_folders`): "names" (the label's
+    # what the class folder of file_path holds (see `with_folders`): "names" (the label's
     # name), "indices" (the class index, e.g. names are words or wnids but folders numbers) or
     # "other" (folders named otherwise, e.g. wnids for index names: not checked per row)
     folders: str = "names"

@@ -159,7 +159,7 @@ def to_size(frames: np.ndarray, size: tuple[int, int], spatial: str, where: str 
 
 class FrameDataset(Dataset):
     """Cached frame files -> (frames [T, 2, H, W], label): read, brought to ``size`` by ``spatial``
-    (uint16 counts, or float32 with spatial="area"; see :func:`to_size`)."""
+    (uint16 counts, or float32 with spatial="area"; see `to_size`)."""
 
     def __init__(self, files: Sequence[str | os.PathLike], targets: Sequence[int], size: tuple[int, int],
                  spatial: str) -> None:
@@ -183,13 +183,21 @@ class RealEventsDataModule(EventDataModule):
             the CIFAR10-DVS root holding ``extract/``); nothing is ever downloaded.
         cache_dir: where the frames are cached; None = ``<root>/tonic_frames/<name>_T<timesteps>``.
         timesteps: frames per sample (T).
-        num_classes, resolution: checked against the catalog (the twin's classes and resolution).
-        spatial: "crop", "area" or "none" (frame grid -> resolution). split: "official",
-            "stratified" or "per_class"; val_fraction / seed: the stratified split's (seed None: 0
-            for the split, the run's seed for the training order); train_ratio: the per-class split's.
+        num_classes: checked against the catalog (the twin's class count).
+        resolution: checked against the catalog (the twin's resolution).
+        spatial: "crop", "area" or "none" (frame grid -> resolution).
+        split: "official", "stratified" or "per_class".
+        val_fraction: the stratified split's validation fraction.
+        seed: the stratified split's seed (None: 0 for the split, the run's seed for the
+            training order).
+        train_ratio: the per-class split's training fraction.
         twin_classes: the twin's class names by label index; None = the catalog's.
-        exclude_classes, absent_classes: declared class mismatches (see ``align_classes``).
-        batch_size, num_workers, pin_memory, drop_last: the DataLoaders'.
+        exclude_classes: declared class mismatches: recorded classes left out (see ``align_classes``).
+        absent_classes: declared class mismatches: twin classes with no recordings (see ``align_classes``).
+        batch_size: the GLOBAL batch; under DDP each process loads batch_size / world_size.
+        num_workers: the DataLoaders' worker processes.
+        pin_memory: the DataLoaders' ``pin_memory``.
+        drop_last: drop the last incomplete training batch.
         augment: event augmentation in training: a list of data/event_augment.py entries (e.g.
             [nda, event_drop]) or the legacy {crop_padding: 4, hflip: 0.5}; None = none.
         build_workers: processes that build the frame cache (0 = this process); progress: a bar.

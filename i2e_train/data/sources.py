@@ -1,7 +1,7 @@
 """Where static images come from: image folders, Hugging Face datasets (hub id or local copy) and
 parquet files, read the same way by ``i2e-convert`` and by the online-mode ImageDataModule.
 
-Kinds (``source_type``, auto-detected by :func:`detect_kind`):
+Kinds (``source_type``, auto-detected by `detect_kind`):
 - ``imagefolder``: a folder of class folders (``<source>/<class>/<...>/<name>.png``), or a
   folder of split folders that each hold class folders (``<source>/train/<class>/...``);
 - ``hub``: a Hugging Face image dataset id (``owner/name``, e.g. ``uoft-cs/cifar10``) or a local
@@ -12,14 +12,14 @@ Kinds (``source_type``, auto-detected by :func:`detect_kind`):
 - ``parquet``: parquet files (a file, a folder of files or a glob) with an image column
   (``datasets``' Image feature: a struct with ``bytes`` and ``path``).
 
-:func:`open_source` gives an :class:`ImageSource`: the class names and, per split, a picklable
-:class:`Reader` of the raw image values (run inside DataLoader workers), the output
+`open_source` gives an `ImageSource`: the class names and, per split, a picklable
+`Reader` of the raw image values (run inside DataLoader workers), the output
 ``file_path`` and class name of every item, and an identity that a resumed conversion compares.
 Class names: for an image folder its class folders (sorted numerically when they are all
 numbers, else as strings); for a dataset with a ClassLabel the original class indices as
 strings ("0", "1", ...); other label columns their sorted distinct values.
-:func:`load_image` decodes any raw value (path, bytes, ``datasets`` Image dict, PIL image,
-array) or raises :class:`BadImageError` naming the file or row.
+`load_image` decodes any raw value (path, bytes, ``datasets`` Image dict, PIL image,
+array) or raises `BadImageError` naming the file or row.
 """
 
 from __future__ import annotations

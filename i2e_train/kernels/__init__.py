@@ -1,11 +1,11 @@
 """Compiled CPU kernels (numba), by job: the converter, LIF neurons, spike bits, bit masks.
 
-Used by :mod:`i2e_train.i2e` (converter) and :mod:`i2e_train.models` (LIF, spike bits); this
+Used by `i2e_train.i2e` (converter) and `i2e_train.models` (LIF, spike bits); this
 package imports neither. Every kernel is plain IEEE float32 arithmetic in the order of the
 tensor code it replaces, so results are bit-identical to it. Kernels are compiled on first use
 and cached on disk (about 7 s once per machine, then loaded).
 
-:func:`load` is the one way in: it imports a kernel module, or, when numba cannot be used here,
+`load` is the one way in: it imports a kernel module, or, when numba cannot be used here,
 logs why once and returns None, and callers take their plain tensor path.
 
 The models' kernels are drop-in operators beneath the networks, chosen by the tensor's device
@@ -36,7 +36,7 @@ _error: str | None = None
 
 
 def load(name: str) -> ModuleType | None:
-    """The compiled kernel module ``name`` (one of :data:`MODULES`), or None when numba is unusable."""
+    """The compiled kernel module ``name`` (one of `MODULES`), or None when numba is unusable."""
     global _error
     if name not in MODULES:
         raise ValueError(f"unknown kernel module {name!r}; known: {', '.join(MODULES)}")
@@ -64,12 +64,12 @@ def cpu_enabled(name: str, x: "torch.Tensor") -> bool:
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`load` returned None (None when the kernels load)."""
+    """Why `load` returned None (None when the kernels load)."""
     return _error
 
 
 def use_threads(n: int) -> None:
-    """Run the kernels on torch's thread count ``n`` (see :func:`i2e_train.kernels._jit.use_threads`)."""
+    """Run the kernels on torch's thread count ``n`` (see `i2e_train.kernels._jit.use_threads`)."""
     if load("bits") is None:
         return
     from ._jit import use_threads as _use

@@ -1,10 +1,10 @@
 """Bit masks from vector comparisons: small LLVM intrinsics that plain numba loops cannot express.
 
-:func:`event_bits` turns n (8 or 32) float32 comparisons into one n-bit word at once (on x86 a
+`event_bits` turns n (8 or 32) float32 comparisons into one n-bit word at once (on x86 a
 mask move), in ``np.packbits`` bit order. Used by the packed converter kernel.
-:func:`spike_bits_32` / :func:`bits_spikes_32` pack 32 float32 spikes (0.0 / 1.0) into one
+`spike_bits_32` / `bits_spikes_32` pack 32 float32 spikes (0.0 / 1.0) into one
 32-bit word and back, in little bit order (element k of a byte is its bit k). Used by
-:mod:`i2e_train.kernels.spikes`.
+`i2e_train.kernels.spikes`.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def spike_bits_32(typingctx, xi, at, out, out_at):
 
 @intrinsic
 def bits_spikes_32(typingctx, bits, at, out, out_at):
-    """Intrinsic ``f(bits, at, out, out_at)``: the inverse of :func:`spike_bits_32`.
+    """Intrinsic ``f(bits, at, out, out_at)``: the inverse of `spike_bits_32`.
 
     Reads the 32-bit word at bytes ``bits.flat[at : at + 4]`` (little-endian) and writes its 32
     bits as float32 0.0 / 1.0 to ``out.flat[out_at : out_at + 32]``. No bounds checks.

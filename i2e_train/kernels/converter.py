@@ -1,8 +1,8 @@
-"""I2E converter kernels, used by :class:`i2e_train.i2e.I2E` on CPU (``backend="numba"``).
+"""I2E converter kernels, used by [`i2e_train.i2e.I2E`][i2e_train.i2e.I2E] on CPU (``backend="numba"``).
 
 One parallel item per image; the same float32 maximum, uint8 scaling, range, threshold,
 difference and comparisons as the tensor path, so the output is bit-identical to it (and so to
-the official conv2d converter). Packed events come from :mod:`i2e_train.kernels.bits`, which
+the official conv2d converter). Packed events come from `i2e_train.kernels.bits`, which
 turns 32 comparisons into a 32-bit word at once.
 """
 
@@ -164,7 +164,7 @@ def _i2e_packed_images(images, is_uint8, ratio, fixed, cell_a, cell_b, out, bad)
 
 def i2e_packed_images(images, ratio, fixed, cell_a, cell_b, out, bad) -> None:
     """Images [B, C, H, W] (float32 or uint8) straight to packed events out [B, T, 2, H, W/8]:
-    :func:`i2e_intensity` and the packed events per image in one parallel loop, so that each
+    `i2e_intensity` and the packed events per image in one parallel loop, so that each
     image's padded V is used while it is in cache. ``bad[b]``: image b holds NaN/Inf (its
     output is then meaningless and the caller raises)."""
     _i2e_packed_images(images, images.dtype == np.uint8, _F32(ratio), fixed, cell_a, cell_b, out, bad)

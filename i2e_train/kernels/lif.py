@@ -1,11 +1,11 @@
-"""Fused multi-step LIF kernels (forward and backward), used by :mod:`i2e_train.models.lif`.
+"""Fused multi-step LIF kernels (forward and backward), used by `i2e_train.models.lif`.
 
 Arrays are flat float32 views of contiguous ``[T, N]`` tensors. The neurons are cut into blocks
 that run in parallel; inside a block the time loop is outside and the neuron loop inside, on
 slices, so that LLVM vectorises it. Only IEEE float32 ``+ - * /`` and comparisons are used, in
 SpikingJelly's order, which is what makes the results bit-identical to its tensor operations.
 
-The backward kernel, :func:`lif_backward`, reads the charged membrane H saved by the forward.
+The backward kernel, `lif_backward`, reads the charged membrane H saved by the forward.
 """
 
 from __future__ import annotations
@@ -116,6 +116,6 @@ def lif_forward(x, v, h, s, t_steps, n, tau, thr, reset, decay_input, hard, stor
 
 
 def lif_backward(gs, h, carry, gx, t_steps, n, tau, thr, decay_input, hard, sid, c1, c2, block) -> None:
-    """Backward of :func:`lif_forward` (``detach_reset``): gs, H [T*N] -> gx [T*N]; carry [N]:
+    """Backward of `lif_forward` (``detach_reset``): gs, H [T*N] -> gx [T*N]; carry [N]:
     in, the gradient of the final membrane; out, that of the initial one."""
     _backward(gs, h, carry, gx, t_steps, n, _F32(tau), _F32(thr), decay_input, hard, sid, _F32(c1), _F32(c2), block)

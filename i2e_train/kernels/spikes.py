@@ -1,8 +1,8 @@
-"""Spike tensors as bits: float32 0.0 / 1.0 <-> 1 bit per element, used by :mod:`i2e_train.models.bitpack`.
+"""Spike tensors as bits: float32 0.0 / 1.0 <-> 1 bit per element, used by `i2e_train.models.bitpack`.
 
 Arrays are flat views of contiguous tensors. Packed layout: element i is bit ``i % 8`` of byte
 ``i // 8`` (little bit order, ``np.packbits(..., bitorder='little')``); the unused bits of the
-last byte are 0. 32 elements go at a time through :mod:`i2e_train.kernels.bits` (one vector
+last byte are 0. 32 elements go at a time through `i2e_train.kernels.bits` (one vector
 compare and one mask move, or one mask-to-vector conversion), the rest one by one, in chunks
 that run in parallel. Packing also checks, for free, that every value is exactly +0.0 or +1.0:
 only then is unpacking the exact inverse.

@@ -1,16 +1,16 @@
 """Checkpoint files: reading every supported format into a state dict, remapping foreign keys,
 naming the architecture of a state dict, and writing safetensors.
 
-Formats read by :func:`read_checkpoint`:
+Formats read by [`read_checkpoint`][i2e_train.models.checkpoint.read_checkpoint]:
 
 * official ``*.pth.tar`` files: ``{'epoch', 'state_dict', 'best_acc1'}``, saved from a
   ``DataParallel`` wrapper (keys start with ``module.``); models trained with the converter
   inside also carry ``module.i2e.weight`` [8, 1, 3, 3], the kernels of the last forward (not a
-  learned weight: dropped by :func:`remap_state_dict`);
+  learned weight: dropped by `remap_state_dict`);
 * Lightning ``.ckpt`` files of our own runs: ``state_dict`` keys start with ``model.`` (the
   ``SNNClassifier`` keeps the network as ``self.model``); other entries of the LightningModule
   (loss, converter, metrics) are ignored and reported;
-* ``.safetensors`` files (see :func:`export_safetensors`);
+* ``.safetensors`` files (see [`export_safetensors`][i2e_train.models.checkpoint.export_safetensors]);
 * raw state dicts (``.pt`` / ``.pth``), optionally ``module.`` / ``_orig_mod.`` prefixed.
 """
 
@@ -85,9 +85,10 @@ _CONVERT = (
 
 
 def load_torch_file(path: Union[str, os.PathLike], map_location: Any = "cpu", trusted_config: Any = None) -> Any:
-    """The object a torch file holds, read as :func:`read_checkpoint` reads it (``weights_only=True``
-    plus numpy scalars; nothing in the file runs; ``trusted_config`` as there). :class:`CheckpointFormatError`
-    names the file when it is missing, not a checkpoint, truncated or refused."""
+    """The object a torch file holds, read as [`read_checkpoint`][i2e_train.models.checkpoint.read_checkpoint]
+    reads it (``weights_only=True`` plus numpy scalars; nothing in the file runs; ``trusted_config``
+    as there). `CheckpointFormatError` names the file when it is missing, not a checkpoint,
+    truncated or refused."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointFormatError(f"checkpoint {path} does not exist or is not a file")
@@ -96,7 +97,7 @@ def load_torch_file(path: Union[str, os.PathLike], map_location: Any = "cpu", tr
 
 def _torch_load(path: Path, map_location: Any, trusted_config: Any = None) -> Any:
     """``torch.load(weights_only=True)``, always: tensors, plain containers and numpy scalars only
-    (the safe globals are allowed for this call alone, :func:`torch.serialization.safe_globals`).
+    (the safe globals are allowed for this call alone, `torch.serialization.safe_globals`).
     A file that names any other Python object is refused, never unpickled: unpickling can run code.
     Corrupt or truncated files are named with the reason (without torch's advice to unpickle). The
     run config an ``i2e-train`` checkpoint stores (``i2e_config``) must pass
@@ -150,9 +151,9 @@ def read_checkpoint(
     """Read a checkpoint file into its state dict plus epoch / best_acc1 / metadata.
 
     Nothing in the file is run: torch files are read with ``weights_only=True`` (a file that needs
-    more is refused, :class:`CheckpointFormatError` says how to convert it), safetensors hold
+    more is refused, `CheckpointFormatError` says how to convert it), safetensors hold
     tensors only. The run config an ``i2e-train`` checkpoint stores is checked against our config
-    groups (:func:`~i2e_train.schema.check_stored_config`); ``trusted_config`` is the config of the
+    groups (`check_stored_config`); ``trusted_config`` is the config of the
     run reading the file, whose own additions (``+callbacks.x=...``) it may hold.
     """
     path = Path(path)
@@ -306,7 +307,7 @@ def export_safetensors(
     ``metadata`` values are stored as strings (mappings and lists as JSON); the model's
     ``model_info`` architecture and class count are added when present. The file is written
     next to its destination and moved into place, so an existing file is never half-written.
-    Read it back with :func:`load_checkpoint`.
+    Read it back with [`load_checkpoint`][i2e_train.models.load_checkpoint].
     """
     from safetensors.torch import save
 

@@ -94,7 +94,7 @@ def resolve_released(
        (the repo's sub-folders are kept), recorded in the index and its path returned.
 
     Raises:
-        ValueError: ``name`` is not in :data:`RELEASED_WEIGHTS`.
+        ValueError: ``name`` is not in `RELEASED_WEIGHTS`.
         ReleasedWeightsUnavailable: not cached and the hub is offline, unreachable or does not
             list the file; or the downloaded file changed since. The message says what to do.
     """

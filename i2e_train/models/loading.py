@@ -1,9 +1,9 @@
 """Loading weights into a model: strict key check after remapping, head replacement, a report.
 
-:func:`load_checkpoint` takes a checkpoint path in any format :mod:`i2e_train.models.checkpoint`
+[`load_checkpoint`][i2e_train.models.loading.load_checkpoint] takes a checkpoint path in any format `i2e_train.models.checkpoint`
 reads, a released-weight name (found under ``cache_dir`` or downloaded,
-:mod:`i2e_train.models.hub`), or an in-memory state dict. After remapping, keys and shapes are
-checked strictly; a mismatch raises :class:`CheckpointMismatchError` naming the file and every
+`i2e_train.models.hub`), or an in-memory state dict. After remapping, keys and shapes are
+checked strictly; a mismatch raises [`CheckpointMismatchError`][i2e_train.models.loading.CheckpointMismatchError] naming the file and every
 missing, unexpected and mis-shaped key. ``replace_head=True`` loads the backbone and
 re-initialises only the classifier ``fc``.
 """
@@ -34,7 +34,7 @@ __all__ = ["LoadReport", "CheckpointMismatchError", "load_checkpoint", "replace_
 
 @dataclass
 class LoadReport:
-    """What :func:`load_checkpoint` did.
+    """What [`load_checkpoint`][i2e_train.models.loading.load_checkpoint] did.
 
     ``ignored_keys`` were present in the file and deliberately not loaded (converter kernels,
     other LightningModule parts, a replaced head); ``missing_keys`` / ``unexpected_keys`` /
@@ -69,7 +69,7 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     Attributes: ``source``, ``missing`` (model keys absent from the checkpoint), ``unexpected``
     (checkpoint keys the model lacks), ``mismatched`` (``(key, checkpoint shape, model shape)``),
     ``head_only`` (only the classifier differs: another class count) and ``checkpoint_info``
-    (:func:`infer_architecture` of the checkpoint).
+    (`infer_architecture` of the checkpoint).
     """
 
     def __init__(
@@ -216,13 +216,13 @@ def load_checkpoint(
     """Load weights into ``model`` after remapping foreign keys; strict by default.
 
     Args:
-        model: the network (e.g. from :func:`i2e_train.models.create_model`).
+        model: the network (e.g. from [`i2e_train.models.create_model`][i2e_train.models.create_model]).
         source: a checkpoint path (official ``.pth.tar``, Lightning ``.ckpt``, ``.safetensors``,
             raw state dict), a released-weight name (``'released:<name>'`` or the bare name),
             or an in-memory state dict.
         replace_head: ignore the checkpoint's classifier ``fc`` and re-initialise the model's
             (its class count is the model's); every other tensor is loaded exactly.
-        strict: raise :class:`CheckpointMismatchError` on any missing, unexpected or
+        strict: raise [`CheckpointMismatchError`][i2e_train.models.loading.CheckpointMismatchError] on any missing, unexpected or
             mis-shaped key. With ``strict=False`` the matching tensors are loaded and the rest
             is reported.
         map_location: passed to ``torch.load`` (device for safetensors).
@@ -233,10 +233,10 @@ def load_checkpoint(
 
     Nothing in a file is ever run: torch files are read with ``weights_only=True`` (tensors,
     containers, numbers); a file that holds any other Python object is refused with
-    :class:`~i2e_train.models.errors.CheckpointFormatError`, which says how to convert it.
+    `CheckpointFormatError`, which says how to convert it.
 
     Returns:
-        a :class:`LoadReport`.
+        a [`LoadReport`][i2e_train.models.loading.LoadReport].
     """
     ckpt, label, released = _read(source, map_location, cache_dir, trusted_config)
     model_sd = model.state_dict()

@@ -1,7 +1,7 @@
 """A timm-style model registry.
 
 Entry points are small functions ``fn(num_classes=1000, **kwargs) -> nn.Module`` decorated with
-:func:`register_model`; :func:`create_model` builds a model by name and can load weights
+[`register_model`][i2e_train.models.registry.register_model]; [`create_model`][i2e_train.models.registry.create_model] builds a model by name and can load weights
 (a checkpoint path or a released-weight name) in the same call.
 
     >>> from i2e_train.models import create_model, list_models
@@ -87,13 +87,13 @@ def create_model(
     """Build a registered model and optionally load weights into it.
 
     Args:
-        name: a registered model name (see :func:`list_models`).
+        name: a registered model name (see [`list_models`][i2e_train.models.registry.list_models]).
         num_classes: classifier size. ``None`` means 1000, or the class count of the released
             weight when ``pretrained`` names one (e.g. ``'released:cifar10_baseline'`` -> 10).
         pretrained: ``None``, a checkpoint path (official ``.pth.tar``, Lightning ``.ckpt``,
             ``.safetensors``, raw state dict) or a released-weight name (``'released:<name>'``
             or the bare name), loaded strictly by
-            :func:`i2e_train.models.loading.load_checkpoint`.
+            [`i2e_train.models.loading.load_checkpoint`][i2e_train.models.loading.load_checkpoint].
         replace_head: load the backbone only and re-initialise ``fc`` for ``num_classes``
             (fine-tuning on another label set).
         cache_dir: where released weights are looked for and downloaded to.

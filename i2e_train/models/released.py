@@ -1,6 +1,6 @@
 """The authors' released weights (Hugging Face model repo ``Ruichen0424/I2E``): one row each.
 
-Each :class:`ReleasedWeight` names its model, the data it was trained on (a catalog config,
+Each [`ReleasedWeight`][i2e_train.models.released.ReleasedWeight] names its model, the data it was trained on (a catalog config,
 whose classes, resolution and converter settings it reads from the catalog rather than
 restating them), the paper's method and top-1, and the data config it is evaluated on.
 ``released:<name>`` (or the bare name) refers to a row.
@@ -87,7 +87,7 @@ class ReleasedWeight:
 
     @property
     def filenames(self) -> tuple[str, ...]:
-        """Every file name the weight may have (name stem with each of :data:`RELEASED_EXTENSIONS`)."""
+        """Every file name the weight may have (name stem with each of `RELEASED_EXTENSIONS`)."""
         return tuple(self.name + ext for ext in RELEASED_EXTENSIONS)
 
     @property
@@ -140,7 +140,7 @@ def get_released(name: str) -> ReleasedWeight:
 
 
 def find_released(source: Union[str, os.PathLike]) -> Optional[ReleasedWeight]:
-    """The :class:`ReleasedWeight` a source names, or ``None`` when it is a path.
+    """The [`ReleasedWeight`][i2e_train.models.released.ReleasedWeight] a source names, or ``None`` when it is a path.
 
     ``'released:<name>'`` must name a released weight (``ValueError`` otherwise); a bare name
     (``'cifar10_baseline'`` or ``'cifar10_baseline.pth.tar'``) counts only when no file of

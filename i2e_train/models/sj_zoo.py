@@ -13,23 +13,23 @@ of theirs is copied) and adapted to the contract of the zoo:
   has no ``in_channels`` argument get their stem convolution replaced by one of the same shape
   with ``in_channels`` inputs;
 * the classifier is ``get_classifier()`` (``reset_classifier(K)`` makes a new one), which is what
-  :func:`i2e_train.models.loading.load_checkpoint` replaces with ``replace_head=True``.
+  [`i2e_train.models.loading.load_checkpoint`][i2e_train.models.loading.load_checkpoint] replaces with ``replace_head=True``.
 
 The wrapper keeps the SpikingJelly network as ``net`` (state-dict keys ``net.<their keys>``).
 Neurons: ``neurons="paper"`` keeps the neurons each paper's builder chooses (networks that have
 them: MS-ResNet, Att-MS-ResNet, MA-SNN and the transformers); ``neurons="lif"`` builds every
-neuron as :class:`i2e_train.models.lif.LIFNode` (SpikingJelly's LIF, with our fused CPU kernel)
+neuron as `i2e_train.models.lif.LIFNode` (SpikingJelly's LIF, with our fused CPU kernel)
 from the run's neuron config (``configs/neuron/lif.yaml``). The networks without paper neurons
 (SEW-ResNet, Spiking ResNet / VGG) always use ``lif``.
 
-Not registered (:data:`NOT_APPLICABLE` says why): OTTT's VGG (online training through time:
+Not registered (`NOT_APPLICABLE` says why): OTTT's VGG (online training through time:
 single-step neurons trained per time step, not multi-step BPTT), SNASNet and Spike-DHS (searched
 architectures that need the search's arguments), the parametric-LIF nets (one fixed layout per
 data set: classifier sized for one sensor, class count fixed by a voting layer),
 ``spikformer_cifar10`` (a fixed 3-channel, 32x32 builder: use ``sj/spikformer`` with its CIFAR
 settings).
 
-Registered but without a small layout (:data:`NO_SMALL_LAYOUT` says why): the spiking VGGs, whose
+Registered but without a small layout (`NO_SMALL_LAYOUT` says why): the spiking VGGs, whose
 builders fix torchvision's 120 M-parameter classifier; they train like the others, at their size.
 """
 

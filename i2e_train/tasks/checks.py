@@ -2,9 +2,10 @@
 so a bad value is one error naming its key instead of an ``assert`` deep inside timm, Lightning
 or SpikingJelly, or a message that names no key. Run before anything is written and before any
 data loads: by the entry points before Hydra makes the run folder, and again by
-:func:`i2e_train.tasks.train.train` and :func:`i2e_train.tasks.evaluate.evaluate`.
+[`i2e_train.tasks.train.train`][i2e_train.tasks.train.train] and
+[`i2e_train.tasks.evaluate.evaluate`][i2e_train.tasks.evaluate.evaluate].
 
-:data:`RULES` holds one rule per numeric key the configs (every experiment's included) use;
+`RULES` holds one rule per numeric key the configs (every experiment's included) use;
 ``tests/test_security.py`` checks that no numeric key of any composed experiment is without one.
 """
 

@@ -1,12 +1,13 @@
 """Evaluation as a library call: a checkpoint (ours, official, safetensors or released) on the
 validation split of its data.
 
-Writes to the run folder: metrics.json (top-1, top-5, loss, checkpoint), confusion_matrix.json
-and confusion_matrix.png. A checkpoint written by ``i2e-train`` carries its model and data config,
-which are used unless chosen on the command line, once they pass
-:func:`~i2e_train.schema.check_stored_config` (and with this machine's paths: where data is read
-and cached is never the checkpoint's); a released weight picks its own model and data config
-(:func:`released_overrides`).
+Writes to the run folder: metrics.json (top-1, top-5, loss, mean firing rate, SOPs per sample,
+checkpoint), confusion_matrix.json, confusion_matrix.png, and the firing rate of every spiking
+layer with the synaptic operations per sample (spike_stats.json, spike_rates.png; see
+[`SpikeStats`][i2e_train.callbacks.SpikeStats]). A checkpoint written by ``i2e-train`` carries
+its model and data config, which are used unless chosen on the command line, once they pass
+`check_stored_config` (and with this machine's paths: where data is read and cached is never the
+checkpoint's); a released weight picks its own model and data config (`released_overrides`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from i2e_train.callbacks import SpikeStats
 from i2e_train.files import atomic_write_json
 from i2e_train.tasks.train import make_trainer
 
@@ -43,8 +45,8 @@ def latest_checkpoint(log_dir: str | Path) -> Path:
 
 def _stored_config(path: Path, cfg: DictConfig) -> dict | None:
     """The run config an i2e-train checkpoint carries (None for foreign checkpoints). Read as every
-    checkpoint is (:func:`~i2e_train.models.checkpoint.load_torch_file`: nothing in it runs, and
-    the stored config is refused unless it passes :func:`~i2e_train.schema.check_stored_config`)."""
+    checkpoint is (`load_torch_file`: nothing in it runs, and the stored config is refused unless
+    it passes `check_stored_config`)."""
     from i2e_train.models.checkpoint import load_torch_file
 
     if path.suffix != ".ckpt":
@@ -171,7 +173,9 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     model = instantiate(cfg.model)
     log.info("loaded: %s", _load(cfg, model, source))
     module = instantiate(cfg.module, model=model)
-    trainer: L.Trainer = make_trainer(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    # firing rates and SOPs per sample of this checkpoint on this data: spike_stats.json, spike_rates.png
+    spikes = SpikeStats(output_dir=cfg.paths.output_dir, log_layers=False)
+    trainer: L.Trainer = make_trainer(cfg.trainer, logger=False, callbacks=[spikes], enable_checkpointing=False)
     res = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     return _write_results(cfg, module, source, {k: float(v) for k, v in res.items()})
 
@@ -211,6 +215,6 @@ def _with_released(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 
 
 def evaluate_from_overrides(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
-    """:func:`evaluate` for a config composed from ``overrides``; a released weight recomposes it
-    with its own model and data config first."""
+    """[`evaluate`][i2e_train.tasks.evaluate.evaluate] for a config composed from ``overrides``; a
+    released weight recomposes it with its own model and data config first."""
     return evaluate(_with_released(cfg, overrides), overrides=overrides)

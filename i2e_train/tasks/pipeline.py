@@ -134,8 +134,9 @@ def check_pipeline(cfg: DictConfig) -> None:
 
 def run_pipeline(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run ``cfg.pipeline.stages`` in order; each stage is the ``train`` config composed from its
-    overrides and run by ``train`` (:func:`i2e_train.tasks.train.train` by default). Returns the
-    manifest written to ``<run_dir>/pipeline.json``. Everything is checked first (:func:`check_pipeline`)."""
+    overrides and run by ``train`` ([`i2e_train.tasks.train.train`][i2e_train.tasks.train.train] by
+    default). Returns the manifest written to ``<run_dir>/pipeline.json``. Everything is checked
+    first (`check_pipeline`)."""
     if train is None:
         from i2e_train.tasks.train import train
     check_pipeline(cfg)

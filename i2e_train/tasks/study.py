@@ -12,8 +12,8 @@ For pipelines, overrides that start with ``pipeline`` choose or change the pipel
 other override is given to every stage (``common_overrides``), as is the seed.
 
 Every (cell, seed) is one run in a fixed folder ``<study_dir>/runs/<cell>/seed=<s>``, composed
-with :func:`i2e_train.config.compose` and run by the existing task (:func:`i2e_train.tasks.train.train`
-or :func:`i2e_train.tasks.pipeline.run_pipeline`), one after the other: the same engine as
+with [`i2e_train.config.compose`][i2e_train.config.compose] and run by the existing task ([`i2e_train.tasks.train.train`][i2e_train.tasks.train.train]
+or [`i2e_train.tasks.pipeline.run_pipeline`][i2e_train.tasks.pipeline.run_pipeline]), one after the other: the same engine as
 ``i2e-train`` / ``i2e-pipeline``, no scheduler of its own. A run that finished wrote
 ``result.json`` and is skipped when the study is run again; an interrupted one resumes from its
 ``last.ckpt`` (``ckpt_path=last``; pipelines skip finished stages).
@@ -41,7 +41,7 @@ from i2e_train.files import atomic_write_bytes, atomic_write_json, atomic_write_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["study_runs", "run_study", "check_study", "aggregate", "markdown_table"]
+__all__ = ["study_runs", "run_study", "check_study", "aggregate", "markdown_table", "plot_runs"]
 
 
 def _quote(value: str) -> str:
@@ -231,6 +231,12 @@ def _plot(rows: list[dict[str, Any]], records: list[dict[str, Any]], axes: list[
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return buf.getvalue()
+
+
+def plot_runs(records: list[dict[str, Any]], axes: list[str], metric: str) -> bytes:
+    """``study.png`` of per-run records (``{"cell": {axis: label}, "seed": s, "value": v}``, the rows
+    of ``runs.csv``): the plot a study writes, drawn again from its values."""
+    return _plot(aggregate(records), records, axes, metric)
 
 
 def _log_wandb(cfg: DictConfig, rows: list[dict[str, Any]], columns: list[str], png: Path) -> None:

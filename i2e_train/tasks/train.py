@@ -1,9 +1,9 @@
 """Training as a library call: ``train(cfg)`` builds data, model and trainer from a composed
 config, fits, validates the best checkpoint and writes the run's results.
 
-``i2e-train`` (:mod:`i2e_train.cli.train`) only parses the command line and calls
-:func:`train_for_sweep`; the pipeline and the tests call :func:`train` with configs composed by
-:func:`i2e_train.config.compose`.
+``i2e-train`` (`i2e_train.cli.train`) only parses the command line and calls
+`train_for_sweep`; the pipeline and the tests call [`train`][i2e_train.tasks.train.train] with configs composed by
+[`i2e_train.config.compose`][i2e_train.config.compose].
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def _trainer(cfg: DictConfig, out_dir: Path) -> L.Trainer:
 
 def make_trainer(trainer_cfg: DictConfig, callbacks: list | None = None, **kwargs) -> L.Trainer:
     """``lightning.Trainer`` of a trainer config; its ``cuda_math`` block (gpu / ddp configs: the
-    official scripts' cudnn.benchmark and TF32 settings) becomes a :class:`~i2e_train.callbacks.CudaMath`."""
+    official scripts' cudnn.benchmark and TF32 settings) becomes a [`CudaMath`][i2e_train.callbacks.CudaMath]."""
     from i2e_train.callbacks import CudaMath
 
     tcfg = trainer_cfg.copy()
@@ -205,7 +205,7 @@ def _claim_folder(cfg: DictConfig, out_dir: Path) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job; returns the final metrics (floats) and the best checkpoint path.
 
-    Refused before anything is written (:func:`check_train_run`): invalid config values, a run
+    Refused before anything is written (`check_train_run`): invalid config values, a run
     folder holding another run, a checkpoint to resume or initial weights that are missing,
     unreadable or refused."""
     from i2e_train.tasks.runs import primary_process, unmark_running
@@ -243,7 +243,7 @@ def _train(cfg: DictConfig, out_dir: Path, resume: str | None) -> dict[str, Any]
 
 
 def train_for_sweep(cfg: DictConfig) -> float | None:
-    """:func:`train`, returning ``cfg.optimized_metric`` (the value a sweeper optimises).
+    """[`train`][i2e_train.tasks.train.train], returning ``cfg.optimized_metric`` (the value a sweeper optimises).
 
     Inside a multirun a failing job writes ``error.txt`` to its folder, says so on stderr and
     returns None, which the Optuna sweeper records as a FAIL trial, so one failed trial does not
