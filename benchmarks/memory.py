@@ -4,6 +4,7 @@
     python benchmarks/memory.py --quick                  # a tiny run (seconds): the same code paths
     python benchmarks/memory.py --chart docs/img/memory.png      # also the peak-by-category chart
     python benchmarks/memory.py --parts time --today ../main     # CPU step time beside another checkout's default
+    python benchmarks/memory.py --recipes                # predicted GPU peak of every paper recipe, per mode
 
 Variants of each network (same batch, same initial weights; every loss checked identical):
 - ``official``: the plain torch.nn + SpikingJelly network (SpikingJelly's own LIF);
@@ -374,6 +375,46 @@ def chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- the paper's recipes
+def recipe_rows() -> list[dict]:
+    """Per paper experiment at its real shape (network, T, resolution, batch per GPU, precision,
+    optimiser): the predicted peak of every memory mode (:func:`~i2e_train.models.memory_plan.predict_peaks`)."""
+    from hydra.utils import instantiate
+
+    from i2e_train.config import compose, config_dir
+    from i2e_train.models.memory_plan import LADDER, predict_peaks
+
+    rows = []
+    for path in sorted((config_dir() / "experiment").rglob("*.yaml")):
+        name = path.relative_to(config_dir() / "experiment").with_suffix("").as_posix()
+        if name == "demo":
+            continue
+        cfg = compose("train", [f"experiment={name}"])
+        devices = int(cfg.trainer.get("devices") or 1) if str(cfg.trainer.get("devices", 1)).isdigit() else 1
+        batch = int(cfg.data.batch_size) // devices
+        h, w = (list(cfg.data.resolution) * 2)[:2] if not isinstance(cfg.data.resolution, int) else [cfg.data.resolution] * 2
+        shape = (int(cfg.data.timesteps), batch, 2, int(h), int(w))
+        model = instantiate(cfg.model)
+        peaks = predict_peaks(model, shape, modes=LADDER, optimizer=instantiate(cfg.optim),
+                              precision=str(cfg.trainer.precision))  # fmt: skip
+        rows.append({"experiment": name, "model": str(cfg.model.get("name", "")) or type(model).__name__,
+                     "shape": shape, "devices": devices, "precision": str(cfg.trainer.precision), "peaks": peaks})  # fmt: skip
+        print(f"{name:<28}{str(shape):<26}{cfg.trainer.precision:<11}" +
+              "".join(f"{m} {p / 2**30:6.2f} GiB  " for m, p in peaks.items()), flush=True)  # fmt: skip
+    return rows
+
+
+def recipe_table(rows: list[dict]) -> str:
+    """The markdown table of docs/recipes.md."""
+    head = "| experiment | network | T, batch per GPU, H x W | precision | " + " | ".join(f"`{m}`" for m in rows[0]["peaks"])
+    lines = [head + " |", "|" + "---|" * (4 + len(rows[0]["peaks"]))]
+    for r in rows:
+        t, b, _, h, w = r["shape"]
+        peaks = " | ".join(f"{p / 2**30:.2f}" for p in r["peaks"].values())
+        lines.append(f"| `{r['experiment']}` | {r['model']} | {t}, {b}, {h}x{w} | {r['precision']} | {peaks} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- CPU step time
 def _time_child(spec: dict) -> dict:
     """Median CPU step time of ``spec['variants']`` stepped in turn (compiled CPU kernels on)."""
@@ -444,12 +485,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--time-steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chart", default=None, help="write the peak-by-category chart (PNG) here")
+    ap.add_argument("--recipes", action="store_true", help="predicted peaks of every paper recipe, per mode (GiB)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(_time_child(spec) if spec.get("mode") == "time" else _child(spec)))
         return {}
+    if args.recipes:
+        rows = recipe_rows()
+        print(recipe_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return {"recipes": rows}
     if args.quick:
         args.archs, args.size, args.t, args.batch, args.time_steps, args.repeats = ["ms_resnet_tiny"], 32, 2, 2, 2, 1
     result: dict = {"args": vars(args), "memory": [], "time": []}

@@ -7,7 +7,7 @@ only ever removed by its owner, or by the next write of the same target when it 
 dead: written on this host by a process that no longer exists. Another live writer's file (a
 second process, another host on a shared filesystem) is never touched.
 
-:func:`exclusive_lock` keeps a folder to one writer at a time: an advisory ``fcntl.flock`` on a
+`exclusive_lock` keeps a folder to one writer at a time: an advisory ``fcntl.flock`` on a
 lock file that records its owner (host, pid, start time and what the caller adds), so a refused
 second writer can name the running one.
 """
@@ -196,7 +196,7 @@ def exclusive_lock(path: str | os.PathLike, record: dict[str, Any] | None = None
     """Hold an exclusive advisory lock on ``path`` (created, never followed as a symlink) while
     the block runs; its content names the owner: host, pid, start time and ``record``.
 
-    Raises :class:`LockHeld` (naming the owner) when another live process holds it, unless
+    Raises `LockHeld` (naming the owner) when another live process holds it, unless
     ``blocking`` (then waits). Yields the record of an earlier owner that died holding it ({}
     when there was none): the kernel drops the flock of a dead process, and its file is left
     behind. On release the file is removed. Hand-written on ``fcntl.flock`` because the

@@ -57,17 +57,17 @@ class SNNClassifier(LightningModule):
         label_smoothing: label smoothing of the training loss.
         run_config: the resolved run config, stored in every checkpoint as ``i2e_config`` so that
             a checkpoint alone says how to rebuild its model and data.
-        fast_kernels: the compiled CPU kernel of our LIF neurons (:mod:`i2e_train.models.lif`):
+        fast_kernels: the compiled CPU kernel of our LIF neurons (`i2e_train.models.lif`):
             the same results to the bit, faster training steps on CPU; ``False`` (or
             ``I2E_CPU_KERNELS=0`` in the environment) runs SpikingJelly's operators there.
-        memory: what training keeps for the backward pass (:mod:`i2e_train.models.memory`), from
+        memory: what training keeps for the backward pass (`i2e_train.models.memory`), from
             fastest to leanest: ``"none"``, ``"bits"`` (only what is free), ``"recompute"``
             (what costs no convolution work runs again in the backward), ``"least"`` (every
             layer runs again from spikes kept as bits), or ``"auto"`` (the fastest whose
             predicted peak fits ``memory_budget``). The same losses and gradients to the bit in
             every mode.
         memory_budget: GiB a training step may use with ``memory="auto"`` (None: the device's
-            free memory, :func:`i2e_train.models.memory_plan.device_budget`).
+            free memory, `i2e_train.models.memory_plan.device_budget`).
         channels_last: keep convolution weights (and so activations) in channels-last memory
             format, the fast layout for tensor cores. The float sums run in another order, so
             membrane values differ in the last bits and spikes right at threshold may flip.

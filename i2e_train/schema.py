@@ -4,7 +4,7 @@ from a file passes before any of it is used.
 A run config stored in a file (the ``i2e_config`` of every ``.ckpt`` ``i2e-train`` writes, read
 by ``i2e-eval``, ``init_from``, resume and the Python API) could name any Python callable as a
 ``_target_``, and ``hydra.utils.instantiate`` would call it. So such a config is checked against
-the schema of our own configs (the folder :func:`i2e_train.config.config_dir`), read from the
+the schema of our own configs (the folder `i2e_train.config.config_dir`), read from the
 YAML files themselves, following each root config's defaults list to every group it can select:
 
 * a ``_target_`` is accepted only at a place where one of our configs puts one, and only with a
@@ -20,8 +20,8 @@ YAML files themselves, following each root config's defaults list to every group
 What the schema refuses is still accepted where the config of the run reading the file (its
 command line is the user's: ``+callbacks.probe._target_=...``) holds the same at the same place.
 
-:func:`check_stored_config` raises :class:`StoredConfigError` naming the key and the file;
-:func:`check_record` checks a JSON record (a pipeline stage's or a study run's result) field by field.
+`check_stored_config` raises `StoredConfigError` naming the key and the file;
+`check_record` checks a JSON record (a pipeline stage's or a study run's result) field by field.
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ class _Checker:
 
 def check_stored_config(config: Any, source: str, root: str = "train", trusted: Any = None) -> dict:
     """``config`` (a run config read from the file ``source``) checked against the schema of
-    ``configs/<root>.yaml`` (module docstring); returns it. :class:`StoredConfigError` names the
+    ``configs/<root>.yaml`` (module docstring); returns it. `StoredConfigError` names the
     first key refused and the file.
 
     ``trusted``: the config of the run that reads the file (its command line is the user's): a

@@ -15,7 +15,7 @@ class ModelSummary(RichModelSummary):
     the totals) without its FLOPs column and "Total FLOPs" line: Lightning counts FLOPs only by
     running the module's ``example_input_array``, which ``SNNClassifier`` does not have, so they
     would all read 0. The synaptic operations a spiking network does are measured on the
-    validation set by :class:`~i2e_train.callbacks.SpikeStats`."""
+    validation set by `SpikeStats`."""
 
     @staticmethod
     def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,

@@ -4,7 +4,7 @@ filtered, the command line's config checked before Hydra makes a run folder (``c
 folder of a run that failed before writing anything of its own removed again, and one clear error
 line per failure (the full traceback with ``HYDRA_FULL_ERROR=1`` or ``--traceback``).
 
-Nothing here imports torch or Lightning: ``--help`` (:func:`render_help`) is answered before
+Nothing here imports torch or Lightning: ``--help`` (`render_help`) is answered before
 any task module is imported; each entry point imports its task inside its function."""
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def _full_errors(args: list[str]) -> bool:
 def entry_point(config_name: str, check: Callable[[DictConfig, list[str]], Any] | None = None
                 ) -> Callable[[Callable[[DictConfig], object]], Callable[[], object]]:
     """Wrap a task function into a console-script ``main`` over the packaged config ``config_name``;
-    ``check(cfg, args)`` runs on the composed config before Hydra makes the run folder (:func:`preflight`)."""
+    ``check(cfg, args)`` runs on the composed config before Hydra makes the run folder (`preflight`)."""
 
     def wrap(task: Callable[[DictConfig], object]) -> Callable[[], object]:
         name = f"i2e-{config_name}"

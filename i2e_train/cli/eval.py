@@ -14,7 +14,7 @@ def _task_overrides(args: list[str]) -> list[str]:
 
 def check(cfg: DictConfig, args: list[str]) -> None:
     """Before Hydra makes the run folder: the checkpoint, its stored config and the values
-    (:func:`~i2e_train.tasks.evaluate.check_eval_run`)."""
+    (`check_eval_run`)."""
     from i2e_train.tasks.evaluate import check_eval_run
 
     check_eval_run(cfg, _task_overrides(args))

@@ -1,4 +1,4 @@
-"""``i2e-export``: a checkpoint as a NIR graph (or safetensors); see :mod:`i2e_train.tasks.export_nir`."""
+"""``i2e-export``: a checkpoint as a NIR graph (or safetensors); see `i2e_train.tasks.export_nir`."""
 
 from __future__ import annotations
 

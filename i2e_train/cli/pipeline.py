@@ -9,7 +9,7 @@ from i2e_train.cli._hydra import entry_point
 
 
 def check(cfg: DictConfig, args: list[str]) -> None:
-    """Before Hydra makes the pipeline's folder: every stage's config (:func:`~i2e_train.tasks.pipeline.check_pipeline`)."""
+    """Before Hydra makes the pipeline's folder: every stage's config (`check_pipeline`)."""
     from i2e_train.tasks.pipeline import check_pipeline
 
     check_pipeline(cfg)

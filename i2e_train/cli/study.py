@@ -9,7 +9,7 @@ from i2e_train.cli._hydra import entry_point
 
 
 def check(cfg: DictConfig, args: list[str]) -> None:
-    """Before Hydra makes the study's folder: every run's config (:func:`~i2e_train.tasks.study.check_study`)."""
+    """Before Hydra makes the study's folder: every run's config (`check_study`)."""
     from i2e_train.tasks.study import check_study
 
     check_study(cfg)

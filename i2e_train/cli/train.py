@@ -8,7 +8,7 @@ from i2e_train.cli._hydra import entry_point, override_value
 
 
 def check(cfg: DictConfig, args: list[str]) -> None:
-    """Before Hydra makes the run folder: values, run folder, checkpoints (:func:`~i2e_train.tasks.train.check_train_run`)."""
+    """Before Hydra makes the run folder: values, run folder, checkpoints (`check_train_run`)."""
     from i2e_train.tasks.train import check_train_run
 
     check_train_run(cfg, override_value(args, "hydra.run.dir"))

@@ -12,10 +12,10 @@ Shards are written to a temporary name and renamed, so a file with the final nam
 complete.
 
 ``<folder>/<config>/convert-manifest.json`` records how i2e-convert made a config (its
-parameters, splits and finished shards). It is read back as untrusted data: :func:`read_manifest`
-checks it against :func:`check_manifest` (the schema i2e-convert writes) before any name in it is
+parameters, splits and finished shards). It is read back as untrusted data: `read_manifest`
+checks it against `check_manifest` (the schema i2e-convert writes) before any name in it is
 used, so a crafted manifest cannot point a read or a delete outside its folder. A config name
-is a name (:func:`check_config_name`), never a path.
+is a name (`check_config_name`), never a path.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ CONFIG_NAME_FORM = ("letters, digits, '-', '_' and '.', starting with a letter o
 
 
 def check_config_name(name: object, key: str = "config") -> str:
-    """``name`` if it is a dataset config name (:data:`CONFIG_NAME_FORM`: no separator, no ``..``,
+    """``name`` if it is a dataset config name (`CONFIG_NAME_FORM`: no separator, no ``..``,
     not absolute), else ValueError naming ``key``."""
     if not isinstance(name, str) or not _CONFIG_RE.fullmatch(name) or ".." in name:
         raise ValueError(f"{key}={name!r} is not a config name: use {CONFIG_NAME_FORM}")
@@ -226,7 +226,7 @@ def check_manifest(data: object, path: str | Path, config: str | None = None) ->
 
 
 def read_manifest(path: str | Path, config: str | None = None) -> dict:
-    """The checked manifest at ``path`` (:func:`check_manifest`); ManifestError names the file."""
+    """The checked manifest at ``path`` (`check_manifest`); ManifestError names the file."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -9,9 +9,9 @@ and cached on disk (about 7 s once per machine, then loaded).
 logs why once and returns None, and callers take their plain tensor path.
 
 The models' kernels are drop-in operators beneath the networks, chosen by the tensor's device
-(:func:`cpu_enabled`): ``I2E_CPU_KERNELS=0`` in the environment turns them off, and the CPU then
+(`cpu_enabled`): ``I2E_CPU_KERNELS=0`` in the environment turns them off, and the CPU then
 runs the tensor operations a GPU runs (how the tests and ``benchmarks/memory.py`` measure the GPU
-path on a CPU). The converter chooses its own back-end (:mod:`i2e_train.i2e`).
+path on a CPU). The converter chooses its own back-end (`i2e_train.i2e`).
 
 Modules: ``converter`` (I2E intensity, dense and packed events), ``lif`` (multi-step LIF
 forward / backward), ``spikes`` (spike tensors

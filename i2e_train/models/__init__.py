@@ -11,7 +11,7 @@ average-pooling stem), ``nir_export`` (NIR graphs of them), ``registry`` (names 
 ``hub`` (downloading a released file), ``checkpoint`` (reading, remapping and writing checkpoint
 files), ``loading`` (strict loading into a model), ``errors``.
 
-Names are imported on first use (as in :mod:`i2e_train.data`), so that ``released`` (the table,
+Names are imported on first use (as in `i2e_train.data`), so that ``released`` (the table,
 facts only) can be read without importing torch: the entry points' ``--help`` lists its names.
 """
 

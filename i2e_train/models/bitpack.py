@@ -1,10 +1,10 @@
 """Spike tensors saved as bits for the backward pass, on any device.
 
-A spike tensor holds only 0.0 and 1.0; :func:`pack_spikes` stores it as 1 bit per element
+A spike tensor holds only 0.0 and 1.0; `pack_spikes` stores it as 1 bit per element
 (uint8 bytes, element i = bit ``i % 8`` of byte ``i // 8``, in the tensor's memory order) and
-:func:`unpack_spikes` rebuilds exactly the same tensor: same values (+0.0 / +1.0), shape, dtype,
+`unpack_spikes` rebuilds exactly the same tensor: same values (+0.0 / +1.0), shape, dtype,
 device and memory format (contiguous or channels-last). On CPU float32 tensors the numba kernel
-(:mod:`i2e_train.kernels.spikes`) does it and checks for free that the values are spikes; on
+(`i2e_train.kernels.spikes`) does it and checks for free that the values are spikes; on
 other devices (or with ``I2E_CPU_KERNELS=0``) plain tensor operations do it, without a host
 synchronisation: an input the caller cannot vouch for (``trusted=False``) is checked on CPU only;
 on other devices it is not packed (the check would read a device value on the host every step).
@@ -26,7 +26,7 @@ _ONE_BITS = 0x3F800000  # float32 +1.0
 
 
 class SpikeLayout(NamedTuple):
-    """What :func:`unpack_spikes` needs besides the bits: the tensor's shape, dtype, device and
+    """What `unpack_spikes` needs besides the bits: the tensor's shape, dtype, device and
     whether its memory order is channels-last ([N, H, W, C] in memory for an [N, C, H, W] tensor)."""
 
     shape: torch.Size
@@ -86,7 +86,7 @@ def pack_spikes(x: torch.Tensor, trusted: bool = False) -> tuple[torch.Tensor, S
 
 
 def unpack_spikes(bits: torch.Tensor, layout: SpikeLayout) -> torch.Tensor:
-    """The tensor that :func:`pack_spikes` packed into ``bits``, bit for bit (a new tensor)."""
+    """The tensor that `pack_spikes` packed into ``bits``, bit for bit (a new tensor)."""
     shape, dtype, device, channels_last = layout
     physical = (shape[0], shape[2], shape[3], shape[1]) if channels_last else tuple(shape)
     numel = 1

@@ -101,7 +101,7 @@ def _torch_load(path: Path, map_location: Any, trusted_config: Any = None) -> An
     A file that names any other Python object is refused, never unpickled: unpickling can run code.
     Corrupt or truncated files are named with the reason (without torch's advice to unpickle). The
     run config an ``i2e-train`` checkpoint stores (``i2e_config``) must pass
-    :func:`~i2e_train.schema.check_stored_config` (``trusted_config``: the config of the run
+    `check_stored_config` (``trusted_config``: the config of the run
     reading it), or the file is refused naming the key."""
     try:
         with torch.serialization.safe_globals(_safe_globals()):

@@ -1,17 +1,17 @@
 """LIF neuron as one multi-step operator keeping only the charged membrane, on every device.
 
-:class:`LIFNode` is SpikingJelly's ``LIFNode`` (same arguments, same state, no parameters, so
-state dicts are unchanged) whose multi-step forward is one autograd function, :func:`lif_multi_step`:
+`LIFNode` is SpikingJelly's ``LIFNode`` (same arguments, same state, no parameters, so
+state dicts are unchanged) whose multi-step forward is one autograd function, `lif_multi_step`:
 
 * on CUDA (and any device but CPU) it calls SpikingJelly's own registered operators,
   ``torch.ops.sj_lif.forward`` / ``backward`` (its Triton / CUDA kernels, chosen by SpikingJelly
   from the device), exactly what SpikingJelly's neuron runs there, but keeps only the charged
   membrane ``H [T, ...]`` for the backward: SpikingJelly's autograd also keeps the input and the
   initial membrane, for higher-order gradients, which training never takes;
-* on CPU, a compiled kernel (numba, :mod:`i2e_train.kernels.lif`) runs the whole ``[T, N]``
+* on CPU, a compiled kernel (numba, `i2e_train.kernels.lif`) runs the whole ``[T, N]``
   recurrence in one vectorised pass instead of about a dozen tensor operations per time step,
   and its backward in reverse. With ``I2E_CPU_KERNELS=0`` in the environment (or ``node.fast =
-  False``, :func:`set_fast_kernels`) the CPU runs SpikingJelly's operators too: the tensor
+  False``, `set_fast_kernels`) the CPU runs SpikingJelly's operators too: the tensor
   operations of its CPU implementation, the path the tests and ``benchmarks/memory.py`` use to
   measure what a GPU does.
 
@@ -25,7 +25,7 @@ The operator covers ``detach_reset=True`` (the I2E setting), ``store_v_seq=False
 SpikingJelly neuron-precision override and a surrogate SpikingJelly's operators know (the
 compiled CPU kernel: ``ATan``, ``PiecewiseQuadratic``, ``SoftSign``, ``SuperSpike``); other
 settings run SpikingJelly's own path unchanged. What the memory engine
-(:mod:`i2e_train.models.recompute`) makes of the saved ``H`` (kept, or computed again from the
+(`i2e_train.models.recompute`) makes of the saved ``H`` (kept, or computed again from the
 neuron's input) and of the spikes (derived from ``H``) is up to the network's memory mode.
 """
 
@@ -147,7 +147,7 @@ class _LIF(torch.autograd.Function):
 
 
 def lif_charge(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, kernel: bool) -> torch.Tensor:
-    """H [T, ...] of the recurrence, computed as :func:`lif_multi_step` computes it (the memory
+    """H [T, ...] of the recurrence, computed as `lif_multi_step` computes it (the memory
     engine's recomputation: the same operations, so the same bits)."""
     return _forward(x_seq, v0, p, kernel)[2]
 
@@ -162,7 +162,7 @@ def lif_multi_step(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, fast: bo
 
 
 class LIFNode(neuron.LIFNode):
-    """SpikingJelly's ``LIFNode`` whose multi-step forward is :func:`lif_multi_step` (see the module
+    """SpikingJelly's ``LIFNode`` whose multi-step forward is `lif_multi_step` (see the module
     docstring). Same arguments and state as ``spikingjelly.activation_based.neuron.LIFNode``;
     ``fast=False`` keeps this node off the compiled CPU kernel."""
 
@@ -171,7 +171,7 @@ class LIFNode(neuron.LIFNode):
         self.fast = bool(fast)
 
     def operator_params(self) -> LIFParams | None:
-        """The constants of :func:`lif_multi_step` for this node, or None when it does not apply."""
+        """The constants of `lif_multi_step` for this node, or None when it does not apply."""
         spec = _surrogate_spec(self.surrogate_function)
         if spec is None or not self.detach_reset or self.store_v_seq or getattr(self, "_neuron_precision", None):
             return None
@@ -212,7 +212,7 @@ class LIFNode(neuron.LIFNode):
 
 
 def set_fast_kernels(model: nn.Module, enabled: bool) -> int:
-    """Let every :class:`LIFNode` of ``model`` use the compiled CPU kernel (``enabled``) or not;
+    """Let every `LIFNode` of ``model`` use the compiled CPU kernel (``enabled``) or not;
     returns how many nodes. Off, the CPU runs SpikingJelly's operators (the same results)."""
     count = 0
     for m in model.modules():

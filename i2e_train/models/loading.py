@@ -229,7 +229,7 @@ def load_checkpoint(
         cache_dir: where released weights are looked for / downloaded to.
         trusted_config: the config of the run loading the weights; the run config an
             ``i2e-train`` checkpoint stores may hold what it holds (its command line's additions),
-            besides what our config groups define (:func:`~i2e_train.schema.check_stored_config`).
+            besides what our config groups define (`check_stored_config`).
 
     Nothing in a file is ever run: torch files are read with ``weights_only=True`` (tensors,
     containers, numbers); a file that holds any other Python object is refused with

@@ -1,6 +1,6 @@
 """Training memory of any spiking network: a ladder of modes, each a measured trade.
 
-One switch per network, :func:`set_memory` (``SNNClassifier(memory=...)``, ``module.memory`` in
+One switch per network, `set_memory` (``SNNClassifier(memory=...)``, ``module.memory`` in
 the configs), for any ``nn.Module`` on any device. Every mode gives the same losses and
 gradients, to the bit, as ``"none"`` (``tests/test_memory_any_net.py`` compares them with
 ``torch.equal``); they trade memory for work the backward does again. From fastest to leanest:
@@ -12,13 +12,13 @@ gradients, to the bit, as ``"none"`` (``tests/test_memory_any_net.py`` compares 
   ``none``, about the same memory traffic, a lower peak.
 * ``"recompute"``: besides, whatever costs no convolution work runs again in the backward
   (batch norms, poolings, residual sums, the LIF recurrence), and the cheapest convolutions
-  (see :data:`~i2e_train.models.recompute.CHEAP_FLOPS_PER_ELEMENT`): the other convolution
+  (see `CHEAP_FLOPS_PER_ELEMENT`): the other convolution
   outputs are kept.
 * ``"least"``: every layer output runs again from spikes kept as bits.
 * ``"auto"``: the cheapest of these whose predicted peak fits a memory budget
-  (:func:`choose_memory`, :mod:`i2e_train.models.memory_plan`).
+  (`choose_memory`, `i2e_train.models.memory_plan`).
 
-The mechanism is one engine for every network and device, :mod:`i2e_train.models.recompute`
+The mechanism is one engine for every network and device, `i2e_train.models.recompute`
 (``saved_tensors_hooks``: nothing in the networks' code knows about memory). Under
 ``torch.no_grad`` and ``torch.compile`` every mode runs the plain forward. ``"bits+checkpoint"``,
 the name of an earlier mode, is read as ``"least"``.
@@ -40,7 +40,7 @@ _ALIASES = {"bits+checkpoint": "least"}
 
 
 def check_memory_mode(mode: str) -> str:
-    """``mode`` if it is one of :data:`MEMORY_MODES` (an earlier name read as its mode), else a
+    """``mode`` if it is one of `MEMORY_MODES` (an earlier name read as its mode), else a
     ``ValueError`` naming them."""
     mode = _ALIASES.get(mode, mode)
     if mode not in MEMORY_MODES:
@@ -56,9 +56,9 @@ def memory_mode(model: nn.Module) -> str:
 def set_memory(model: nn.Module, mode: str) -> int:
     """Put ``model`` (any network) in memory mode ``mode`` (see the module docstring).
 
-    Installs, once, the forward hooks of the engine (:mod:`i2e_train.models.recompute`) on the
+    Installs, once, the forward hooks of the engine (`i2e_train.models.recompute`) on the
     network, its recomputable layers and its binary spiking neurons; ``"none"`` leaves them idle.
-    ``"auto"`` runs ``"bits"`` until :func:`~i2e_train.models.memory_plan.choose_memory` picks a
+    ``"auto"`` runs ``"bits"`` until `choose_memory` picks a
     rung (``SNNClassifier`` does it before the first training step). Returns how many layers take part.
     """
     mode = check_memory_mode(mode)

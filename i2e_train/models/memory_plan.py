@@ -1,6 +1,6 @@
 """How much memory will a training step take? A dry run per memory mode, and ``memory=auto``.
 
-:func:`predict_peaks` runs training steps of a copy of the network whose parameters, buffers,
+`predict_peaks` runs training steps of a copy of the network whose parameters, buffers,
 input and every intermediate tensor are fake (PyTorch's ``FakeTensorMode``: shapes, dtypes and
 strides, no data, no allocation), in each memory mode, with the real optimiser (its state made by
 a first step), and follows every storage from the operator that makes it until it is freed: the
@@ -10,7 +10,7 @@ measured peak is at or above the prediction; mixed precision (``16-mixed``, ``bf
 under CPU autocast of the same dtype, whose casting rules follow CUDA's for convolutions, linear
 layers and batch norm. It takes about a second per mode on a CPU, whatever the input size.
 
-:func:`choose_memory` picks the fastest mode (:data:`LADDER`) whose predicted peak fits a budget
+`choose_memory` picks the fastest mode (`LADDER`) whose predicted peak fits a budget
 and puts the network in it; ``SNNClassifier(memory="auto")`` calls it before its first training
 step, with the device's free memory as the budget unless ``memory_budget`` (GiB) is given.
 """
@@ -99,7 +99,7 @@ def predict_peaks(model: nn.Module, input_shape: Sequence[int], *, modes: Iterab
 
     ``input_shape``: the network's input, e.g. ``[T, B, C, H, W]``; ``optimizer``: a factory
     ``model -> optimiser`` (its state counts; None: parameters and gradients only); ``precision``:
-    a Lightning precision (:data:`PRECISIONS`). The network itself is not touched.
+    a Lightning precision (`PRECISIONS`). The network itself is not touched.
     """
     if precision not in (None, *PRECISIONS):
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")

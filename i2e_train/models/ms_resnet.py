@@ -4,8 +4,8 @@ The layout and the attribute names follow the networks behind the released I2E w
 state dicts load strictly (see ``i2e_train.models.loading``):
 
 * stem: ``conv1`` 7x7/2 (no bias) -> ``bn1`` -> ``maxpool`` 3x3/2; no neuron in the stem;
-* stages ``layer1`` .. ``layer4`` (strides 1, 2, 2, 2) of :class:`BasicBlock` (expansion 1) or
-  :class:`Bottleneck` (expansion 4). Every block fires first and convolves second
+* stages ``layer1`` .. ``layer4`` (strides 1, 2, 2, 2) of `BasicBlock` (expansion 1) or
+  `Bottleneck` (expansion 4). Every block fires first and convolves second
   (``sn -> conv -> bn``) and adds its residual to the *membrane input* (pre-spike values):
   ``out = bn2(conv2(sn2(bn1(conv1(sn1(x)))))) + identity``;
 * ``downsample`` = ``Sequential(LIF, conv1x1/s no bias, BN)``, hence the keys
@@ -24,7 +24,7 @@ again when it ends, so no membrane tensor keeps a reference to the autograd grap
 make ``copy.deepcopy`` of the model fail).
 
 The network is plain PyTorch + SpikingJelly: what training keeps for the backward pass is
-decided from outside, for any network, by :func:`i2e_train.models.memory.set_memory`.
+decided from outside, for any network, by `i2e_train.models.memory.set_memory`.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class NeuronConfig:
     """Parameters of every LIF neuron of the network (defaults = the I2E settings).
 
     ``v_reset=None`` gives a soft reset (subtract the threshold); ``surrogate`` is a name of
-    :data:`SURROGATES` and ``surrogate_alpha`` its sharpness.
+    `SURROGATES` and ``surrogate_alpha`` its sharpness.
     """
 
     tau: float = 2.0
@@ -111,7 +111,7 @@ class NeuronConfig:
             raise ValueError(f"model.tau={self.tau}: the LIF time constant must be > 1 (the I2E setting is 2.0)")
 
     def build(self) -> nn.Module:
-        """A fresh multi-step :class:`~i2e_train.models.lif.LIFNode` (SpikingJelly's LIF with the
+        """A fresh multi-step `LIFNode` (SpikingJelly's LIF with the
         fused CPU kernel; input ``[T, ...]``, output spikes of the same shape)."""
         return LIFNode(
             tau=self.tau,
@@ -240,15 +240,20 @@ class MSResNet(nn.Module):
     """Membrane-shortcut spiking ResNet: events ``[T, B, C, H, W]`` -> logits ``[B, classes]``.
 
     Args:
-        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        block: `BasicBlock` or `Bottleneck`.
         layers: number of blocks in each of the four stages.
         num_classes: size of the classifier ``fc``.
         in_channels: input channels (2 = ON/OFF polarities).
         widths: base width of each stage (the output is ``width * block.expansion``).
         zero_init_residual: set the last BN weight of every block to 0 (each block starts as
             an identity on the membrane path).
-        tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, surrogate_alpha:
-            parameters of every LIF neuron (see :class:`NeuronConfig`).
+        tau: membrane time constant of every LIF neuron (> 1; see `NeuronConfig`).
+        v_threshold: firing threshold.
+        v_reset: reset potential (None: soft reset, the threshold is subtracted).
+        decay_input: whether the input decays with the membrane.
+        detach_reset: cut the reset out of the backward (the I2E setting).
+        surrogate: surrogate-gradient name (`SURROGATES`).
+        surrogate_alpha: its sharpness (None: the class default).
 
     Any number of timesteps T is accepted; the logits are the mean of the per-step ``fc``
     outputs. Neuron states are reset at the start of every forward.

@@ -1,13 +1,13 @@
 """The deployable MS-ResNet: the zoo's networks with an average-pooling stem, exportable to NIR.
 
 NIR (the Neuromorphic Intermediate Representation that neuromorphic simulators and chips import)
-has no max pooling, so the stem's ``maxpool`` 3x3/2 of :class:`~i2e_train.models.MSResNet` cannot
+has no max pooling, so the stem's ``maxpool`` 3x3/2 of `MSResNet` cannot
 be exported. These variants replace it by an average pooling 2x2/2 (``nn.AvgPool2d``, no padding:
 the same ``H/4`` output for even sizes, and nothing an importer could pad differently); every other
 layer, the attribute names and so the state-dict keys are those of the standard network, so its
 checkpoints load strictly (the pooling has no weights) and every recipe trains them through a model
 override (``model=deploy/ms_resnet18``). The rest of the network is already NIR-expressible once its
-batch norms are folded into the convolutions before them (:mod:`i2e_train.models.nir_export`).
+batch norms are folded into the convolutions before them (`i2e_train.models.nir_export`).
 
 The pooling stays at the attribute ``maxpool``, the name the forward of ``MSResNet`` calls; it holds
 an ``nn.AvgPool2d``.
@@ -34,7 +34,7 @@ def deploy_name(architecture: str) -> str:
 
 
 class DeployMSResNet(MSResNet):
-    """:class:`~i2e_train.models.MSResNet` with ``maxpool`` replaced by ``nn.AvgPool2d(2, 2)``:
+    """`MSResNet` with ``maxpool`` replaced by ``nn.AvgPool2d(2, 2)``:
     events ``[T, B, C, H, W]`` -> logits ``[B, classes]``, the same arguments as ``MSResNet``."""
 
     def __init__(self, block, layers: Sequence[int], num_classes: int = 1000, **kwargs: Any):

@@ -2,14 +2,14 @@
 
 NIR (the Neuromorphic Intermediate Representation, package ``nir``) is what neuromorphic
 simulators (SpikingJelly, snnTorch, Norse, Sinabs, Rockpool, Lava-DL, ...) and chips (SpiNNaker2,
-Xylo, Speck, Loihi through Lava) import. :func:`export_nir` writes the network in eval mode as one
+Xylo, Speck, Loihi through Lava) import. `export_nir` writes the network in eval mode as one
 time step of a graph, run by the importer once per time step on one I2E frame ``[2, H, W]``:
 
 * every batch norm (running statistics) is folded into the convolution before it
-  (:func:`fold_batch_norm`, computed in float64, stored float32): ``Conv2d`` with a bias;
+  (`fold_batch_norm`, computed in float64, stored float32): ``Conv2d`` with a bias;
 * the stem's average pooling and the head's adaptive average pooling become ``AvgPool2d`` (the
   head's kernel is the feature map, fixed by the input size);
-* every LIF neuron becomes a NIR ``LIF`` (:data:`DT`, the mapping in :func:`export_nir`);
+* every LIF neuron becomes a NIR ``LIF`` (`DT`, the mapping in `export_nir`);
 * the membrane shortcut ``out + identity`` is no node: both sources have an edge into every layer
   that reads the sum, and NIR importers sum the inputs of a node (``nirtorch`` does);
 * ``fc`` becomes a 1x1 ``Conv2d`` on the pooled ``[F, 1, 1]`` (the same weights: NIR's ``Flatten``
@@ -19,9 +19,9 @@ time step of a graph, run by the importer once per time step on one I2E frame ``
 
 The graph is traced and its layers mapped by SpikingJelly's own exporter
 (``spikingjelly.activation_based.nir_exchange.export_to_nir``) from a single-step copy of the
-network made of plain layers (:class:`DeployGraph`); that copy is also what the tests run against
+network made of plain layers (`DeployGraph`); that copy is also what the tests run against
 the importers. What NIR cannot express is refused with one line naming the layer
-(:class:`NIRExportError`): max pooling (the standard stem; train ``deploy/<name>``), a subtractive
+(`NIRExportError`): max pooling (the standard stem; train ``deploy/<name>``), a subtractive
 (soft) reset, a batch norm without running statistics, other neurons or layers, and the I2E converter.
 """
 
@@ -179,7 +179,7 @@ class DeployGraph(nn.Module):
 
     Plain layers only (folded ``nn.Conv2d``, ``nn.AvgPool2d``, single-step SpikingJelly
     ``LIFNode``, ``fc`` as a 1x1 ``nn.Conv2d``), so that SpikingJelly's NIR exporter traces it. Its
-    neurons keep their membranes between calls: :meth:`run` resets them and steps through a
+    neurons keep their membranes between calls: `run` resets them and steps through a
     sequence; the logits are the mean over the steps.
     """
 
@@ -266,7 +266,7 @@ def _check_family(model: nn.Module) -> str:
 
 def deploy_graph(model: nn.Module, resolution: Sequence[int]) -> DeployGraph:
     """The single-step, BN-folded copy of ``model`` (eval mode) for events of ``resolution`` (H, W);
-    raises :class:`NIRExportError` for what NIR cannot express."""
+    raises `NIRExportError` for what NIR cannot express."""
     arch = _check_family(model)
     model = copy.deepcopy(model).cpu().float().eval()
     c = int(getattr(model, "in_channels", model.conv1.in_channels))
@@ -309,13 +309,13 @@ def export_nir(model: nn.Module, path: str | os.PathLike, resolution: Sequence[i
     """Write ``model`` (an MS-ResNet, taken in eval mode; the model itself is not changed) to the NIR
     file ``path`` for events ``[T, B, C, H, W]`` of ``resolution`` (H, W) and ``timesteps`` T.
 
-    The graph is traced and mapped by SpikingJelly's ``export_to_nir`` from :func:`deploy_graph`:
+    The graph is traced and mapped by SpikingJelly's ``export_to_nir`` from `deploy_graph`:
     ``Conv2d`` (folded BN, bias; ``fc`` as 1x1), ``AvgPool2d``, ``LIF``. A LIF with time
     constant ``tau`` (in steps), ``decay_input=False`` and hard reset to ``v_reset`` updates
     ``H = V - (V - v_reset)/tau + X``; NIR's ``tau dv/dt = (v_leak - v) + r I`` integrated by forward
     Euler with step ``dt`` is ``v + (dt/tau_nir)(v_leak - v) + (dt/tau_nir) r I``, so
     ``tau_nir = tau * dt``, ``r = tau``, ``v_leak = v_reset`` (``r = 1`` with ``decay_input=True``),
-    with ``dt`` = :data:`DT`. NIR defines a spike as ``v > v_threshold``; SpikingJelly fires at
+    with ``dt`` = `DT`. NIR defines a spike as ``v > v_threshold``; SpikingJelly fires at
     ``>=`` (they differ only when the membrane equals the threshold exactly).
 
     The file is written whole or not at all (a temporary name, then renamed into place).

@@ -1,14 +1,14 @@
 """The memory engine for any network: what autograd saves for the backward, kept small.
 
-Applied by :func:`i2e_train.models.memory.set_memory` to any ``nn.Module`` (our MS-ResNet family,
+Applied by `i2e_train.models.memory.set_memory` to any ``nn.Module`` (our MS-ResNet family,
 SpikingJelly's zoo, a user's own network). It changes no layer and no result: during the
 network's forward it watches what autograd saves (``torch.autograd.graph.saved_tensors_hooks``)
 and knows where each tensor came from (a *node*):
 
 * the network's input (held by the step anyway);
-* the output of a spiking neuron: for our :class:`~i2e_train.models.lif.LIFNode` ``H >= V_th``
+* the output of a spiking neuron: for our `LIFNode` ``H >= V_th``
   of its charged membrane ``H``, for any other binary neuron (SpikingJelly's IF / LIF /
-  parametric LIF with a Heaviside forward) 1 bit per element (:mod:`i2e_train.models.bitpack`);
+  parametric LIF with a Heaviside forward) 1 bit per element (`i2e_train.models.bitpack`);
 * the charged membrane ``H`` of our LIF: its recurrence run again on the neuron's input;
 * the output of a layer that can run again exactly (convolution, linear, batch norm, pooling,
   flatten, SpikingJelly's multi-step wrappers of them) on an input the engine knows (a batch
@@ -17,7 +17,7 @@ and knows where each tensor came from (a *node*):
   connection, a residual sum), autocast's half-precision copy of a weight;
 * the input of a max pooling, whose backward reads its shape only.
 
-Then, per saved tensor, the network's memory *rung* (:class:`Rung`) decides whether it is kept
+Then, per saved tensor, the network's memory *rung* (`Rung`) decides whether it is kept
 as it is or as its node, whose value the backward computes again (each value once: it stays
 cached until the last saved tensor that needs it has been unpacked):
 
@@ -27,7 +27,7 @@ cached until the last saved tensor that needs it has been unpacked):
   convolution or batch norm runs twice.
 * ``recompute``: besides, every node without convolution or matrix work (batch norms,
   poolings, sums, the LIF recurrence ``H``), and the outputs of convolutions / linear layers
-  that cost at most :data:`CHEAP_FLOPS_PER_ELEMENT` FLOPs per output element (a 7x7 stem on two
+  that cost at most `CHEAP_FLOPS_PER_ELEMENT` FLOPs per output element (a 7x7 stem on two
   event channels, 1x1 downsampling convolutions): the rest of the network's convolution outputs
   are kept.
 * ``least``: every node, spikes as bits, every convolution output recomputed from them.
@@ -332,7 +332,7 @@ _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd_
 
 
 class _Sums(torch.overrides.TorchFunctionMode):
-    """Watches the forward's additions: the sum of two known tensors becomes a :class:`_Sum`."""
+    """Watches the forward's additions: the sum of two known tensors becomes a `_Sum`."""
 
     def __init__(self, tape: _Tape):
         super().__init__()
@@ -410,7 +410,7 @@ class _Tape:
 
     def add_lif(self, x: torch.Tensor, v0: torch.Tensor, h: torch.Tensor, spikes: torch.Tensor, threshold: float,
                 charge: Callable) -> None:  # fmt: skip
-        """Our LIF ran on ``x`` from ``v0``: its ``h`` and ``spikes`` are known (see :class:`_Charge`)."""
+        """Our LIF ran on ``x`` from ``v0``: its ``h`` and ``spikes`` are known (see `_Charge`)."""
         self.norm = None
         if not (_exact_storage(h) and _exact_storage(spikes)):
             return
@@ -511,7 +511,7 @@ class _NormPool(torch.autograd.Function):
 
 
 def _segment_slice(seg, c, grad, weight, bias, sl: slice) -> tuple:
-    """dL/dc, dL/dweight, dL/dbias of the channels ``sl`` of a :class:`_NormPool`."""
+    """dL/dc, dL/dweight, dL/dbias of the channels ``sl`` of a `_NormPool`."""
     bn, pool = seg.norm, seg.pool
     c_k = c[:, sl].contiguous()
     w_k = None if weight is None else weight[sl]
@@ -555,7 +555,7 @@ def _pool_args(pool: nn.Module) -> tuple | None:
 
 
 def _segment(tape: _Tape, pool: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
-    """``out`` of ``pool`` as a :class:`_NormPool` when its input ``x`` is the output of the
+    """``out`` of ``pool`` as a `_NormPool` when its input ``x`` is the output of the
     training-mode batch norm that ran just before, on a contiguous ``[N, C, H, W]`` input."""
     norm = tape.norm
     tape.norm = None
@@ -657,7 +657,7 @@ def _autocast_state(device: str) -> tuple:
 
 def layer_post(module: nn.Module, args: tuple, out: Any) -> Any:
     """Forward hook of a recomputable layer: its output becomes a recipe when its input is known;
-    a pooling of the batch norm that ran just before becomes a :class:`_NormPool`."""
+    a pooling of the batch norm that ran just before becomes a `_NormPool`."""
     tape = active()
     if tape is None:
         return None

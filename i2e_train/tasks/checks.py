@@ -156,7 +156,7 @@ def _check_key(cfg: DictConfig, key: str, rule: Rule) -> None:
 
 
 def check_train_config(cfg: DictConfig) -> DictConfig:
-    """Check (and coerce in place) every value of :data:`RULES` that ``cfg`` holds (``model.tau=3``
+    """Check (and coerce in place) every value of `RULES` that ``cfg`` holds (``model.tau=3``
     -> 3.0; ``data.batch_size="8"`` -> 8), and the optimiser's momentum against its kind. Returns
     ``cfg``; ValueError naming the first bad key, its value and what it should be."""
     for key, rule in RULES.items():

@@ -127,7 +127,7 @@ def _write_results(cfg: DictConfig, module, source: str, metrics: dict[str, floa
 
 def checkpoint_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[DictConfig, str]:
     """The config an evaluation runs and its checkpoint: ``latest`` found, an i2e-train
-    checkpoint's stored model and data merged in (after :func:`~i2e_train.schema.check_stored_config`),
+    checkpoint's stored model and data merged in (after `check_stored_config`),
     the values checked. Reads, writes nothing."""
     from i2e_train.tasks.checks import check_train_config
 
@@ -181,7 +181,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def check_eval_run(cfg: DictConfig, overrides: Sequence[str]) -> None:
-    """What :func:`evaluate_from_overrides` checks before it writes anything (the entry point runs
+    """What `evaluate_from_overrides` checks before it writes anything (the entry point runs
     it before Hydra makes the run folder): the checkpoint found and read, its stored config
     checked, the values checked."""
     checkpoint_config(_with_released(cfg, overrides), overrides)

@@ -3,7 +3,7 @@
 ``export_run`` loads the best checkpoint's network weights, writes ``model.safetensors``
 (loadable with ``load_checkpoint``) and ``MODEL_CARD.md`` + ``model_card.json`` describing the
 architecture, classes, converter ratio and order, T, data config and metrics; every training run
-calls it, and ``i2e-export format=safetensors`` for any checkpoint (:mod:`i2e_train.tasks.export_nir`).
+calls it, and ``i2e-export format=safetensors`` for any checkpoint (`i2e_train.tasks.export_nir`).
 """
 
 from __future__ import annotations

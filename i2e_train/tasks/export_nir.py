@@ -1,10 +1,10 @@
 """``i2e-export``: a trained network written for other tools, from any checkpoint.
 
 ``format=nir`` writes ``model.nir``, the network as a NIR graph for neuromorphic simulators and
-hardware (:mod:`i2e_train.models.nir_export`), then re-imports that file with SpikingJelly (and
+hardware (`i2e_train.models.nir_export`), then re-imports that file with SpikingJelly (and
 snnTorch), runs it on the validation split and compares it with the network
-(:func:`check_nir`, ``nir_check.json``); ``format=safetensors`` writes the weights and model card
-of :func:`i2e_train.tasks.export.export_run`. Everything goes into the run folder
+(`check_nir`, ``nir_check.json``); ``format=safetensors`` writes the weights and model card
+of `i2e_train.tasks.export.export_run`. Everything goes into the run folder
 (``paths.output_dir``).
 """
 
@@ -63,10 +63,10 @@ def _validation_batches(cfg: DictConfig, batches: int | None):
 
 def check_nir(path: str | Path, model: nn.Module, batches, importers: Sequence[str] = ("spikingjelly",)) -> dict[str, Any]:
     """Run the written graph in each importer on ``batches`` of ``(events, labels)`` and compare it
-    with ``model`` in eval mode: the largest |logit difference|, the samples over :data:`LOGIT_TOL`,
+    with ``model`` in eval mode: the largest |logit difference|, the samples over `LOGIT_TOL`,
     top-1 agreement and accuracy. SpikingJelly fires at ``H >= v_threshold`` like the network;
     importers that follow NIR's ``H > v_threshold`` (snnTorch) are compared with the network under
-    that rule (:meth:`~i2e_train.models.nir_export.DeployGraph.strict_threshold`), and the samples
+    that rule (`strict_threshold`), and the samples
     where the two rules part (a membrane exactly at threshold) are counted."""
     from i2e_train.models import nir_export
 
@@ -119,7 +119,7 @@ def _say_check(report: Mapping[str, Any]) -> None:
 
 def export(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """``i2e-export``: the checkpoint ``cfg.ckpt_path`` (its model and data config as
-    :func:`~i2e_train.tasks.evaluate.checkpoint_config` resolves them) written to the run folder
+    `checkpoint_config` resolves them) written to the run folder
     ``cfg.paths.output_dir``: ``format=nir`` -> ``model.nir`` (+ ``nir_check.json`` when ``check``
     names importers), ``format=safetensors`` -> ``model.safetensors`` and the model card."""
     from hydra.utils import instantiate
@@ -157,7 +157,7 @@ def export(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def export_from_overrides(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
-    """:func:`export` for a config composed from ``overrides``; a released weight recomposes it with
+    """`export` for a config composed from ``overrides``; a released weight recomposes it with
     its own model and data config first."""
     from i2e_train.config import compose
     from i2e_train.tasks.evaluate import released_overrides

@@ -6,7 +6,7 @@ stage's best checkpoint) or any checkpoint path / released:<name>. The run folde
 sub-folder per stage and `pipeline.json`, which records what each stage ran and which
 checkpoint fed which stage. A stage that finished (its `stage.json` exists) is skipped on
 re-run; an interrupted one resumes from its last checkpoint. Every stage is checked before the
-first one runs (:func:`check_pipeline`); a `stage.json` is read back as data, checked.
+first one runs (`check_pipeline`); a `stage.json` is read back as data, checked.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ _STAGE_FIELDS = {"overrides": (list,), "init_from": (str, type(None)), "init_fro
 
 def _finished_stage(run_dir: Path, name: str) -> dict[str, Any] | None:
     """The record of a stage that finished earlier (None when it has not), checked as data: its
-    keys and types (:func:`~i2e_train.schema.check_record`), numbers as metrics, and a best
+    keys and types (`check_record`), numbers as metrics, and a best
     checkpoint inside the stage's own folder (the next stage starts from it)."""
     from i2e_train.schema import StoredConfigError, check_record
 
@@ -106,8 +106,8 @@ def _finished_stage(run_dir: Path, name: str) -> dict[str, Any] | None:
 
 def check_pipeline(cfg: DictConfig) -> None:
     """Every stage checked before anything runs or is written (``i2e-pipeline`` runs this before
-    Hydra makes the pipeline's folder; :func:`run_pipeline` again): finished stages' records, and
-    each other stage's composed ``train`` config, as :func:`~i2e_train.tasks.train.check_train_run`
+    Hydra makes the pipeline's folder; `run_pipeline` again): finished stages' records, and
+    each other stage's composed ``train`` config, as `check_train_run`
     checks it (values, initial weights when a file, an interrupted stage's checkpoint)."""
     from i2e_train.config import compose
     from i2e_train.tasks.train import check_train_run

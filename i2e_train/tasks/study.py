@@ -108,7 +108,7 @@ _RESULT_FIELDS = {"cell": (dict,), "seed": (int,), "overrides": (list,), "metric
 
 def _finished_run(run: dict[str, Any]) -> dict[str, Any] | None:
     """The record of a run that finished earlier (None when it has not), checked as data: its keys
-    and types (:func:`~i2e_train.schema.check_record`), and that it is this run's (cell and seed)."""
+    and types (`check_record`), and that it is this run's (cell and seed)."""
     from i2e_train.schema import StoredConfigError, check_record
 
     path = run["dir"] / "result.json"
@@ -128,9 +128,9 @@ def _finished_run(run: dict[str, Any]) -> dict[str, Any] | None:
 
 def check_study(cfg: DictConfig) -> None:
     """Every run checked before anything runs or is written (``i2e-study`` runs this before Hydra
-    makes the study's folder; :func:`run_study` again): the study's kind and seeds, the finished
-    runs' records, and one composed config per cell of the others (:func:`~i2e_train.tasks.train.check_train_run`,
-    :func:`~i2e_train.tasks.pipeline.check_pipeline`)."""
+    makes the study's folder; `run_study` again): the study's kind and seeds, the finished
+    runs' records, and one composed config per cell of the others (`check_train_run`,
+    `check_pipeline`)."""
     from i2e_train.tasks.pipeline import check_pipeline
     from i2e_train.tasks.train import check_train_run
 
@@ -273,7 +273,7 @@ def run_study(cfg: DictConfig, runner: Callable | None = None) -> dict[str, Any]
     """Run every (cell, seed) of ``cfg.study`` not finished yet, then aggregate and write the
     table, CSVs and plot into ``cfg.study_dir``. ``runner(run, study_name)`` replaces the task
     (tests). Returns ``{"rows", "table", "dir", "runs"}``. Everything is checked first
-    (:func:`check_study`; with the real tasks only)."""
+    (`check_study`; with the real tasks only)."""
     if runner is None:
         check_study(cfg)
     records = [_run_one(cfg, run, runner) for run in study_runs(cfg)]

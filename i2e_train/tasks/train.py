@@ -54,7 +54,7 @@ def _instantiate_group(group: DictConfig | None) -> list:
 def _resume_path(cfg: DictConfig, output_dir: str | Path | None) -> str | None:
     """The checkpoint to resume from, checked before Lightning reads it: a readable checkpoint
     holding only tensors and plain values (read as Lightning will, ``weights_only=True``; its
-    stored run config checked, :mod:`i2e_train.schema`), of a run of this run's model and classes."""
+    stored run config checked, `i2e_train.schema`), of a run of this run's model and classes."""
     from i2e_train.models.checkpoint import load_torch_file
     from i2e_train.models.errors import CheckpointDamagedError
 
@@ -135,8 +135,8 @@ def _check_init_from(cfg: DictConfig) -> None:
 
 def check_train_run(cfg: DictConfig, output_dir: str | Path | None) -> str | None:
     """Everything a training run checks before it writes anything (the entry point runs it before
-    Hydra makes the run folder; :func:`train` again): the config values
-    (:func:`~i2e_train.tasks.checks.check_train_config`), the run folder when it exists, the
+    Hydra makes the run folder; `train` again): the config values
+    (`check_train_config`), the run folder when it exists, the
     checkpoint to resume and the initial weights. Returns the checkpoint to resume from."""
     from i2e_train.tasks.checks import check_train_config
     from i2e_train.tasks.runs import check_run_folder, primary_process
