@@ -346,6 +346,21 @@ def print_memory(rows: list[dict]) -> None:
               f"{r['by_category'][CATEGORIES[-1]] / mib:.1f}, {'identical' if r['losses_identical'] else 'DIFFERENT'}")  # fmt: skip
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The table of docs/memory.md (MiB; ratios to the official network and to memopt)."""
+    mib = 2**20
+    lines = ["| network | mode | exact peak MiB | x official | x memopt | predicted MiB | FLOPs | bytes moved | ATen ops "
+             "| activations + temporaries at the peak, MiB |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        official = next(o for o in rows if o["arch"] == r["arch"] and o["variant"] == "official")
+        pred = f"{r['predicted'] / mib:.1f}" if "predicted" in r else "-"
+        memopt = f"{r['x_memopt']:.2f}" if r.get("x_memopt") is not None else "-"
+        lines.append(f"| {NETS[r['arch']]} | `{r['variant']}` | {r['peak'] / mib:.1f} | {r['peak'] / official['peak']:.2f} "
+                     f"| {memopt} | {pred} | {r['x_flops']:.2f}x | {r['x_bytes']:.2f}x | {r['x_ops']:.2f}x "
+                     f"| {r['by_category'][CATEGORIES[-1]] / mib:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def chart(rows: list[dict], path: Path) -> None:
     """A stacked bar per variant: the exact peak by category (one panel per network)."""
     import matplotlib
@@ -368,8 +383,9 @@ def chart(rows: list[dict], path: Path) -> None:
         ax.set_title(NETS[arch], fontsize=10)
         ax.set_ylabel("exact peak, MiB")
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(CATEGORIES), frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -509,6 +525,7 @@ def main(argv=None) -> dict:
             result["time"] += time_rows(args, arch)
     if result["memory"]:
         print_memory(result["memory"])
+        print("\n" + markdown_table(result["memory"]))
         if args.chart:
             chart(result["memory"], Path(args.chart))
     for r in result["time"]:

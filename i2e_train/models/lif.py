@@ -103,7 +103,7 @@ def _forward(x: torch.Tensor, v0: torch.Tensor, p: LIFParams, kernel: bool):
     return spikes, v.reshape(v0.shape), h
 
 
-def _backward(grad_spikes, grad_v, h: torch.Tensor, p: LIFParams, kernel: bool, input_dtype: torch.dtype):
+def _backward(grad_spikes, grad_v, h: torch.Tensor, p: LIFParams, kernel: bool, input_dtype: torch.dtype = torch.float32):
     """(gradient of the input [T, ...], of the initial membrane [...]) from the saved H."""
     if grad_spikes is None:
         grad_spikes = torch.zeros_like(h, dtype=input_dtype)
@@ -203,6 +203,11 @@ class LIFNode(neuron.LIFNode):
             if not isinstance(v0, torch.Tensor) or v0.dtype != torch.float32:
                 return super().multi_step_forward(x_seq)
         spikes, v_last = lif_multi_step(x_seq, v0, p, self.fast)
+        kernel = _use_kernel(x_seq, p, self.fast)
+        seg = recompute.lif_segment(x_seq, v0, spikes, v_last, functools.partial(lif_charge, p=p, kernel=kernel),
+                                    functools.partial(_backward, p=p, kernel=kernel, input_dtype=x_seq.dtype))  # fmt: skip
+        if seg is not None:  # after a batch norm, in a recomputing memory mode: the backward by channel slices
+            spikes, v_last = seg
         self._memories["v"] = v_last
         self.v_seq = None
         return spikes

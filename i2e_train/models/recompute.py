@@ -367,6 +367,7 @@ class _Tape:
         self.layers: list[tuple[nn.Module, torch.dtype | None, Any]] = []  # running now, autocast dtype, input
         self.cache = _Cache()
         self.norm: tuple | None = None  # (batch norm, its input, its output) of the layer that just ran
+        self.largest_norm = 0  # elements of the largest batch-norm input of this forward so far
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self.sums = _Sums(self)
 
@@ -411,7 +412,6 @@ class _Tape:
     def add_lif(self, x: torch.Tensor, v0: torch.Tensor, h: torch.Tensor, spikes: torch.Tensor, threshold: float,
                 charge: Callable) -> None:  # fmt: skip
         """Our LIF ran on ``x`` from ``v0``: its ``h`` and ``spikes`` are known (see `_Charge`)."""
-        self.norm = None
         if not (_exact_storage(h) and _exact_storage(spikes)):
             return
         if self.rung.recipes:
@@ -467,29 +467,46 @@ class _Tape:
 _NORMS_2D = (nn.BatchNorm2d,)
 _POOLS_2D = (nn.MaxPool2d, nn.AvgPool2d)
 _SEGMENT_CHUNKS = 16  # channel slices of a segment's backward (at least one channel each)
+# A batch norm becomes a segment when its input is at least 1/_SEGMENT_SHARE of the largest batch-norm
+# input of the forward so far (a ResNet's stem and first stage): where the peak is, and not in the later
+# stages, whose small slices would only add kernel launches.
+_SEGMENT_SHARE = 4
 
 
-class _NormPool(torch.autograd.Function):
-    """``pool(bn(c))`` for a training-mode ``BatchNorm2d`` followed by a 2-d pooling, whose
-    backward runs a few channels at a time.
+@dataclass
+class _Segment:
+    """A training-mode ``BatchNorm2d`` and what reads its output ``y`` channel by channel: a 2-d
+    pooling (``pool``, ``pool_args``) or our LIF (``lif``: its charge and backward functions)."""
 
-    The forward's output is the one the two layers made (passed in); the backward computes the
+    norm: nn.Module
+    node: _Node | None  # the batch norm's input as a recipe (computed in the backward), else kept
+    geometry: tuple  # of the batch norm's input c [N, C, H, W]
+    pool: nn.Module | None = None
+    pool_args: tuple = ()
+    lif: tuple | None = None  # (charge(x, v0), backward(gs, gv, h), v0 value, time steps)
+
+
+class _NormSegment(torch.autograd.Function):
+    """``pool(bn(c))`` or ``lif(bn(c))`` whose backward runs a few channels at a time.
+
+    The forward's outputs are the ones the layers made (passed in); the backward computes the
     batch norm's input ``c`` (from its node when the engine knows it, else kept), then, per slice
-    of channels, the batch norm and the pooling again and their backward with the same ATen calls
-    autograd makes (``_batch_norm_impl_index`` and its backward, the pooling's own backward), and
-    writes the slice of ``dL/dc`` into ``c``'s own storage when the backward made ``c`` itself.
-    Batch norm and pooling compute every channel on its own, so the slices give the whole to the
-    bit, while the batch norm's output and its gradient, each as large as ``c``, never exist whole.
+    of channels, the batch norm and the layer after it again and their backward with the same ATen
+    calls autograd makes (``_batch_norm_impl_index`` and its backward, the pooling's own backward,
+    the LIF operator's), and writes the slice of ``dL/dc`` into ``c``'s own storage when the
+    backward made ``c`` itself. Batch norm, pooling and the LIF compute every channel on its own,
+    so the slices give the whole to the bit, while the batch norm's output, the layer's state and
+    their gradients, each as large as ``c``, never exist whole.
     """
 
     @staticmethod
-    def forward(ctx, c, weight, bias, out, seg):
+    def forward(ctx, c, weight, bias, seg, *outs):
         ctx.seg = seg
         ctx.save_for_backward(*(() if seg.node is not None else (c,)), weight, bias)
-        return out
+        return outs if len(outs) > 1 else outs[0]
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         seg = ctx.seg
         *kept, weight, bias = ctx.saved_tensors
         if seg.node is not None:
@@ -498,21 +515,22 @@ class _NormPool(torch.autograd.Function):
         else:
             c = kept[0]
             gc = torch.empty_like(c)
+        c4, gc4 = c.reshape(-1, *c.shape[-3:]), gc.view(-1, *c.shape[-3:])  # [N, C, H, W] ([T, B, ...] flattened)
         gw, gb = [], []
-        step = -(-c.shape[1] // _SEGMENT_CHUNKS)
-        for lo in range(0, c.shape[1], step):
-            sl = slice(lo, min(lo + step, c.shape[1]))
-            g = _segment_slice(seg, c, grad, weight, bias, sl)
-            gc[:, sl].copy_(g[0])
+        step = -(-c4.shape[1] // _SEGMENT_CHUNKS)
+        for lo in range(0, c4.shape[1], step):
+            sl = slice(lo, min(lo + step, c4.shape[1]))
+            g = _segment_slice(seg, c4, grads, weight, bias, sl)
+            gc4[:, sl].copy_(g[0])
             gw.append(g[1])
             gb.append(g[2])
         cat = (lambda parts: torch.cat(parts) if parts[0] is not None else None)
-        return gc, cat(gw), cat(gb), None, None
+        return (gc, cat(gw), cat(gb), None, *(None for _ in grads))
 
 
-def _segment_slice(seg, c, grad, weight, bias, sl: slice) -> tuple:
-    """dL/dc, dL/dweight, dL/dbias of the channels ``sl`` of a `_NormPool`."""
-    bn, pool = seg.norm, seg.pool
+def _segment_slice(seg: _Segment, c: torch.Tensor, grads: tuple, weight, bias, sl: slice) -> tuple:
+    """dL/dc, dL/dweight, dL/dbias of the channels ``sl`` of a `_NormSegment`."""
+    bn = seg.norm
     c_k = c[:, sl].contiguous()
     w_k = None if weight is None else weight[sl]
     b_k = None if bias is None else bias[sl]
@@ -521,24 +539,26 @@ def _segment_slice(seg, c, grad, weight, bias, sl: slice) -> tuple:
     with torch.no_grad():
         y, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
             c_k, w_k, b_k, rm, rv, True, 0.0, bn.eps, torch.backends.cudnn.enabled)
-        g_k = grad[:, sl].contiguous()
-        if isinstance(pool, nn.MaxPool2d):
-            _, idx = torch.ops.aten.max_pool2d_with_indices(y, *seg.pool_args)
-            gy = torch.ops.aten.max_pool2d_with_indices_backward(g_k, y, *seg.pool_args, idx)
-        else:
-            gy = torch.ops.aten.avg_pool2d_backward(g_k, y, *seg.pool_args)
+        gy = _after_norm_backward(seg, y, grads, sl)
         mask = [True, weight is not None and weight.requires_grad, bias is not None and bias.requires_grad]
         return torch.ops.aten._batch_norm_impl_index_backward(impl, c_k, gy, w_k, rm, rv, mean, invstd, True, bn.eps,
                                                               mask, reserve)
 
 
-@dataclass
-class _Segment:
-    norm: nn.Module
-    pool: nn.Module
-    pool_args: tuple
-    node: _Node | None
-    geometry: tuple
+def _after_norm_backward(seg: _Segment, y: torch.Tensor, grads: tuple, sl: slice) -> torch.Tensor:
+    """dL/dy of the channels ``sl`` of the batch norm's output ``y`` [N, k, H, W], through the layer after it."""
+    if seg.lif is not None:
+        charge, backward, v0, t = seg.lif
+        x = y.view(t, y.shape[0] // t, *y.shape[1:])  # [T, B, k, H, W]
+        v = v0.expand(x.shape[1:])
+        gs = torch.zeros_like(x) if grads[0] is None else grads[0][:, :, sl].contiguous()
+        gv = None if len(grads) < 2 or grads[1] is None else grads[1][:, sl].contiguous()
+        return backward(gs, gv, charge(x, v))[0].reshape(y.shape)
+    g = grads[0].reshape(-1, *grads[0].shape[-3:])[:, sl].contiguous()  # [N, k, Ho, Wo]
+    if isinstance(seg.pool, nn.MaxPool2d):
+        _, idx = torch.ops.aten.max_pool2d_with_indices(y, *seg.pool_args)
+        return torch.ops.aten.max_pool2d_with_indices_backward(g, y, *seg.pool_args, idx)
+    return torch.ops.aten.avg_pool2d_backward(g, y, *seg.pool_args)
 
 
 def _pool_args(pool: nn.Module) -> tuple | None:
@@ -554,23 +574,56 @@ def _pool_args(pool: nn.Module) -> tuple | None:
     return pair(pool.kernel_size), stride, pair(pool.padding), pool.ceil_mode, pool.count_include_pad, None
 
 
-def _segment(tape: _Tape, pool: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
-    """``out`` of ``pool`` as a `_NormPool` when its input ``x`` is the output of the
-    training-mode batch norm that ran just before, on a contiguous ``[N, C, H, W]`` input."""
-    norm = tape.norm
-    tape.norm = None
-    if norm is None or not isinstance(pool, _POOLS_2D) or x.dim() != 4 or not out.is_floating_point():
+def _norm_before(tape: _Tape, x: torch.Tensor) -> tuple | None:
+    """(batch norm, its input ``c``) when ``x`` is exactly the output of the training-mode batch
+    norm that ran just before, all contiguous ``[N, C, H, W]`` or ``[T, B, C, H, W]`` (channels-last:
+    a batch norm may sum channels in blocks); the stash is used up."""
+    norm, tape.norm = tape.norm, None
+    if norm is None:
         return None
     bn, c, y = norm
-    args = _pool_args(pool)
-    if args is None or y.untyped_storage()._cdata != x.untyped_storage()._cdata or _geometry(y) != _geometry(x):
+    if c.dim() not in (4, 5) or c.shape != y.shape:  # [N, C, H, W], or a multi-step layer's [T, B, C, H, W]
         return None
-    if not (c.is_contiguous() and x.is_contiguous()):  # channels-last: batch norm may sum channels in blocks
+    if y.untyped_storage()._cdata != x.untyped_storage()._cdata or x.storage_offset() != y.storage_offset():
         return None
+    if not (c.is_contiguous() and y.is_contiguous() and x.is_contiguous() and x.numel() == y.numel()):
+        return None
+    if x.dim() not in (4, 5) or x.shape[-3:] != y.shape[-3:]:
+        return None
+    return bn, c
+
+
+def _segment_node(tape: _Tape, c: torch.Tensor) -> _Node | None:
     node = tape.find(c)
-    node = node if node is not None and node.depth > 0 and tape.allows(node) else None
-    seg = _Segment(bn, pool, args, node, _geometry(c))
-    return _NormPool.apply(c, bn.weight, bn.bias, out.detach(), seg)
+    return node if node is not None and node.depth > 0 and tape.allows(node) else None
+
+
+def _pool_segment(tape: _Tape, pool: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """``out`` of ``pool`` as a `_NormSegment` when its input ``x`` is the batch norm's output."""
+    found = _norm_before(tape, x) if isinstance(pool, _POOLS_2D) else None
+    args = _pool_args(pool) if found is not None and out.is_floating_point() else None
+    if args is None:
+        return None
+    bn, c = found
+    seg = _Segment(bn, _segment_node(tape, c), _geometry(c), pool=pool, pool_args=args)
+    return _NormSegment.apply(c, bn.weight, bn.bias, seg, out.detach())
+
+
+def lif_segment(x: torch.Tensor, v0: torch.Tensor, spikes: torch.Tensor, v_last: torch.Tensor, charge: Callable,
+                backward: Callable) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """Our LIF's outputs as a `_NormSegment` when the engine runs a recomputing rung and its input
+    ``x [T, B, C, H, W]`` is the output of the batch norm that ran just before, from a reset
+    membrane (one value); else None."""
+    tape = active()
+    if tape is None or not tape.rung.recipes or x.dim() != 5:
+        return None
+    found = _norm_before(tape, x)
+    if found is None or not (v0.dim() and v0.stride() == (0,) * v0.dim()):
+        return None
+    bn, c = found
+    lif = (charge, backward, v0[(0,) * v0.dim()].detach().clone(), x.shape[0])
+    seg = _Segment(bn, _segment_node(tape, c), _geometry(c), lif=lif)
+    return _NormSegment.apply(c, bn.weight, bn.bias, seg, spikes.detach(), v_last.detach())
 
 
 def active() -> _Tape | None:
@@ -669,11 +722,13 @@ def layer_post(module: nn.Module, args: tuple, out: Any) -> Any:
     if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and out.is_floating_point()):
         return None
     if isinstance(module, _POOLS_2D):
-        seg = _segment(tape, module, x, out)
+        seg = _pool_segment(tape, module, x, out)
         if seg is not None:
             return seg
     if isinstance(module, _NORMS_2D) and module.training and torch.is_grad_enabled():
-        tape.norm = (module, x, out)
+        tape.largest_norm = max(tape.largest_norm, x.numel())
+        if x.numel() * _SEGMENT_SHARE >= tape.largest_norm:  # where the activations are largest
+            tape.norm = (module, x, out)
     source = tape.find(x)
     if source is None or (isinstance(source, _Bits) and source.packed is None and not source.pack(x)):
         return None
