@@ -352,18 +352,24 @@ class Variant:
     amp: str | None  # None (float32), "fp16" (autocast + GradScaler) or "bf16" (autocast)
     channels_last: bool = False
     compile: bool = False
+    memory: str | None = None  # module.memory (None: the module's default); "memopt": official + SpikingJelly memopt
 
 
 CUDA_VARIANTS = (
-    Variant("official", "official-equivalent: torch.nn + SpikingJelly LIF, fp16 AMP", False, "fp16"),
-    Variant("ours", "ours, default path (trainer=gpu: fp16 AMP)", True, "fp16"),
+    Variant("official", "official: torch.nn + SpikingJelly LIF, fp16 AMP", False, "fp16"),
+    Variant("memopt", "official + SpikingJelly memopt (level 1), fp16 AMP", False, "fp16", memory="memopt"),
+    Variant("ours", "ours, default path (trainer=gpu: fp16 AMP, module.memory=bits)", True, "fp16"),
+    Variant("recompute", "ours, module.memory=recompute, fp16 AMP", True, "fp16", memory="recompute"),
+    Variant("least", "ours, module.memory=least, fp16 AMP", True, "fp16", memory="least"),
+    Variant("ours_fp32_recompute", "ours, module.memory=recompute, float32", True, None, memory="recompute"),
     Variant("fp32", "ours, default path, float32 (trainer.precision=32-true)", True, None),
     Variant("bf16", "ours + bf16 AMP (trainer.precision=bf16-mixed)", True, "bf16"),
     Variant("channels_last", "ours + channels_last (module.channels_last=true), fp16 AMP", True, "fp16", True),
 )
 CPU_VARIANTS = (
-    Variant("official", "official-equivalent: torch.nn + SpikingJelly LIF, float32 (fp16 AMP needs CUDA)", False, None),
+    Variant("official", "official: torch.nn + SpikingJelly LIF, float32 (fp16 AMP needs CUDA)", False, None),
     Variant("ours", "ours, default path (fast kernels, float32)", True, None),
+    Variant("recompute", "ours, module.memory=recompute, float32", True, None, memory="recompute"),
     Variant("bf16", "ours + bf16 autocast", True, "bf16"),
     Variant("channels_last", "ours + channels_last, float32", True, None, True),
 )
@@ -373,16 +379,27 @@ COMPILE = Variant("compile", "ours + torch.compile (module.compile=true), fp16 A
 def make_step(ctx: Context, v: Variant, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
     """One SGD step (lr 0.1, momentum 0.9) of a fresh network (``train_model``, seed 0) on the batch
     (x, y). Ours is set up as a run sets it up: ``SNNClassifier.configure_model`` with the module's
-    defaults (memory mode, fast kernels); the official-equivalent is the plain
-    network (``torch.nn`` + SpikingJelly, autograd's default memory)."""
+    defaults (memory mode, fast kernels) or ``v.memory``; the official network is the plain
+    ``torch.nn`` + SpikingJelly network (its own LIF, autograd's default memory), with
+    SpikingJelly's ``memopt.optimize_memory(level=1)`` for ``memopt``."""
     from i2e_train.models import create_model
+    from i2e_train.models.lif import with_spikingjelly_neurons
+    from i2e_train.models.ms_resnet import BasicBlock, Bottleneck
     from i2e_train.module import SNNClassifier
 
     torch.manual_seed(0)
     model = create_model(ctx.sizes["train_model"], num_classes=10)
-    plain = {} if v.fast else {"fast_kernels": False, "memory": "none"}
+    if not v.fast:
+        with_spikingjelly_neurons(model)
+    mode = {} if v.memory is None else {"memory": "none" if v.memory == "memopt" else v.memory}
+    plain = {"fast_kernels": False, "memory": "none"} if not v.fast else mode
     module = SNNClassifier(model, num_classes=10, channels_last=v.channels_last, compile=v.compile, **plain)
     module.configure_model()
+    if v.memory == "memopt":
+        from spikingjelly.activation_based import memopt
+
+        module.model = model = memopt.optimize_memory(model.to(ctx.device), (BasicBlock, Bottleneck),
+                                                      lambda m: m(x[:, :2]), level=1)  # fmt: skip
     module.to(ctx.device)
     net = module._compiled if module._compiled is not None else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -433,7 +450,23 @@ def measure(ctx: Context, v: Variant, x: torch.Tensor, y: torch.Tensor) -> dict:
     steps = ctx.sizes["train_steps"]
     per_step = None if syncs.count is None else syncs.count / steps
     return {"losses": losses, "sec": sec, "peak_mib": peak, "warmup_s": warm_s, "syncs_per_step": per_step,
-            "sync_sites": syncs.sites[:5]}
+            "sync_sites": syncs.sites[:5], "predicted_mib": predicted_peak(ctx, v, x)}
+
+
+def predicted_peak(ctx: Context, v: Variant, x: torch.Tensor) -> float | None:
+    """Our variants: the dry run's prediction of the peak (MiB) that ``memory=auto`` decides on, for
+    the GPU's measured ``max_memory_allocated`` beside it."""
+    if not v.fast or v.compile:
+        return None
+    from i2e_train.models import create_model
+    from i2e_train.models.memory_plan import predict_peaks
+
+    mode = v.memory or "bits"
+    precision = {"fp16": "16-mixed", "bf16": "bf16-mixed"}.get(v.amp or "", "32-true")
+    peaks = predict_peaks(create_model(ctx.sizes["train_model"], num_classes=10), tuple(x.shape), modes=[mode],
+                          optimizer=lambda net: torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+                          precision=precision)  # fmt: skip
+    return peaks[mode] / 2**20
 
 
 class count_syncs:  # noqa: N801 - used as a context manager
@@ -475,6 +508,8 @@ def step_row(ctx: Context, v: Variant, res: dict, base: dict | None) -> dict:
     b, r = ctx.sizes["train_batch"], ctx.sizes["train_res"]
     speed = b / res["sec"]
     mem = f", peak {res['peak_mib']:,.0f} MiB" if res["peak_mib"] is not None else ""
+    if res.get("predicted_mib") is not None:
+        mem += f" (predicted {res['predicted_mib']:,.0f} MiB)"
     check = f"train step {ctx.sizes['train_model']} T8 {r}x{r} b{b}: {v.label} [{ctx.device.type}]"
     if base is None:
         losses = ", ".join(f"{loss:.5f}" for loss in res["losses"])
@@ -484,10 +519,10 @@ def step_row(ctx: Context, v: Variant, res: dict, base: dict | None) -> dict:
     agree = f"first {len(deltas)} losses vs official: max |diff| {max(deltas):.2e} (step 1: {deltas[0]:.2e})"
     result = f"{speed:,.1f} img/s ({base['sec'] / res['sec']:.2f}x official){mem}; {agree}"
     status = "info"
-    if v.key == "ours":  # the same layers on CUDA, the bit-identical kernels on CPU
+    if v.key in ("ours", "recompute", "least"):  # the same operators on CUDA, bit-identical on CPU
         tol = 1e-3 * abs(base["losses"][0]) if ctx.cuda else 0.0
         status = "PASS" if deltas[0] <= tol and (ctx.cuda or max(deltas) == 0.0) else "FAILED"
-    if res.get("syncs_per_step") is not None and v.key != "official":
+    if res.get("syncs_per_step") is not None and v.fast:  # ours only: the official network is not ours to fix
         result += f"; host syncs per step {res['syncs_per_step']:g} (allowed {allowed_syncs(v)})"
         if res["syncs_per_step"] > allowed_syncs(v):
             status, result = "FAILED", result + f" at {', '.join(res['sync_sites'])}"

@@ -82,20 +82,6 @@ def _sew_resnet18(ours: bool):
     return Mean(), (sew_resnet.BasicBlock, sew_resnet.Bottleneck)
 
 
-def _sj_neurons(model) -> None:
-    """Our LIF neurons of ``model`` replaced by SpikingJelly's own (the official network)."""
-    from spikingjelly.activation_based import neuron
-
-    from i2e_train.models.lif import LIFNode
-
-    for m in list(model.modules()):
-        for name, c in list(m.named_children()):
-            if isinstance(c, LIFNode):
-                setattr(m, name, neuron.LIFNode(tau=c.tau, decay_input=c.decay_input, v_threshold=c.v_threshold,
-                                                v_reset=c.v_reset, surrogate_function=c.surrogate_function,
-                                                detach_reset=c.detach_reset, step_mode="m"))  # fmt: skip
-
-
 def build(arch: str, variant: str, x):
     """A fresh network for ``variant`` from seed 0 (the same initial weights for every variant)."""
     import torch
@@ -111,7 +97,9 @@ def build(arch: str, variant: str, x):
 
         model, blocks = create_model(arch, num_classes=10), (BasicBlock, Bottleneck)
         if variant not in OURS:
-            _sj_neurons(model)
+            from i2e_train.models.lif import with_spikingjelly_neurons
+
+            with_spikingjelly_neurons(model)
     if variant == "memopt":
         from spikingjelly.activation_based import memopt
 
@@ -139,7 +127,7 @@ def sj_lif_as_on_cuda():
 
         @staticmethod
         def backward(ctx, gs, gv, gh):
-            h, x, v = ctx.saved_tensors
+            h, x, _ = ctx.saved_tensors  # the input and initial membrane are kept as on CUDA, not read
             gs = torch.zeros_like(h, dtype=x.dtype) if gs is None else gs
             gv = torch.zeros_like(h if ctx.params[-2] else h[0]) if gv is None else gv
             with torch._C._AutoDispatchBelowAutograd():
@@ -172,13 +160,12 @@ def sj_lif_as_on_cuda():
 def exact_peak(step, resident, named) -> tuple[int, dict[str, int]]:
     """Peak of live bytes of ``step()`` from the profiler's allocation events, and by category at the
     peak. ``resident()``: the tensors alive before the step; ``named()``: category -> data pointers."""
-    import torch
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())  # every recorded event
     while todo:
         e = todo.pop()
         todo.extend(e.children)
@@ -262,7 +249,7 @@ def _child(spec: dict) -> dict:
     sys.path.insert(0, spec.get("tree") or str(ROOT))
     import torch
 
-    _lib = sj_lif_as_on_cuda()  # noqa: F841  (the registrations live as long as the library object)
+    lib = sj_lif_as_on_cuda()  # the registrations live as long as the library object
     gen = torch.Generator().manual_seed(0)
     t, b, hw = spec["t"], spec["batch"], spec["size"]
     x = (torch.rand(t, b, 2, hw, hw, generator=gen) < 0.1).float()  # [T, B, 2, H, W]
@@ -297,6 +284,7 @@ def _child(spec: dict) -> dict:
     flops, moved, ops = step_cost(step)
     out = {"peak": peak, "by_category": by_category, "flops": flops, "bytes": moved, "ops": ops, "rss": rss,
            "losses": losses}  # fmt: skip
+    del lib
     if spec["variant"] in OURS:
         from i2e_train.models.memory_plan import predict_peaks
 
@@ -313,7 +301,7 @@ def _sgd(cls, net):
 def run_child(spec: dict, timeout: float = 3600) -> dict:
     env = dict(os.environ, I2E_CPU_KERNELS="0", MALLOC_MMAP_THRESHOLD_="131072", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if out.returncode:
         raise RuntimeError(f"benchmark child {spec} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -349,8 +337,8 @@ def print_memory(rows: list[dict]) -> None:
 def markdown_table(rows: list[dict]) -> str:
     """The table of docs/memory.md (MiB; ratios to the official network and to memopt)."""
     mib = 2**20
-    lines = ["| network | mode | exact peak MiB | x official | x memopt | predicted MiB | FLOPs | bytes moved | ATen ops "
-             "| activations + temporaries at the peak, MiB |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [("| network | mode | exact peak MiB | x official | x memopt | predicted MiB | FLOPs | bytes moved | ATen ops "
+              "| activations + temporaries at the peak, MiB |"), "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         official = next(o for o in rows if o["arch"] == r["arch"] and o["variant"] == "official")
         pred = f"{r['predicted'] / mib:.1f}" if "predicted" in r else "-"
@@ -415,7 +403,7 @@ def recipe_rows() -> list[dict]:
                               precision=str(cfg.trainer.precision))  # fmt: skip
         rows.append({"experiment": name, "model": str(cfg.model.get("name", "")) or type(model).__name__,
                      "shape": shape, "devices": devices, "precision": str(cfg.trainer.precision), "peaks": peaks})  # fmt: skip
-        print(f"{name:<28}{str(shape):<26}{cfg.trainer.precision:<11}" +
+        print(f"{name:<28}{shape!s:<26}{cfg.trainer.precision:<11}" +
               "".join(f"{m} {p / 2**30:6.2f} GiB  " for m, p in peaks.items()), flush=True)  # fmt: skip
     return rows
 
@@ -476,7 +464,7 @@ def time_rows(args, arch: str) -> list[dict]:
                 env = dict(os.environ, PYTHONWARNINGS="ignore")
                 s = dict(spec, tree=str(Path(tree).resolve()) if tree else None, mode="time")
                 res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(s)],
-                                     capture_output=True, text=True, timeout=7200, env=env)  # fmt: skip
+                                     capture_output=True, text=True, timeout=7200, env=env, check=False)  # fmt: skip
                 if res.returncode:
                     raise RuntimeError(res.stderr[-3000:])
                 out.append(json.loads(res.stdout.strip().splitlines()[-1])["default"])
@@ -529,7 +517,7 @@ def main(argv=None) -> dict:
         if args.chart:
             chart(result["memory"], Path(args.chart))
     for r in result["time"]:
-        ratio = f"  ratio per pair {['%.3f' % q for q in r['ratios']]}" if "ratios" in r else ""
+        ratio = f"  ratio per pair {[f'{q:.3f}' for q in r['ratios']]}" if "ratios" in r else ""
         print(f"{r['arch']:<14}{r['tree']:<40} step {r['sec']:.3f} s{ratio}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -98,9 +98,8 @@ _TRAIN_CHILD = r"""
 import json, statistics, sys, time, torch
 sys.path.insert(0, {root!r})
 from i2e_train.models import create_model
-from i2e_train.models.lif import LIFNode
+from i2e_train.models.lif import with_spikingjelly_neurons
 from i2e_train.models.memory import set_memory
-from spikingjelly.activation_based import neuron
 variants, device, steps, allocators = {variants!r}, torch.device({device!r}), {steps}, {allocators!r}
 from contextlib import nullcontext
 def resident():  # resident set now and at its highest (/proc/self/status, bytes)
@@ -124,12 +123,7 @@ def make(name, arch="ms_resnet18", x=x, y=y):
     with allocator_of(name):  # its weights from its allocator too
         model = create_model(arch, num_classes=10).to(device)
         if variant == "baseline":  # the plain torch.nn + SpikingJelly network: SpikingJelly's own LIF
-            for m in list(model.modules()):
-                for n, c in list(m.named_children()):
-                    if isinstance(c, LIFNode):
-                        setattr(m, n, neuron.LIFNode(tau=c.tau, decay_input=c.decay_input, v_threshold=c.v_threshold,
-                                v_reset=c.v_reset, surrogate_function=c.surrogate_function,
-                                detach_reset=c.detach_reset, step_mode="m").to(device))
+            with_spikingjelly_neurons(model)
         set_memory(model, "bits" if variant.startswith("ours_bits") else "none")  # what the backward keeps
         if "channels_last" in variant:
             model = model.to(memory_format=torch.channels_last)

@@ -12,8 +12,11 @@ the blocks of docs/tutorial.md, whose pictures are copied into docs/img/tutorial
 runs the same blocks and compares their pictures with those). The study's values are the ones
 of docs/research.md (``i2e-study study=demo seeds=[0,1,2]``, a run of minutes; not redone here).
 
+The memory chart of docs/memory.md is drawn by ``benchmarks/memory.py``'s own ``chart`` from its
+record (docs/img/data/memory.json, written by ``python benchmarks/memory.py --json``: a run of
+tens of minutes, not redone here).
+
 Every PNG is stored with a palette of at most 128 colours (a few tens of KB).
-The memory chart of docs/memory.md is made by benchmarks/memory.py, not here.
 """
 
 from __future__ import annotations
@@ -120,11 +123,34 @@ def study_figure(out: Path, work: Path, records: Path = RECORDS) -> Path:
     return optimise_png(tmp, out / "study-demo.png")
 
 
+def memory_records(path: Path = RECORDS / "memory.json") -> list[dict]:
+    """The rows of ``benchmarks/memory.py --json`` (its memory part)."""
+    return json.loads(path.read_text())["memory"]
+
+
+def benchmark_module():
+    """``benchmarks/memory.py`` as a module (its chart and table)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("i2e_memory_benchmark", ROOT / "benchmarks" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def memory_figure(out: Path, work: Path, records: Path = RECORDS) -> Path:
+    """The exact peak by category per memory mode (docs/memory.md), from the benchmark's record."""
+    tmp = work / "memory.png"
+    benchmark_module().chart(memory_records(records / "memory.json"), tmp)
+    return optimise_png(tmp, out / "memory.png")
+
+
 def render_all(out: Path = IMG, records: Path = RECORDS) -> list[Path]:
     """Every figure rendered from the demo data and the records (not the tutorial's: ``--run``)."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        return [digits_figure(out, work), *demo_figures(out, work, records), study_figure(out, work, records)]
+        return [digits_figure(out, work), *demo_figures(out, work, records), study_figure(out, work, records),
+                memory_figure(out, work, records)]
 
 
 def tutorial_blocks() -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import os
 import re
 import shlex
@@ -442,9 +443,37 @@ def test_pictures_shown_exist_and_are_small():
 def test_pictures_are_made_by_the_code(tmp_path):
     made = _figures().render_all(tmp_path)
     assert {p.name for p in made} == {"digits-events.png", "demo-learning-curves.png", "demo-spike-rates.png",
-                                      "study-demo.png"}
+                                      "study-demo.png", "memory.png"}
     for path in made:
         _assert_same_picture(path, ROOT / "docs" / "img" / path.name)
+
+
+def test_the_memory_tables_are_the_benchmarks_records():
+    """docs/memory.md shows the table benchmarks/memory.py makes from its record (the chart's
+    data); docs/recipes.md the predicted peaks of --recipes."""
+    figures = _figures()
+    bench = figures.benchmark_module()
+    memory = (ROOT / "docs" / "memory.md").read_text(encoding="utf-8")
+    assert bench.markdown_table(figures.memory_records()) in memory
+    recipes = json.loads((ROOT / "docs" / "img" / "data" / "recipes-memory.json").read_text())
+    assert bench.recipe_table(recipes) in (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_recipes_memory_record_is_what_the_dry_run_predicts():
+    """Two rows of the recorded predictions, made again by the current code: the same bytes."""
+    from hydra.utils import instantiate
+
+    from i2e_train.config import compose
+    from i2e_train.models.memory_plan import predict_peaks
+
+    recorded = {r["experiment"]: r for r in json.loads((ROOT / "docs" / "img" / "data" / "recipes-memory.json").read_text())}
+    for name in ("nmnist/baseline", "cifar10dvs/baseline"):
+        cfg = compose("train", [f"experiment={name}"])
+        row = recorded[name]
+        peaks = predict_peaks(instantiate(cfg.model), row["shape"], optimizer=instantiate(cfg.optim),
+                              precision=row["precision"])
+        assert peaks == row["peaks"], name
 
 
 def test_the_study_plot_draws_the_values_of_the_research_page():

@@ -16,7 +16,14 @@ from torch import nn
 
 from i2e_train import kernels
 from i2e_train.models import create_model
-from i2e_train.models.lif import LIFNode, LIFParams, fused_lif_available, lif_multi_step, set_fast_kernels
+from i2e_train.models.lif import (
+    LIFNode,
+    LIFParams,
+    fused_lif_available,
+    lif_multi_step,
+    set_fast_kernels,
+    with_spikingjelly_neurons,
+)
 
 pytestmark = pytest.mark.skipif(not fused_lif_available(), reason="numba kernels unavailable")
 
@@ -127,17 +134,6 @@ def test_lif_multi_step_rejects_a_membrane_of_another_shape():
         lif_multi_step(torch.randn(3, 4), torch.zeros(5), p)
 
 
-def _official(model: nn.Module) -> nn.Module:
-    """``model`` with SpikingJelly's own LIF neurons in place of ours (the official network)."""
-    for m in list(model.modules()):
-        for name, c in list(m.named_children()):
-            if isinstance(c, LIFNode):
-                setattr(m, name, neuron.LIFNode(tau=c.tau, decay_input=c.decay_input, v_threshold=c.v_threshold,
-                                                v_reset=c.v_reset, surrogate_function=c.surrogate_function,
-                                                detach_reset=c.detach_reset, step_mode="m"))  # fmt: skip
-    return model
-
-
 def test_ms_resnet_training_identical_to_the_official_network(monkeypatch):
     """Three SGD steps of MS-ResNet18: SpikingJelly's neurons, our operator on the compiled kernel
     and on SpikingJelly's operators: the same losses and weights, to the bit."""
@@ -149,7 +145,7 @@ def test_ms_resnet_training_identical_to_the_official_network(monkeypatch):
         torch.manual_seed(0)
         model = create_model("ms_resnet18", num_classes=10)
         if variant == "official":
-            _official(model)
+            with_spikingjelly_neurons(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         losses = []
         for _ in range(3):

@@ -21,7 +21,12 @@ import torch.nn.functional as F
 
 from i2e_train.models import bitpack, create_model, recompute
 from i2e_train.models.lif import fused_lif_available
-from i2e_train.models.memory import MEMORY_MODES, check_memory_mode, memory_mode, set_memory
+from i2e_train.models.memory import (
+    MEMORY_MODES,
+    check_memory_mode,
+    memory_mode,
+    set_memory,
+)
 from i2e_train.models.memory_plan import LADDER, choose_memory, predict_peaks
 
 pytestmark = pytest.mark.skipif(not fused_lif_available(), reason="numba kernels unavailable")
@@ -251,7 +256,7 @@ def test_the_ladder_is_ordered_on_exact_measures(ladder):
 
 def test_predictions_fall_down_the_ladder_and_auto_follows_the_budget():
     model = create_model("ms_resnet18", num_classes=10)
-    sgd = lambda net: torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+    sgd = lambda net: torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     shape = (4, 8, 2, 64, 64)
     peaks = predict_peaks(model, shape, optimizer=sgd)
     assert list(peaks) == list(LADDER)
@@ -279,7 +284,7 @@ def test_snnclassifier_chooses_its_memory_before_the_first_step(tmp_path):
     data = DataLoader([(x[:, i], y[i]) for i in range(4)], batch_size=4,
                       collate_fn=lambda b: (torch.stack([e for e, _ in b], 1), torch.stack([t for _, t in b])))  # fmt: skip
     model = create_model("ms_resnet_tiny", num_classes=10)
-    sgd = lambda net: torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
+    sgd = lambda net: torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     peaks = predict_peaks(model, x.shape, optimizer=sgd)
     module = SNNClassifier(model, num_classes=10, optimizer=sgd, memory="auto",
                            memory_budget=(peaks["bits"] - 1) / 2**30)  # fmt: skip

@@ -45,7 +45,8 @@ from i2e_train import kernels
 
 from . import recompute
 
-__all__ = ["LIFNode", "LIFParams", "fused_lif_available", "lif_charge", "lif_multi_step", "set_fast_kernels"]
+__all__ = ["LIFNode", "LIFParams", "fused_lif_available", "lif_charge", "lif_multi_step", "set_fast_kernels",
+           "with_spikingjelly_neurons"]
 
 # SpikingJelly's surrogate ids whose gradient the compiled kernel evaluates; the others involve
 # exp/erf, whose vectorised and scalar results differ in the last bit, and run SpikingJelly's path.
@@ -225,3 +226,16 @@ def set_fast_kernels(model: nn.Module, enabled: bool) -> int:
             m.fast = bool(enabled)
             count += 1
     return count
+
+
+def with_spikingjelly_neurons(model: nn.Module) -> nn.Module:
+    """``model`` with every `LIFNode` replaced, in place, by SpikingJelly's own ``LIFNode``
+    of the same settings (the official network: the baseline of the benchmarks and tests)."""
+    for m in list(model.modules()):
+        for name, c in list(m.named_children()):
+            if isinstance(c, LIFNode):
+                setattr(m, name, neuron.LIFNode(tau=c.tau, decay_input=c.decay_input, v_threshold=c.v_threshold,
+                                                v_reset=c.v_reset, surrogate_function=c.surrogate_function,
+                                                detach_reset=c.detach_reset, step_mode=c.step_mode,
+                                                store_v_seq=c.store_v_seq))  # fmt: skip
+    return model
