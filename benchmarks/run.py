@@ -124,7 +124,7 @@ def make(name, arch="ms_resnet18", x=x, y=y):
         model = create_model(arch, num_classes=10).to(device)
         if variant == "baseline":  # the plain torch.nn + SpikingJelly network: SpikingJelly's own LIF
             with_spikingjelly_neurons(model)
-        set_memory(model, "bits" if variant.startswith("ours_bits") else "none")  # what the backward keeps
+        set_memory(model, {{"ours_bits": "bits", "ours_recompute": "recompute"}}.get(variant, "none"))  # what the backward keeps
         if "channels_last" in variant:
             model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if variant.endswith("compile") else model
@@ -165,13 +165,13 @@ print(json.dumps({{v: {{"sec": statistics.median(ts[v]), "peak": peak, "losses":
 TRAIN_VARIANTS = {  # name -> (label, host allocator of its process)
     "baseline": ("eager float32, torch.nn + SpikingJelly LIF (baseline)", "pytorch"),
     "ours": ("ours: fast kernels, float32, module.memory=none", "pytorch"),
-    "ours_bits": ("ours: fast kernels, float32, module.memory=bits, PyTorch allocator", "pytorch"),
-    "ours_default": ("ours: memory=bits (default)", "pytorch"),
+    "ours_bits": ("ours: fast kernels, float32, module.memory=bits (the default)", "pytorch"),
+    "ours_recompute": ("ours: fast kernels, float32, module.memory=recompute", "pytorch"),
     "ours_channels_last": ("ours + channels_last", "pytorch"),
     "ours_bf16": ("ours + bf16 autocast (precision=bf16-mixed)", "pytorch"),
     "ours_compile": ("ours + torch.compile", "pytorch"),
 }
-_VARIANT_OF = {"ours_default": "ours_bits"}  # what the network does; the allocator is set per process
+_VARIANT_OF: dict[str, str] = {}  # variant -> the network it trains, when another variant's
 
 
 def _train_child(device: torch.device, variants: list[str], steps: int) -> dict:
@@ -273,7 +273,7 @@ def main(argv=None) -> list[dict]:
             for size in (128, 224):
                 rows += [dict(r, device=dev.type) for r in bench_convert(dev, size, 64, max(3 * args.repeats, 15))]
         if "train" in parts:
-            variants = args.train_variants or ["ours", "ours_bits", "ours_default", "ours_channels_last", "ours_bf16"]
+            variants = args.train_variants or ["ours", "ours_bits", "ours_recompute", "ours_channels_last", "ours_bf16"]
             variants = ["baseline"] + [v for v in variants if v != "baseline"] + (["ours_compile"] if args.compile else [])
             rows += [dict(r, device=dev.type) for r in bench_train(dev, args.repeats, args.train_steps, variants)]
     if "loader" in parts:
