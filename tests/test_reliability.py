@@ -444,6 +444,23 @@ def test_card_listing_no_files_falls_back_to_the_config_folder(tmp_path):
     assert sorted(found) == ["train", "validation"] and all(len(v) == 3 for v in found.values())
 
 
+def test_a_card_pattern_that_climbs_out_of_its_folder_is_refused_naming_it(tmp_path):
+    """The dataset card is data: its data_files patterns list files inside its own folder only."""
+    from i2e_train.data.base import DataFileError
+    from i2e_train.data.parquet import find_data_files
+
+    inside = tmp_path / "data"
+    inside.mkdir()
+    _data(inside)
+    (tmp_path / "elsewhere").mkdir()
+    card = inside / "README.md"
+    text = card.read_text()
+    for bad in ("../elsewhere/train-", str(tmp_path / "elsewhere") + "/train-"):
+        card.write_text(text.replace("I2E-MNIST/train-", bad))
+        with pytest.raises(DataFileError, match=r"README.md: data_files pattern .* points outside"):
+            find_data_files(inside, "I2E-MNIST")
+
+
 # --------------------------------------------------------------------------- streaming
 class _Tiny(__import__("lightning").LightningModule):
     """A linear classifier over the unpacked events [T, B, C, H, W]; records each epoch's labels."""

@@ -124,10 +124,19 @@ def _card_splits(folder: Path, name: str) -> dict[str, list[str]] | None:
 
 
 def _card_data_files(folder: Path, name: str) -> dict[str, list[str]] | None:
+    """The parquet files the dataset card's patterns match, inside ``folder`` only: the card is data,
+    a pattern that climbs out of the folder (``..``, an absolute path) is refused naming it."""
     patterns = _card_splits(folder, name)
     if patterns is None:
         return None
-    return {split: sorted(str(p) for pat in pats for p in folder.glob(pat) if p.suffix == ".parquet")
+    for pats in patterns.values():
+        for pat in pats:
+            if Path(pat).is_absolute() or ".." in Path(pat).parts or "\\" in pat:
+                raise DataFileError(f"{folder / 'README.md'}: data_files pattern {pat!r} of config {name!r} points outside "
+                                    f"{folder}; a dataset card lists its files by paths inside its own folder")
+    root = folder.resolve()
+    return {split: sorted(str(p) for pat in pats for p in folder.glob(pat)
+                          if p.suffix == ".parquet" and p.resolve().is_relative_to(root))
             for split, pats in patterns.items()}
 
 

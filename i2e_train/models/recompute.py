@@ -25,12 +25,18 @@ cached until the last saved tensor that needs it has been unpacked):
   operations in the backward instead of a float copy of the spikes), other neurons' spikes as
   bits, max-pooling inputs as their shape, autocast's weight copies cast again. No
   convolution or batch norm runs twice.
-* ``recompute``: besides, every node without convolution or matrix work (batch norms,
-  poolings, sums, the LIF recurrence ``H``), and the outputs of convolutions / linear layers
-  that cost at most `CHEAP_FLOPS_PER_ELEMENT` FLOPs per output element (a 7x7 stem on two
-  event channels, 1x1 downsampling convolutions): the rest of the network's convolution outputs
-  are kept.
+* ``recompute``: besides, spikes as bits, every node without convolution or matrix work (batch
+  norms, poolings, sums, the LIF recurrence ``H``), and the outputs of convolutions / linear
+  layers that cost at most `CHEAP_FLOPS_PER_ELEMENT` FLOPs per output element (a 7x7 stem on
+  two event channels, 1x1 convolutions, 3x3 ones of up to 64 channels): the rest of the
+  network's convolution outputs are kept.
 * ``least``: every node, spikes as bits, every convolution output recomputed from them.
+
+In ``recompute`` and ``least`` a training-mode batch norm whose output goes straight into a 2-d
+pooling or our LIF becomes one autograd node (`_NormSegment`) whose backward runs both again a
+few channels at a time, where the activations are largest (a ResNet's stem and first stage). The
+batch norm's output must have no other reader (as in every network here): a second reader would
+get its gradient through the batch norm's own node, summed in another order.
 
 A tensor whose recomputation would need a chain longer than the rung allows is kept as it is;
 a neuron input that deep is kept itself (pinned) so that ``H`` stays one step away. Every saved
@@ -72,7 +78,8 @@ _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _BINARY_NEURONS = (sj_neuron.IFNode, sj_neuron.LIFNode, sj_neuron.ParametricLIFNode)
 # ``recompute`` runs a convolution / linear layer again when one output element costs at most this
 # many FLOPs (2 * in_channels / groups * kernel volume): the 7x7 stem on two event channels (196),
-# 1x1 convolutions of up to 128 channels; not 3x3 convolutions of 64 channels or more (1152).
+# 1x1 convolutions of up to 576 channels, 3x3 ones of up to 64 (1152): the layers with the most
+# memory per FLOP, where a ResNet's training peaks; not the 3x3 convolutions of the later stages.
 CHEAP_FLOPS_PER_ELEMENT = 1152
 
 _local = threading.local()  # .tape: the _Tape of the forward in progress; .paused: recomputing; .log
