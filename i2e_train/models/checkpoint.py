@@ -307,7 +307,7 @@ def export_safetensors(
     ``metadata`` values are stored as strings (mappings and lists as JSON); the model's
     ``model_info`` architecture and class count are added when present. The file is written
     next to its destination and moved into place, so an existing file is never half-written.
-    Read it back with [`load_checkpoint`][i2e_train.models.load_checkpoint].
+    Read it back with [`load_checkpoint`][i2e_train.models.loading.load_checkpoint].
     """
     from safetensors.torch import save
 

@@ -216,7 +216,7 @@ def load_checkpoint(
     """Load weights into ``model`` after remapping foreign keys; strict by default.
 
     Args:
-        model: the network (e.g. from [`i2e_train.models.create_model`][i2e_train.models.create_model]).
+        model: the network (e.g. from [`i2e_train.models.create_model`][i2e_train.models.registry.create_model]).
         source: a checkpoint path (official ``.pth.tar``, Lightning ``.ckpt``, ``.safetensors``,
             raw state dict), a released-weight name (``'released:<name>'`` or the bare name),
             or an in-memory state dict.
