@@ -295,10 +295,15 @@ HELP_NAMES = {  # entry point -> names its help must list
     "viz": ["I2E-CIFAR10"],
     "pipeline": ["sim2real", "mnist2nmnist", "cifar10dvs/transfer2"],
     "study": ["sim2real_augment", "demo"],
+    "export": ["cifar10_augmentation", "deploy/ms_resnet18", "safetensors"],
 }
 
 
 def test_help_of_every_entry_point_imports_neither_torch_nor_lightning(tmp_path):
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {s.removeprefix("i2e-") for s in scripts} == set(HELP_NAMES)  # a new entry point gets its --help
     procs = {name: subprocess.Popen([sys.executable, "-c", _HELP, f"i2e_train.cli.{name}"], cwd=tmp_path,
                                     env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name in HELP_NAMES}
@@ -310,7 +315,7 @@ def test_help_of_every_entry_point_imports_neither_torch_nor_lightning(tmp_path)
         examples = [ln for ln in text.split("Examples:")[1].split("\n\n")[0].splitlines() if ln.strip()]
         assert 3 <= len(examples) <= 6 and all(ln.strip().startswith(f"i2e-{name}") for ln in examples), examples
         assert all(n in text for n in HELP_NAMES[name]), (name, text)
-        if name not in ("train", "eval"):  # only the groups it uses: none of the training groups
+        if name not in ("train", "eval", "export"):  # only the groups it uses: none of the training groups
             assert "ms_resnet18" not in text and "optim" not in text, (name, text)
     assert not (tmp_path / "logs").exists()
 
