@@ -4,6 +4,7 @@ name the missing file or key, and a training run with no data override but the p
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,22 @@ def test_missing_pieces_are_named(converted, tmp_path):
         local_facts(out)
     with pytest.raises(ValueError, match="data.num_classes=4 but .* says 3"):
         own_data(str(converted), num_classes=4)
+
+
+def test_a_checkpoint_of_another_class_count_names_the_data_folder(converted, tmp_path):
+    """data=local has no dataset name in its config: the error names data.path (not 'None')."""
+    from test_security import _checkpoint, _stored_config
+
+    from i2e_train.tasks.evaluate import checkpoint_config
+    from i2e_train.tasks.train import train
+
+    ckpt = _checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", _stored_config(tmp_path))  # 10 classes
+    overrides = [f"ckpt_path={ckpt}", "data=local", f"data.path={converted}", f"paths.output_dir={tmp_path / 'new'}"]
+    with pytest.raises(ValueError, match=rf"this run's data data\.path={re.escape(str(converted))} has 3;"):
+        train(compose("train", overrides))
+    with pytest.raises(ValueError, match=rf"the data evaluated here \(data\.path={re.escape(str(converted))}\) 3;"):
+        checkpoint_config(compose("eval", overrides), overrides)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow

@@ -17,7 +17,13 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["check_train_config", "positive_int", "RULES", "UNCHECKED", "Rule"]
+__all__ = ["check_train_config", "positive_int", "data_label", "RULES", "UNCHECKED", "Rule"]
+
+
+def data_label(data: Any) -> str:
+    """The data config as an error names it: its dataset name, else (``data=local`` before its card
+    is read) the folder it reads."""
+    return str(data.get("name") or f"data.path={data.get('path')}")
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def checkpoint_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[D
     """The config an evaluation runs and its checkpoint: ``latest`` found, an i2e-train
     checkpoint's stored model and data merged in (after `check_stored_config`),
     the values checked. Reads, writes nothing."""
-    from i2e_train.tasks.checks import check_train_config
+    from i2e_train.tasks.checks import check_train_config, data_label
 
     source = str(cfg.ckpt_path)
     if source == "latest":
@@ -142,7 +142,7 @@ def checkpoint_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[D
     classes, data_classes = cfg.model.get("num_classes"), cfg.data.get("num_classes")
     if classes is not None and data_classes is not None and int(classes) != int(data_classes):
         raise ValueError(f"ckpt_path={source}: the model has {int(classes)} classes, the data evaluated here "
-                         f"({cfg.data.get('name')}) {int(data_classes)}; evaluate a checkpoint on the data it was "
+                         f"({data_label(cfg.data)}) {int(data_classes)}; evaluate a checkpoint on the data it was "
                          "trained for (an i2e-train checkpoint: leave data= out, its own data config is used)")
     return cfg, source
 
@@ -151,6 +151,7 @@ def _load(cfg: DictConfig, model, source: str):
     """The checkpoint's weights in ``model``; a classifier of another class count is one line
     (replacing it would evaluate a random classifier)."""
     from i2e_train.models import CheckpointMismatchError, load_checkpoint
+    from i2e_train.tasks.checks import data_label
 
     try:
         return load_checkpoint(model, source, cache_dir=cfg.paths.checkpoint_dir, trusted_config=cfg)
@@ -159,8 +160,8 @@ def _load(cfg: DictConfig, model, source: str):
             raise
         theirs, ours = err.checkpoint_info.get("num_classes"), cfg.data.num_classes
         raise ValueError(f"ckpt_path={source}: its classifier has {theirs} classes, the data evaluated here "
-                         f"({cfg.data.name}) {ours}; evaluate it on the data it was trained for (data=<config> with "
-                         f"{theirs} classes)") from None
+                         f"({data_label(cfg.data)}) {ours}; evaluate it on the data it was trained for "
+                         f"(data=<config> with {theirs} classes)") from None
 
 
 def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -90,6 +90,8 @@ def _earlier_checkpoint(path: Path) -> str:
 def _check_same_run(cfg: DictConfig, state: dict, path: Path) -> None:
     """``ckpt_path`` continues the run the checkpoint was saved by: the same model and class count
     (else Lightning's strict load fails with a list of size mismatches)."""
+    from i2e_train.tasks.checks import data_label
+
     stored = state.get("i2e_config") or {}
     fix = f"ckpt_path continues that run; to start a new one from its weights use init_from={path}"
     name, want = (stored.get("model") or {}).get("name"), cfg.model.get("name")
@@ -99,7 +101,7 @@ def _check_same_run(cfg: DictConfig, state: dict, path: Path) -> None:
     classes, want = state.get("num_classes"), cfg.data.get("num_classes")
     if classes is not None and want is not None and int(classes) != int(want):
         raise ValueError(f"ckpt_path={path}: the checkpoint was trained for {int(classes)} classes, this run's data "
-                         f"{cfg.data.get('name')} has {int(want)}; {fix} replace_head=true")
+                         f"{data_label(cfg.data)} has {int(want)}; {fix} replace_head=true")
 
 
 def _check_callback_paths(state: dict, path: Path) -> None:
