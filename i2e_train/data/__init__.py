@@ -6,22 +6,10 @@ import for the model package and the config resolvers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import lazy_loader
 
-_EXPORTS = {
-    "CATALOG": "catalog", "DatasetInfo": "catalog", "get_info": "catalog", "list_datasets": "catalog",
-    "EventDataModule": "base", "DatasetUnavailableError": "base", "DataFileError": "base",
-    "I2EDataModule": "i2e_dataset", "ImageDataModule": "images", "CIFAR10DVSDataModule": "dvs",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "catalog": ["CATALOG", "DatasetInfo", "get_info", "list_datasets"],
+    "base": ["EventDataModule", "DatasetUnavailableError", "DataFileError"],
+    "i2e_dataset": ["I2EDataModule"], "images": ["ImageDataModule"], "dvs": ["CIFAR10DVSDataModule"],
+})

@@ -17,28 +17,14 @@ facts only) can be read without importing torch: the entry points' ``--help`` li
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import lazy_loader
 
-_EXPORTS = {
-    "MSResNet": "ms_resnet", "BasicBlock": "ms_resnet", "Bottleneck": "ms_resnet", "NeuronConfig": "ms_resnet",
-    "create_model": "registry", "register_model": "registry", "list_models": "registry", "is_model": "registry",
-    "load_checkpoint": "loading", "replace_head": "loading", "LoadReport": "loading",
-    "CheckpointMismatchError": "loading",
-    "read_checkpoint": "checkpoint", "state_digest": "checkpoint", "export_safetensors": "checkpoint",
-    "RELEASED_WEIGHTS": "released", "ReleasedWeight": "released", "find_released": "released",
-    "get_released": "released",
-    "resolve_released": "hub",
-    "CheckpointError": "errors", "CheckpointFormatError": "errors", "ReleasedWeightsUnavailable": "errors",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "ms_resnet": ["MSResNet", "BasicBlock", "Bottleneck", "NeuronConfig"],
+    "registry": ["create_model", "register_model", "list_models", "is_model"],
+    "loading": ["load_checkpoint", "replace_head", "LoadReport", "CheckpointMismatchError"],
+    "checkpoint": ["read_checkpoint", "state_digest", "export_safetensors"],
+    "released": ["RELEASED_WEIGHTS", "ReleasedWeight", "find_released", "get_released"],
+    "hub": ["resolve_released"],
+    "errors": ["CheckpointError", "CheckpointFormatError", "ReleasedWeightsUnavailable"],
+})
