@@ -21,19 +21,21 @@ What the schema refuses is still accepted where the config of the run reading th
 command line is the user's: ``+callbacks.probe._target_=...``) holds the same at the same place.
 
 `check_stored_config` raises `StoredConfigError` naming the key and the file;
-`check_record` checks a JSON record (a pipeline stage's or a study run's result) field by field.
+`check_record` checks a JSON record (a pipeline stage's or a study run's result) field by field;
+`read_record` reads one from its file and checks it.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["StoredConfigError", "ConfigSchema", "config_schema", "check_stored_config", "check_record",
-           "INSTANTIATE_KEYS"]
+           "read_record", "INSTANTIATE_KEYS"]
 
 INSTANTIATE_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 _KEEP_WEIGHTS = ("if your own command line added that (+key=...) to the run that saved it, give the same override "
@@ -279,3 +281,16 @@ def check_record(record: Any, fields: Mapping[str, tuple[type, ...]], source: st
     if missing:
         raise StoredConfigError(f"{source}: missing {', '.join(missing)}; delete the file to redo what it records")
     return dict(record)
+
+
+def read_record(path: Path, fields: Mapping[str, tuple[type, ...]], redo: str) -> dict | None:
+    """The JSON record in ``path`` checked by `check_record` (None when there is no such file); a
+    file that is not JSON is a StoredConfigError saying to delete it to ``redo`` (e.g. "run it again")."""
+    if not path.is_file():
+        return None
+    try:
+        return check_record(json.loads(path.read_text(encoding="utf-8")), fields, str(path))
+    except StoredConfigError:
+        raise
+    except ValueError as exc:
+        raise StoredConfigError(f"{path}: unreadable ({exc}); delete it to {redo}") from None

@@ -257,6 +257,9 @@ def test_pipeline_stage_record_is_checked_before_a_later_stage_starts_from_it(tm
     stage_json.write_text(json.dumps(dict(record, best_checkpoint=None, command="rm -rf /")))
     with pytest.raises(StoredConfigError, match=r"stage\.json: unknown key 'command'"):
         run_pipeline(cfg, train=never)
+    stage_json.write_text('{"overrides": [')  # cut short
+    with pytest.raises(StoredConfigError, match=r"stage\.json: unreadable .*delete it to run stage 'pretrain' again"):
+        run_pipeline(cfg, train=never)
     assert sorted(p.name for p in run_dir.rglob("*")) == ["pretrain", "stage.json"]
 
 
@@ -274,6 +277,9 @@ def test_study_result_record_of_another_run_or_type_is_refused_naming_the_file(t
         run_study(cfg)
     done.write_text(json.dumps({"cell": run["cell"], "seed": 0, "overrides": [], "metric": "val/top1", "value": "x"}))
     with pytest.raises(StoredConfigError, match=r"result\.json: value='x' is not int or float"):
+        run_study(cfg)
+    done.write_bytes(b"\xff\xfe")
+    with pytest.raises(StoredConfigError, match=r"result\.json: unreadable .*delete it to run it again"):
         run_study(cfg)
 
 

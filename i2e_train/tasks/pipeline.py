@@ -11,7 +11,6 @@ first one runs (`check_pipeline`); a `stage.json` is read back as data, checked.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -84,18 +83,14 @@ _STAGE_FIELDS = {"overrides": (list,), "init_from": (str, type(None)), "init_fro
 
 def _finished_stage(run_dir: Path, name: str) -> dict[str, Any] | None:
     """The record of a stage that finished earlier (None when it has not), checked as data: its
-    keys and types (`check_record`), numbers as metrics, and a best
+    keys and types (`read_record`), numbers as metrics, and a best
     checkpoint inside the stage's own folder (the next stage starts from it)."""
-    from i2e_train.schema import StoredConfigError, check_record
+    from i2e_train.schema import StoredConfigError, read_record
 
     path = run_dir / name / "stage.json"
-    if not path.is_file():
+    record = read_record(path, _STAGE_FIELDS, f"run stage {name!r} again")
+    if record is None:
         return None
-    try:
-        record = check_record(json.loads(path.read_text(encoding="utf-8")), _STAGE_FIELDS, str(path))
-    except ValueError as exc:
-        raise StoredConfigError(str(exc) if isinstance(exc, StoredConfigError) else
-                                f"{path}: unreadable ({exc}); delete it to run stage {name!r} again") from None
     bad = [k for k, v in (record.get("metrics") or {}).items() if isinstance(v, bool) or not isinstance(v, (int, float))]
     best = record.get("best_checkpoint")
     if bad or (best and not Path(best).resolve().is_relative_to((run_dir / name).resolve())):

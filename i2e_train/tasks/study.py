@@ -108,17 +108,13 @@ _RESULT_FIELDS = {"cell": (dict,), "seed": (int,), "overrides": (list,), "metric
 
 def _finished_run(run: dict[str, Any]) -> dict[str, Any] | None:
     """The record of a run that finished earlier (None when it has not), checked as data: its keys
-    and types (`check_record`), and that it is this run's (cell and seed)."""
-    from i2e_train.schema import StoredConfigError, check_record
+    and types (`read_record`), and that it is this run's (cell and seed)."""
+    from i2e_train.schema import StoredConfigError, read_record
 
     path = run["dir"] / "result.json"
-    if not path.is_file():
+    record = read_record(path, _RESULT_FIELDS, "run it again")
+    if record is None:
         return None
-    try:
-        record = check_record(json.loads(path.read_text(encoding="utf-8")), _RESULT_FIELDS, str(path))
-    except ValueError as exc:
-        raise StoredConfigError(str(exc) if isinstance(exc, StoredConfigError) else
-                                f"{path}: unreadable ({exc}); delete it to run it again") from None
     if record["cell"] != run["cell"] or record["seed"] != run["seed"] or not math.isfinite(record["value"]):
         raise StoredConfigError(f"{path}: records cell {record['cell']} seed {record['seed']} value "
                                 f"{record['value']}, not a result of this run (cell {run['cell']}, seed {run['seed']}); "
