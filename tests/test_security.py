@@ -201,11 +201,11 @@ def test_where_eval_reads_and_caches_data_comes_from_this_run_not_the_checkpoint
     from i2e_train.tasks.evaluate import _merge_stored
 
     monkeypatch.setenv("I2E_ROOT", str(tmp_path / "here"))
-    stored = OmegaConf.to_container(compose("train", ["data=nmnist", "paths.output_dir=x", "paths.root_dir=/there"]),
-                                    resolve=True)
-    stored["data"].update(data_dir="/home/someone/.ssh", cache_dir="/home/someone/.config")
+    theirs = ["data=nmnist", "paths.output_dir=x", f"paths.root_dir={tmp_path / 'there'}"]
+    stored = OmegaConf.to_container(compose("train", theirs), resolve=True)
+    stored["data"].update(data_dir=str(tmp_path / "theirs" / ".ssh"), cache_dir=str(tmp_path / "theirs" / ".config"))
     cfg = _merge_stored(compose("eval", []), stored, [])
-    assert cfg.data.root == str(tmp_path / "here" / "data" / "nmnist")  # was /there/data/nmnist
+    assert cfg.data.root == str(tmp_path / "here" / "data" / "nmnist")  # not <tmp>/there/data/nmnist
     assert cfg.data.data_dir == str(tmp_path / "here" / "data") and cfg.data.cache_dir is None
     cfg = _merge_stored(compose("eval", [f"++data.root={tmp_path}"]), stored, [f"++data.root={tmp_path}"])
     assert cfg.data.root == str(tmp_path)  # the command line still wins
@@ -340,6 +340,11 @@ def test_help_of_every_entry_point_imports_neither_torch_nor_lightning(tmp_path)
     ("module.label_smoothing=abc", "module.label_smoothing='abc': expected a number in [0, 1)"),
     ("data.resolution=[32,0]", "data.resolution[1]=0: expected a whole number >= 1"),
     ("optim.lr=nan", "optim.lr=nan: expected a number > 0"),
+    ("trainer.max_epochs=-1", "trainer.max_epochs=-1: expected a whole number >= 1"),
+    ("data.batch_size=0", "data.batch_size=0: expected a whole number >= 1"),
+    ("data.batch_size=abc", "data.batch_size='abc': expected a whole number >= 1"),
+    ("model.tau=1", "model.tau=1.0: the LIF time constant must be > 1"),
+    ("model.tau=abc", "model.tau='abc': expected a number"),
 ])
 def test_bad_value_is_named_with_its_key_before_any_library_sees_it(override, message):
     from i2e_train.tasks.checks import check_train_config
