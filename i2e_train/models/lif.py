@@ -157,9 +157,13 @@ def lif_multi_step(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, fast: bo
     """The LIF operator over ``x_seq [T, ...]`` from membrane ``v0 [...]`` (float32), with
     ``detach_reset``: ``(spikes [T, ...] in x's dtype, final membrane [...])``, both differentiable.
     ``fast``: the compiled CPU kernel where it applies (see the module docstring)."""
+    return _lif(x_seq, v0, p, _use_kernel(x_seq, p, fast))
+
+
+def _lif(x_seq: torch.Tensor, v0: torch.Tensor, p: LIFParams, kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if tuple(v0.shape) != tuple(x_seq.shape[1:]):
         raise ValueError(f"membrane shape {tuple(v0.shape)} does not match input steps {tuple(x_seq.shape[1:])}")
-    return _LIF.apply(x_seq, v0, p, _use_kernel(x_seq, p, fast))
+    return _LIF.apply(x_seq, v0, p, kernel)
 
 
 class LIFNode(neuron.LIFNode):
@@ -203,8 +207,8 @@ class LIFNode(neuron.LIFNode):
             v0 = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")[0]
             if not isinstance(v0, torch.Tensor) or v0.dtype != torch.float32:
                 return super().multi_step_forward(x_seq)
-        spikes, v_last = lif_multi_step(x_seq, v0, p, self.fast)
         kernel = _use_kernel(x_seq, p, self.fast)
+        spikes, v_last = _lif(x_seq, v0, p, kernel)
         seg = recompute.lif_segment(x_seq, v0, spikes, v_last, functools.partial(lif_charge, p=p, kernel=kernel),
                                     functools.partial(_backward, p=p, kernel=kernel, input_dtype=x_seq.dtype))  # fmt: skip
         if seg is not None:  # after a batch norm, in a recomputing memory mode: the backward by channel slices

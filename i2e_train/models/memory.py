@@ -95,9 +95,3 @@ def _root_pre(model: nn.Module, args: tuple) -> None:
 
 def _root_post(model: nn.Module, args: tuple, out: Any) -> None:
     recompute.stop(model)
-
-
-def rung_of(model: nn.Module) -> recompute.Rung | None:
-    """The engine's rung for ``model`` (None: ``"none"``)."""
-    mode = memory_mode(model)
-    return None if mode == "none" else recompute.RUNGS["bits" if mode == "auto" else mode]

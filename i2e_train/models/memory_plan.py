@@ -163,5 +163,4 @@ def choose_memory(model: nn.Module, input_shape: Sequence[int], budget: int, **p
         log.warning("memory=auto: no memory mode fits %.2f GiB (predicted %s); using %r", budget / 2**30,
                     ", ".join(f"{m} {p / 2**30:.2f} GiB" for m, p in peaks.items()), mode)
     set_memory(model, mode)
-    model._i2e_memory_auto = mode
     return mode, peaks

@@ -306,8 +306,8 @@ class _Charge(_Node):
 
     def __init__(self, cache: _Cache, charge: Callable, source: _Node, geometry: tuple, v0: torch.Tensor):
         self.charge, self.source, self.geometry = charge, source, geometry
-        reset = v0.dim() > 0 and v0.stride() == (0,) * v0.dim()  # a reset state: one value, expanded
-        self.v0 = v0[(0,) * v0.dim()].detach().clone() if reset else v0.detach()
+        one = _one_value(v0)
+        self.v0 = v0.detach() if one is None else one
         self.v0_shape = v0.shape
         self._chain(cache, (source,))
 
@@ -319,6 +319,13 @@ class _Charge(_Node):
         v0 = self.v0.expand(self.v0_shape) if self.v0.dim() == 0 else self.v0
         with torch.no_grad():
             return _storage_view(self.charge(x, v0))
+
+
+def _one_value(v0: torch.Tensor) -> torch.Tensor | None:
+    """The value of a reset membrane (one value expanded over the neurons) as a 0-d tensor, else None."""
+    if v0.dim() > 0 and v0.stride() == (0,) * v0.dim():
+        return v0[(0,) * v0.dim()].detach().clone()
+    return None
 
 
 class _SpikesOf(_Node):
@@ -625,10 +632,11 @@ def lif_segment(x: torch.Tensor, v0: torch.Tensor, spikes: torch.Tensor, v_last:
     if tape is None or not tape.rung.recipes or x.dim() != 5:
         return None
     found = _norm_before(tape, x)
-    if found is None or not (v0.dim() and v0.stride() == (0,) * v0.dim()):
+    one = _one_value(v0)
+    if found is None or one is None:
         return None
     bn, c = found
-    lif = (charge, backward, v0[(0,) * v0.dim()].detach().clone(), x.shape[0])
+    lif = (charge, backward, one, x.shape[0])
     seg = _Segment(bn, _segment_node(tape, c), _geometry(c), lif=lif)
     return _NormSegment.apply(c, bn.weight, bn.bias, seg, spikes.detach(), v_last.detach())
 
@@ -717,7 +725,7 @@ def _autocast_state(device: str) -> tuple:
 
 def layer_post(module: nn.Module, args: tuple, out: Any) -> Any:
     """Forward hook of a recomputable layer: its output becomes a recipe when its input is known;
-    a pooling of the batch norm that ran just before becomes a `_NormPool`."""
+    a pooling of the batch norm that ran just before becomes a `_NormSegment`."""
     tape = active()
     if tape is None:
         return None
