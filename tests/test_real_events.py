@@ -378,6 +378,28 @@ recordings.FrameCache(cache, "N-MNIST", 8).build(recs, slow, src)
 """
 
 
+def test_a_second_cache_builder_waits_for_the_first_naming_it(tmp_path, caplog):
+    import threading
+
+    from i2e_train.files import exclusive_lock
+
+    make_nmnist(tmp_path, train=1, test=1)
+    src = SOURCES["N-MNIST"]
+    recs, reader = src.open(tmp_path)
+    cache = FrameCache(tmp_path / "frames", "N-MNIST", T)
+    cache.folder.mkdir()
+    built = []
+    with exclusive_lock(cache.folder / FrameCache.LOCK, {"tool": "frame cache"}):  # the first builder
+        with caplog.at_level("INFO", logger="i2e_train.data.recordings"):
+            second = threading.Thread(target=lambda: built.append(cache.build(recs, reader, src)))
+            second.start()
+            second.join(timeout=1.0)
+            assert second.is_alive() and not built and not list(cache.folder.rglob("*.npz"))  # waiting
+    second.join(timeout=60)
+    assert built == [len(recs)] and not (cache.folder / FrameCache.LOCK).exists()
+    assert f"waiting for pid {os.getpid()} on host" in caplog.text and str(cache.folder) in caplog.text
+
+
 @pytest.mark.slow
 def test_cache_build_resumes_after_sigkill(tmp_path):
     make_nmnist(tmp_path, train=3, test=1)

@@ -42,12 +42,11 @@ a ``FrameCacheError`` that says how many files are missing.
 from __future__ import annotations
 
 import abc
-import fcntl
 import hashlib
 import json
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -58,7 +57,7 @@ import tonic.datasets
 import tonic.io
 
 from i2e_train.data.base import DatasetUnavailableError
-from i2e_train.files import atomic_write, atomic_write_json
+from i2e_train.files import LockHeld, atomic_write, atomic_write_json, describe_owner, exclusive_lock
 
 __all__ = ["Recording", "RecordingSource", "SOURCES", "FrameCache", "bin_events", "frame_events", "load_frames",
            "RecordingsUnavailableError", "FrameCacheError", "RecordingError", "CACHE_FORMAT"]
@@ -381,6 +380,7 @@ class FrameCache:
     """
 
     MANIFEST = "frames.json"
+    LOCK = ".lock"  # while a build runs: its owner inside
 
     def __init__(self, folder: str | os.PathLike, dataset: str, timesteps: int) -> None:
         self.folder, self.dataset, self.timesteps = Path(folder), dataset, int(timesteps)
@@ -420,18 +420,17 @@ class FrameCache:
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
-        """One builder at a time (an OS lock: released when its holder dies, even by SIGKILL)."""
+        """One builder at a time (`i2e_train.files.exclusive_lock`: an OS lock, released when its
+        holder dies, even by SIGKILL); a second builder waits, naming the first."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "a+b") as fh:
+        path, record = self.folder / self.LOCK, {"tool": "frame cache", "dataset": self.dataset}
+        with ExitStack() as stack:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process that is building %s", self.folder)
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                stack.enter_context(exclusive_lock(path, record))
+            except LockHeld as held:
+                log.info("waiting for %s, which is building %s", describe_owner(held.owner), self.folder)
+                stack.enter_context(exclusive_lock(path, record, blocking=True))
+            yield
 
     def build(self, recordings: Sequence[Recording], reader: Callable[[Recording], np.ndarray],
               source: RecordingSource, workers: int = 0, progress: bool = False) -> int:
